@@ -1,0 +1,60 @@
+"""Checkpoints: every released format (`formats`), download and cache (`download`), and the glue
+that moves weights in and out of a model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+
+from ..models.registry import ModelSpec, get_model_spec
+from .download import DownloadError, cache_dir, download
+from .formats import FORMATS, Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
+
+__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "DownloadError", "cache_dir", "cached_path",
+           "download", "download_pretrained", "load_weights", "read_checkpoint", "save_weights",
+           "write_checkpoint"]
+
+log = logging.getLogger("bigtransfer")
+
+
+def cached_path(spec: ModelSpec) -> Path | None:
+    """Where the released checkpoint of `spec` lives in the cache (None: it has no released weights)."""
+    return None if spec.file is None else cache_dir() / "checkpoints" / spec.file
+
+
+def download_pretrained(name: str | ModelSpec, progress: bool = True) -> Path:
+    """The cached checkpoint of a registered model, downloading it first if needed."""
+    spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
+    if spec.url is None:
+        raise DownloadError(f"{spec.name} has no released weights to download")
+    return download(spec.url, cached_path(spec), spec.sha256, progress=progress)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Checkpoint:
+    """Load a checkpoint of any supported format into a BiT `model`.
+
+    The architecture must match. A checkpoint head of another size than the model's (or none) is
+    not loaded: the model keeps its own new head, and that is logged.
+    """
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    if ckpt.arch != model.arch:
+        raise CheckpointError(f"{ckpt.path}: holds a BiT-{ckpt.arch.name} (depths {ckpt.arch.depths}), "
+                              f"the model is a BiT-{model.arch.name} (depths {model.arch.depths})")
+    state = dict(ckpt.state)
+    head_fits = ckpt.num_classes == model.num_classes
+    if not head_fits:
+        state.pop("head.weight", None)
+        state.pop("head.bias", None)
+        log.info("%s: checkpoint head has %d classes, model has %d: keeping the model's new head",
+                 ckpt.path.name, ckpt.num_classes, model.num_classes)
+    missing, unexpected = model.load_state_dict(state, strict=head_fits)
+    assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+    return ckpt
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, format: str = "safetensors") -> Path:
+    """Write `model`'s weights in any supported format (see `formats.write_checkpoint`)."""
+    return write_checkpoint(model.state_dict(), model.arch, path, format)

@@ -1,0 +1,294 @@
+"""Download checkpoints into a local cache: locked, resumable, atomic and verified.
+
+Checkpoints are hundreds of megabytes and are often fetched by several processes at once (one per DDP
+rank), over connections that drop. So a download
+
+* holds an exclusive file lock for ``dest`` so that only one process fetches it and the others find it
+  cached when they get the lock;
+* streams into ``dest + ".part"`` and resumes from it with an HTTP ``Range`` request after a dropped
+  connection or an interrupted earlier run;
+* moves the finished file into place with :func:`os.replace`, so ``dest`` either does not exist or is
+  complete (and, when a digest is given, verified).
+
+Only :mod:`urllib.request` is used for HTTP(S), to avoid a dependency on ``requests``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import logging
+import os
+import pathlib
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Protocol
+
+from filelock import FileLock
+
+__all__ = ["DownloadError", "cache_dir", "download"]
+
+logger = logging.getLogger("bigtransfer")
+
+CHUNK_SIZE = 1 << 20
+"""Bytes read per chunk: large enough to be fast, small enough that a drop loses little."""
+
+# What a dropped or stalled connection looks like: IncompleteRead is an HTTPException; connection resets,
+# timeouts and socket errors are OSErrors; URLError wraps the ones raised while connecting.
+_TRANSIENT_ERRORS = (http.client.HTTPException, urllib.error.URLError, OSError)
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+class DownloadError(RuntimeError):
+    """A download failed in a way that retrying inside this call will not fix."""
+
+
+class _Dropped(Exception):
+    """The connection ended before the whole body arrived; the bytes on disk are kept for a resume."""
+
+
+class _Restart(Exception):
+    """The server cannot continue the partial file; it has been removed, so start again from zero."""
+
+
+class _Progress(Protocol):
+    def start(self, total: int | None, completed: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+
+
+def cache_dir() -> pathlib.Path:
+    """$BIT_HOME if set, else $XDG_CACHE_HOME/bigtransfer, else ~/.cache/bigtransfer. Not created here."""
+    if bit_home := os.environ.get("BIT_HOME"):
+        return pathlib.Path(bit_home).expanduser()
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return pathlib.Path(xdg).expanduser() / "bigtransfer"
+    return pathlib.Path.home() / ".cache" / "bigtransfer"
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike[str],
+    sha256: str | None = None,
+    *,
+    progress: bool = True,
+    retries: int = 5,
+    timeout: float = 60.0,
+) -> pathlib.Path:
+    """Download ``url`` to ``dest`` unless it is already there, and return ``dest`` as a path.
+
+    ``sha256`` (hex) is checked before the file is moved into place, so a cached ``dest`` is never a
+    corrupt one. A dropped connection is retried up to ``retries`` times, resuming from the bytes already
+    on disk; ``timeout`` is the socket timeout in seconds for each request. The progress bar goes to
+    stderr. Raises :class:`DownloadError` on HTTP errors, a digest mismatch or when the retries run out.
+    """
+    dest = pathlib.Path(dest)
+    if dest.exists() and _cache_matches(dest, sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        # Another process (e.g. another DDP rank) may have finished while we waited for the lock.
+        if dest.exists():
+            if _cache_matches(dest, sha256, rehash=True):
+                return dest
+            logger.warning("cached %s does not have sha256 %s: downloading it again", dest, sha256)
+            dest.unlink()
+        part = pathlib.Path(str(dest) + ".part")
+        logger.info("downloading %s -> %s", url, dest)
+        with _progress_bar(progress, dest.name) as bar:
+            _fetch_with_retries(url, part, bar, retries=retries, timeout=timeout)
+        if sha256 is not None:
+            _verify(url, part, sha256)
+        os.replace(part, dest)
+        if sha256 is not None:
+            _sidecar(dest).write_text(sha256.lower())
+    return dest
+
+
+def _sidecar(dest: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(str(dest) + ".sha256")
+
+
+def _cache_matches(dest: pathlib.Path, sha256: str | None, rehash: bool = False) -> bool:
+    """Whether a cached file is the one wanted. The digest verified at download time is kept beside the
+    file, so a cache hit costs no hashing; a file cached without it (or under another digest) is hashed
+    once when `rehash` (inside the lock)."""
+    if sha256 is None:
+        return True
+    sidecar = _sidecar(dest)
+    if sidecar.exists() and sidecar.read_text().strip() == sha256.lower():
+        return True
+    if not rehash:
+        return False
+    if _sha256_of(dest) != sha256.lower():
+        return False
+    sidecar.write_text(sha256.lower())
+    return True
+
+
+def _fetch_with_retries(
+    url: str, part: pathlib.Path, bar: _Progress, *, retries: int, timeout: float
+) -> None:
+    """Fetch into ``part`` until it is complete, resuming after each drop, at most ``retries`` times."""
+    attempt = 0
+    restarted = False
+    while True:
+        try:
+            _fetch_once(url, part, bar, timeout=timeout)
+            return
+        except _Restart:
+            # Only one free restart: a server that keeps refusing the range is treated like a drop.
+            if not restarted:
+                restarted = True
+                continue
+        except _Dropped as exc:
+            logger.info("connection to %s dropped (%s)", url, exc)
+        attempt += 1
+        if attempt > retries:
+            received = part.stat().st_size if part.exists() else 0
+            raise DownloadError(
+                f"download of {url} failed after {retries} retries with {received} bytes received; "
+                f"the partial file {part} is kept and a re-run resumes from it"
+            )
+        time.sleep(0.2 * attempt)
+
+
+def _fetch_once(url: str, part: pathlib.Path, bar: _Progress, *, timeout: float) -> None:
+    """One HTTP request: append to (or restart) ``part``; raise :class:`_Dropped` if the body is short."""
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url)
+    if offset > 0:
+        logger.info("resuming at %d bytes", offset)
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset > 0:
+            # The part is already complete or bigger than the file: we cannot trust it, start over.
+            part.unlink(missing_ok=True)
+            raise _Restart from exc
+        if 400 <= exc.code < 500:
+            raise DownloadError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
+        raise _Dropped(f"HTTP {exc.code} {exc.reason}") from exc
+    except _TRANSIENT_ERRORS as exc:
+        raise _Dropped(str(exc)) from exc
+
+    with response:
+        if response.status == 206:
+            start, total = _content_range(response)
+            if start != offset:
+                # A range that does not continue where we are cannot be appended to; start over.
+                part.unlink(missing_ok=True)
+                raise _Restart
+            mode = "ab"
+        else:  # 200: the server ignored the Range header and sends the whole file.
+            offset, mode = 0, "wb"
+            total = _content_length(response)
+        bar.start(total, offset)
+        received = offset
+        with open(part, mode) as fh:
+            while True:
+                try:
+                    chunk = response.read(CHUNK_SIZE)
+                except _TRANSIENT_ERRORS as exc:  # only network errors; a failing disk is not retried
+                    raise _Dropped(f"{exc!r} after {received} bytes") from exc
+                if not chunk:
+                    break
+                fh.write(chunk)
+                received += len(chunk)
+                bar.advance(len(chunk))
+    if total is not None and received < total:
+        raise _Dropped(f"body ended at {received} of {total} bytes")
+
+
+def _content_range(response: http.client.HTTPResponse) -> tuple[int | None, int | None]:
+    """(first byte, full file size) from a 206's Content-Range; None for what is missing or unknown."""
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+    if match is None:
+        return None, None
+    return int(match.group(1)), None if match.group(3) == "*" else int(match.group(3))
+
+
+def _content_length(response: http.client.HTTPResponse) -> int | None:
+    length = response.headers.get("Content-Length", "").strip()
+    return int(length) if length.isdigit() else None
+
+
+def _verify(url: str, part: pathlib.Path, sha256: str) -> None:
+    """Hash the finished part file; on mismatch delete it, since resuming it could never succeed."""
+    actual = _sha256_of(part)
+    if actual != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"sha256 mismatch for {url}: expected {sha256.lower()}, got {actual}; "
+            f"the partial file {part} was deleted"
+        )
+
+
+def _sha256_of(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK_SIZE):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _NoProgress:
+    def start(self, total: int | None, completed: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class _RichProgress:
+    """A rich progress bar on stderr with bytes, speed and ETA; kept on screen after it finishes."""
+
+    def __init__(self, description: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+            transient=False,
+        )
+        self._task = self._progress.add_task(description, total=None)
+
+    def start(self, total: int | None, completed: int) -> None:
+        self._progress.update(self._task, total=total, completed=completed)
+
+    def advance(self, n: int) -> None:
+        self._progress.advance(self._task, n)
+
+    def __enter__(self) -> _RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, description: str) -> Iterator[_Progress]:
+    if not enabled:
+        yield _NoProgress()
+        return
+    with _RichProgress(description) as bar:
+        yield bar

@@ -1,0 +1,306 @@
+"""Every format BiT weights exist in, read and written through one name/layout table.
+
+Formats:
+  ``npz``          the authors' release: numpy archive, ``resnet/...`` names, HWIO kernels
+  ``timm``         timm ``resnetv2_*_bit`` state dict (``stem.conv``, ``stages.N.blocks.M``, ``head.fc``)
+  ``hf``           HF transformers ``BitForImageClassification`` (``BitModel`` without the ``bit.`` prefix)
+  ``safetensors``  ours: our module names, safetensors container (the default we write)
+
+Every format is a renaming of our parameter names plus a layout change for conv kernels and the
+head; `foreign_name` and `to_foreign` / `from_foreign` are the whole difference. Reading detects
+the container from the file's bytes and the naming from the keys, never only the extension.
+Nothing is ever unpickled: ``np.load(allow_pickle=False)``, ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.resnetv2 import Architecture, ResNetV2, group_norm_groups
+
+FORMATS = ("npz", "timm", "hf", "safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit: the message names the file and the array."""
+
+
+# --- names -------------------------------------------------------------------------------------
+
+_NPZ_CONV = {"conv1": "a", "conv2": "b", "conv3": "c"}
+_NPZ_NORM = {"norm1": "a", "norm2": "b", "norm3": "c"}
+_NPZ_GN = {"weight": "gamma", "bias": "beta"}
+_UNIT = re.compile(r"stages\.(\d+)\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def foreign_name(fmt: str, name: str) -> str:
+    """Our parameter name -> its name in `fmt`."""
+    if fmt == "safetensors":
+        return name
+    if fmt == "npz":
+        return _npz_name(name)
+    if fmt == "timm":
+        fixed = {"root.conv.weight": "stem.conv.weight", "head.weight": "head.fc.weight",
+                 "head.bias": "head.fc.bias"}
+        if name in fixed:
+            return fixed[name]
+        return re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", name).replace(".proj.", ".downsample.conv.")
+    if fmt == "hf":
+        fixed = {"root.conv.weight": "bit.embedder.convolution.weight", "head.weight": "classifier.1.weight",
+                 "head.bias": "classifier.1.bias"}
+        if name in fixed:
+            return fixed[name]
+        name = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"encoder.stages.\1.layers.\2.", name)
+        return "bit." + name.replace(".proj.", ".downsample.conv.")
+    raise ValueError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def _npz_name(name: str) -> str:
+    fixed = {"root.conv.weight": "root_block/standardized_conv2d/kernel", "norm.weight": "group_norm/gamma",
+             "norm.bias": "group_norm/beta", "head.weight": "head/conv2d/kernel", "head.bias": "head/conv2d/bias"}
+    if name in fixed:
+        return "resnet/" + fixed[name]
+    stage, unit, layer, kind = _UNIT.fullmatch(name).groups()
+    prefix = f"resnet/block{int(stage) + 1}/unit{int(unit) + 1:02d}/"
+    if layer == "proj":
+        return prefix + "a/proj/standardized_conv2d/kernel"
+    if layer in _NPZ_CONV:
+        return prefix + f"{_NPZ_CONV[layer]}/standardized_conv2d/kernel"
+    return prefix + f"{_NPZ_NORM[layer]}/group_norm/{_NPZ_GN[kind]}"
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+
+def to_foreign(fmt: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    """Our tensor -> the layout `fmt` stores (HWIO kernels for npz, a 1x1 conv head for npz/timm)."""
+    if fmt == "npz" and t.ndim == 4:
+        return t.permute(2, 3, 1, 0)
+    if name == "head.weight" and fmt == "npz":
+        return t.t()[None, None]
+    if name == "head.weight" and fmt == "timm":
+        return t[:, :, None, None]
+    return t
+
+
+def from_foreign(fmt: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_foreign`."""
+    if name == "head.weight" and fmt == "npz":
+        return t.reshape(t.shape[-2], t.shape[-1]).t()
+    if name == "head.weight" and fmt == "timm":
+        return t.reshape(t.shape[0], -1)
+    if fmt == "npz" and t.ndim == 4:
+        return t.permute(3, 2, 0, 1)
+    return t
+
+
+# --- containers --------------------------------------------------------------------------------
+
+
+def _sniff(path: Path) -> str:
+    """Container type from the first bytes: 'npz', 'torch', 'safetensors' or 'pickle'."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile as e:
+            raise CheckpointError(f"{path}: broken or truncated zip archive ({e})") from e
+        return "torch" if any(n.endswith("data.pkl") for n in names) else "npz"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    raise CheckpointError(f"{path}: not a checkpoint this package reads (npz, safetensors or torch state dict)")
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All named arrays of a checkpoint file plus its string metadata, without unpickling anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    kind = _sniff(path)
+    try:
+        if kind == "npz":
+            return _read_npz(path), {}
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (not a dict)
+        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), path), {}
+    except CheckpointError:
+        raise
+    except Exception as e:  # every reader raises its own types for truncation and bad payloads
+        if "weights_only" in str(e) or "Unpickl" in type(e).__name__:
+            raise CheckpointError(f"{path}: refusing to unpickle: it holds Python objects, not only tensors "
+                                  f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]})") from e
+        raise CheckpointError(f"{path}: unreadable or truncated {kind} checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            try:
+                out[key] = torch.from_numpy(np.ascontiguousarray(z[key]))
+            except ValueError as e:
+                raise CheckpointError(f"{path}: array {key!r} cannot be loaded without unpickling ({e})") from e
+            except (zipfile.BadZipFile, EOFError, OSError) as e:
+                raise CheckpointError(f"{path}: array {key!r} is truncated or corrupt ({e})") from e
+    return out
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """A torch file may wrap the state dict ({'state_dict': ...}, {'model': ...}) and carry DDP's 'module.'."""
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block completes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --- checkpoints as a whole --------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into our names: `state` fits `ResNetV2(arch)` (head present iff num_classes)."""
+
+    path: Path
+    format: str
+    arch: Architecture
+    num_classes: int
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.state.values())
+
+
+def detect_format(keys: set[str]) -> str:
+    for fmt in ("npz", "timm", "hf", "safetensors"):
+        if foreign_name(fmt, "root.conv.weight") in keys:
+            return fmt
+    raise CheckpointError("no BiT root convolution found under any known name "
+                          f"(looked for {', '.join(foreign_name(f, 'root.conv.weight') for f in FORMATS)})")
+
+
+def infer_architecture(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[Architecture, int]:
+    """Units per stage (by probing names) and width (root conv channels / 64); head size or 0."""
+    root = from_foreign(fmt, "root.conv.weight", tensors[foreign_name(fmt, "root.conv.weight")])
+    depths = []
+    while foreign_name(fmt, f"stages.{len(depths)}.0.conv1.weight") in tensors:
+        s, units = len(depths), 0
+        while foreign_name(fmt, f"stages.{s}.{units}.conv1.weight") in tensors:
+            units += 1
+        depths.append(units)
+    head = tensors.get(foreign_name(fmt, "head.bias"))
+    return Architecture(depths=tuple(depths), width=root.shape[0] / 64), 0 if head is None else head.shape[0]
+
+
+def expected_shapes(arch: Architecture, num_classes: int) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        model = ResNetV2(arch, num_classes=num_classes)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read any supported checkpoint into our names, checking every array's presence and shape."""
+    path = Path(path)
+    tensors, metadata = read_tensors(path)
+    if "embedder.convolution.weight" in tensors:  # HF BitModel: the backbone without the "bit." prefix
+        tensors = {"bit." + k: v for k, v in tensors.items()}
+    try:
+        fmt = detect_format(set(tensors))
+        arch, num_classes = infer_architecture(fmt, tensors)
+        shapes = expected_shapes(arch, num_classes)
+    except (CheckpointError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    state, used = {}, set()
+    for name, shape in shapes.items():
+        key = foreign_name(fmt, name)
+        if key not in tensors:
+            raise CheckpointError(f"{path}: missing array {key!r} (a {fmt} checkpoint of a BiT-{arch.name})")
+        t = from_foreign(fmt, name, tensors[key])
+        if t.shape != shape:
+            want = tuple(to_foreign(fmt, name, torch.empty(shape, device="meta")).shape)
+            raise CheckpointError(f"{path}: array {key!r} has shape {tuple(tensors[key].shape)}, "
+                                  f"a BiT-{arch.name} needs {want}")
+        state[name] = t.float() if t.is_floating_point() else t
+        used.add(key)
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} arrays not part of a BiT-{arch.name}: "
+                              f"{', '.join(repr(k) for k in unexpected[:5])}")
+    return Checkpoint(path, fmt, arch, num_classes, state, metadata)
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: str | os.PathLike,
+                     fmt: str = "safetensors") -> Path:
+    """Write our-named `state` in `fmt`, atomically.
+
+    ``hf`` to a directory (a path without suffix) writes ``model.safetensors`` + ``config.json`` so
+    that ``BitForImageClassification.from_pretrained(dir)`` loads it; ``timm`` to ``.pth``/``.pt``/``.bin``
+    writes a torch state dict, otherwise safetensors.
+    """
+    path = Path(path)
+    tensors = {foreign_name(fmt, k): to_foreign(fmt, k, v.detach().cpu().float()).contiguous()
+               for k, v in state.items()}
+    if fmt == "hf" and not path.suffix:
+        num_classes = state["head.bias"].shape[0] if "head.bias" in state else 0
+        with atomic_path(path / "config.json") as tmp:
+            tmp.write_text(json.dumps(hf_config(arch, num_classes), indent=2))
+        path = path / "model.safetensors"
+    with atomic_path(path) as tmp:
+        if fmt == "npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, **{k: v.numpy() for k, v in tensors.items()})
+        elif fmt == "timm" and path.suffix in (".pth", ".pt", ".bin"):
+            torch.save(tensors, tmp)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata={"format": "pt", "bigtransfer.arch": arch.name,
+                                                   "bigtransfer.naming": fmt})
+    return path
+
+
+def hf_config(arch: Architecture, num_classes: int) -> dict:
+    """HF transformers BitConfig for the exact BiT layout: symmetric padding, zero pad + pool in the stem."""
+    normed = {arch.root_channels, *arch.stage_channels, *(c // 4 for c in arch.stage_channels)}
+    if any(group_norm_groups(c) != 32 for c in normed):
+        raise CheckpointError(f"HF transformers' Bit uses 32 groups everywhere; BiT-{arch.name} has narrower layers")
+    return {"model_type": "bit", "architectures": ["BitForImageClassification"], "layer_type": "preactivation",
+            "depths": list(arch.depths), "hidden_sizes": list(arch.stage_channels), "width_factor": 1,
+            "embedding_size": arch.root_channels, "global_padding": None, "embedding_dynamic_padding": False,
+            "num_groups": 32, "num_labels": num_classes, "hidden_act": "relu", "output_stride": 32}

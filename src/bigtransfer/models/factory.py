@@ -1,0 +1,36 @@
+"""`create_model`: a registered variant, random or with weights from the registry or a file."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .registry import get_model_spec
+from .resnetv2 import ResNetV2
+
+log = logging.getLogger("bigtransfer")
+
+
+def create_model(name: str, num_classes: int | None = None, pretrained: bool | str | os.PathLike = False,
+                 zero_head: bool = True) -> ResNetV2:
+    """Build the BiT variant `name`.
+
+    pretrained: False (random init), True (the registry's released checkpoint, downloaded into the
+    cache), or a path to a checkpoint in any supported format. num_classes: None keeps the
+    checkpoint's head (the registry's head size for random models); another size gets a new head,
+    zero-initialised unless `zero_head=False` -- BiT transfer starts from a zero head.
+    """
+    from ..checkpoints import download_pretrained, load_weights, read_checkpoint
+
+    spec = get_model_spec(name)
+    ckpt = None
+    if pretrained is not False:
+        path = download_pretrained(spec) if pretrained is True else pretrained
+        ckpt = read_checkpoint(path)
+    head = num_classes if num_classes is not None else (ckpt.num_classes if ckpt else spec.num_classes)
+    model = ResNetV2(spec.arch, num_classes=head, zero_head=zero_head)
+    if ckpt is not None:
+        load_weights(model, ckpt)
+        log.info("loaded %s weights (%s format) from %s", spec.name, ckpt.format, ckpt.path)
+    return model
+

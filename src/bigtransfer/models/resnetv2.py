@@ -1,0 +1,237 @@
+"""ResNet-v2 with GroupNorm + Weight Standardization: the BiT architecture (REFERENCE.md section 2).
+
+Layout of the module tree (our checkpoint names follow it)::
+
+    root.conv                      7x7/2 weight-standardised conv, then zero pad 1 + 3x3/2 max-pool
+    stages.{s}.{u}.norm1 / conv1   unit pre-activation GN, 1x1 conv
+    stages.{s}.{u}.norm2 / conv2   GN, 3x3 conv (carries the stage stride)
+    stages.{s}.{u}.norm3 / conv3   GN, 1x1 conv
+    stages.{s}.0.proj              1x1 projection shortcut, applied to the *pre-activated* input
+    norm                           head GN (+ ReLU), then global average pool
+    head                           linear classifier (zero-initialised for transfer)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WS_EPS = 1e-10  # the authors' release; timm / HF transformers use 1e-8
+GN_EPS = 1e-5
+GN_GROUPS = 32
+
+
+def group_norm_groups(channels: int, groups: int = GN_GROUPS) -> int:
+    """Number of GroupNorm groups for a layer with `channels` channels.
+
+    The paper uses 32 groups everywhere, and every released model has a multiple of 64 channels in
+    every layer, so the rule below returns 32 for all of them. Narrow layers of the small CPU
+    variants would otherwise get groups of a single channel (instance norm, which destroys the
+    per-channel signal at 1x1 resolution). Rule: at most 32 groups and at least 2 channels per
+    group, i.e. ``min(32, channels // 2)``, lowered to the nearest divisor of `channels`.
+    """
+    g = max(1, min(groups, channels // 2))
+    while channels % g:
+        g -= 1
+    return g
+
+
+def standardize(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
+    """Weight Standardization: per output channel, zero mean and unit (biased) variance over (in, kh, kw)."""
+    var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, correction=0)
+    return (weight - mean) * torch.rsqrt(var + eps)
+
+
+class StdConv2d(nn.Conv2d):
+    """Conv2d whose kernel is weight-standardised on every call (no bias, as in BiT)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 eps: float = WS_EPS) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=kernel_size // 2, bias=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, standardize(self.weight, self.eps), None, self.stride, self.padding)
+
+
+class GroupNormAct(nn.GroupNorm):
+    """GroupNorm followed by ReLU: every norm in a pre-activation ResNet is followed by one."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(group_norm_groups(channels), channels, eps=GN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps), inplace=True)
+
+
+class Root(nn.Module):
+    """The stem: 7x7/2 conv, zero pad 1, 3x3/2 max-pool without padding (what the released weights expect)."""
+
+    def __init__(self, out_channels: int) -> None:
+        super().__init__()
+        self.conv = StdConv2d(3, out_channels, 7, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.pad(self.conv(x), (1, 1, 1, 1)), kernel_size=3, stride=2)
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck unit; the stride sits on the 3x3 conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        mid = out_channels // 4
+        self.norm1 = GroupNormAct(in_channels)
+        self.conv1 = StdConv2d(in_channels, mid, 1)
+        self.norm2 = GroupNormAct(mid)
+        self.conv2 = StdConv2d(mid, mid, 3, stride=stride)
+        self.norm3 = GroupNormAct(mid)
+        self.conv3 = StdConv2d(mid, out_channels, 1)
+        needs_proj = stride != 1 or in_channels != out_channels
+        self.proj = StdConv2d(in_channels, out_channels, 1, stride=stride) if needs_proj else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.norm1(x)
+        shortcut = self.proj(a) if self.proj is not None else x
+        out = self.conv1(a)
+        out = self.conv2(self.norm2(out))
+        out = self.conv3(self.norm3(out))
+        return out + shortcut
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What determines the shapes of a BiT network: units per stage and the width factor."""
+
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    width: float = 1.0
+
+    @property
+    def root_channels(self) -> int:
+        return _channels(64 * self.width)
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(_channels(256 * self.width * 2**i) for i in range(len(self.depths)))
+
+    @property
+    def num_features(self) -> int:
+        return self.stage_channels[-1]
+
+    @property
+    def name(self) -> str:
+        """R{layers}x{width}, as the paper names them (3 convs per unit + root + head)."""
+        layers = 3 * sum(self.depths) + 2
+        width = int(self.width) if float(self.width).is_integer() else self.width
+        return f"R{layers}x{width}"
+
+    def num_params(self, num_classes: int = 0) -> int:
+        """Parameter count by arithmetic (no model built); tests check it against a real model."""
+        total, cin = 3 * self.root_channels * 49, self.root_channels
+        for depth, cout in zip(self.depths, self.stage_channels, strict=True):
+            mid = cout // 4
+            for u in range(depth):
+                total += 2 * cin + cin * mid + 2 * mid + 9 * mid * mid + 2 * mid + mid * cout
+                total += cin * cout if u == 0 else 0
+                cin = cout
+        return total + 2 * cin + (cin + 1) * num_classes if num_classes else total + 2 * cin
+
+    def macs(self, resolution: int, num_classes: int = 0) -> int:
+        """Multiply-accumulates of one forward pass on a square image (convolutions and head, the way
+        papers count them), by shape arithmetic; tests check it against torch's FLOP counter."""
+        size = (resolution - 1) // 2 + 1  # 7x7/2 conv, padding 3
+        total = size * size * 3 * self.root_channels * 49
+        size = (size + 2 - 3) // 2 + 1  # zero pad 1, 3x3/2 max-pool
+        cin = self.root_channels
+        for i, (depth, cout) in enumerate(zip(self.depths, self.stage_channels, strict=True)):
+            mid = cout // 4
+            for u in range(depth):
+                stride = 2 if i > 0 and u == 0 else 1
+                out = (size - 1) // stride + 1
+                total += size * size * cin * mid + out * out * (9 * mid * mid + mid * cout)
+                total += out * out * cin * cout if u == 0 else 0  # projection shortcut
+                size, cin = out, cout
+        return total + cin * num_classes
+
+
+def _channels(value: float) -> int:
+    if not float(value).is_integer() or value < 4:
+        raise ValueError(f"width factor gives {value} channels; pick a width whose channel counts are integers >= 4")
+    return int(value)
+
+
+class ResNetV2(nn.Module):
+    """BiT ResNet-v2. `forward_features` gives the pre-logit (N, C) vector, `forward` the logits."""
+
+    def __init__(self, arch: Architecture, num_classes: int = 0, zero_head: bool = True) -> None:
+        super().__init__()
+        self.arch = arch
+        self.root = Root(arch.root_channels)
+        stages, in_ch = [], arch.root_channels
+        for i, (depth, out_ch) in enumerate(zip(arch.depths, arch.stage_channels, strict=True)):
+            stride = 1 if i == 0 else 2
+            units = [PreActBottleneck(in_ch if u == 0 else out_ch, out_ch, stride if u == 0 else 1)
+                     for u in range(depth)]
+            stages.append(nn.Sequential(*units))
+            in_ch = out_ch
+        self.stages = nn.ModuleList(stages)
+        self.norm = GroupNormAct(arch.num_features)
+        self.num_features = arch.num_features
+        self.head: nn.Linear | None = None
+        self._init_weights()
+        self.reset_head(num_classes, zero_init=zero_head)
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.head is None else self.head.out_features
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def reset_head(self, num_classes: int, zero_init: bool = True) -> None:
+        """Replace the classifier (0 removes it). Zero-initialised by default, as BiT transfer prescribes."""
+        if num_classes <= 0:
+            self.head = None
+            return
+        ref = self.norm.weight
+        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(self.num_features))
+            nn.init.zeros_(self.head.bias)
+
+    def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feature maps for a detection/segmentation backbone: strides 4, 4, 8, 16, 32.
+
+        ``root`` and ``stage1..3`` are raw pre-activation outputs (the next unit normalises them);
+        ``stage4`` is passed through the head norm + ReLU, the only activated output the net has.
+        """
+        feats = {"root": self.root(x)}
+        x = feats["root"]
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            feats[f"stage{i + 1}"] = x
+        feats[f"stage{len(self.stages)}"] = self.norm(x)
+        return feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.root(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.forward_features(x)
+        if self.head is None:
+            raise RuntimeError("this model has no classification head; call reset_head(num_classes) "
+                               "or use forward_features()")
+        return self.head(features)

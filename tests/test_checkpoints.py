@@ -1,0 +1,140 @@
+"""Reading checkpoints: formats detected from content, and clear errors for every kind of bad file."""
+
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import bigtransfer as bt
+from bigtransfer.checkpoints import CheckpointError
+from npz_reference import random_bit_npz
+
+TINY = ((1, 1, 1, 1), 0.25)  # BiT-R14x0.25: narrow enough to stay fast, same layout as the big ones
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    path = tmp_path / "tiny.npz"
+    return path, random_bit_npz(path, *TINY, num_classes=6)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("npz", ".npz"), ("timm", ".pth"), ("timm", ".safetensors"),
+                                        ("hf", ".safetensors"), ("safetensors", ".safetensors")])
+def test_format_is_detected_from_content_not_extension(tmp_path, tiny_npz, fmt, suffix):
+    model = bt.create_model("BiT-R14x0.25", pretrained=tiny_npz[0])
+    written = bt.save_weights(model, tmp_path / f"w{suffix}", format=fmt)
+    disguised = shutil.copy(written, tmp_path / "weights.bin")  # an extension that says nothing
+    ckpt = bt.read_checkpoint(disguised)
+    assert (ckpt.format, ckpt.arch, ckpt.num_classes) == (fmt, bt.Architecture(*TINY), 6)
+    for key, value in model.state_dict().items():
+        assert torch.equal(ckpt.state[key], value), key
+
+
+def test_hf_backbone_and_ddp_prefixed_state_dicts(tmp_path, tiny_npz):
+    model = bt.create_model("BiT-R14x0.25", pretrained=tiny_npz[0])
+    hf = bt.read_checkpoint(bt.save_weights(model, tmp_path / "hf.safetensors", format="hf"))
+    backbone = {k.removeprefix("bit."): v for k, v in hf_tensors(tmp_path / "hf.safetensors").items()
+                if k.startswith("bit.")}  # HF BitModel: no "bit." prefix, no classifier
+    save_file(backbone, str(tmp_path / "bitmodel.safetensors"))
+    ckpt = bt.read_checkpoint(tmp_path / "bitmodel.safetensors")
+    assert (ckpt.format, ckpt.num_classes) == ("hf", 0)
+    assert hf.num_classes == 6
+
+    timm_sd = torch.load(bt.save_weights(model, tmp_path / "t.pth", format="timm"), weights_only=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in timm_sd.items()}, "epoch": 3}, tmp_path / "ddp.pth")
+    assert bt.read_checkpoint(tmp_path / "ddp.pth").format == "timm"
+
+
+def hf_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_missing_array_is_named(tmp_path, tiny_npz):
+    arrays = dict(tiny_npz[1])
+    del arrays["resnet/block2/unit01/b/group_norm/gamma"]
+    np.savez(tmp_path / "missing.npz", **arrays)
+    with pytest.raises(CheckpointError, match=r"missing.npz: missing array 'resnet/block2/unit01/b/group_norm/gamma'"):
+        bt.read_checkpoint(tmp_path / "missing.npz")
+
+
+def test_wrong_shape_is_named(tmp_path, tiny_npz):
+    arrays = dict(tiny_npz[1])
+    arrays["resnet/block3/unit01/c/standardized_conv2d/kernel"] = np.zeros((1, 1, 64, 255), np.float32)
+    np.savez(tmp_path / "shape.npz", **arrays)
+    with pytest.raises(CheckpointError, match=r"shape.npz: array 'resnet/block3/unit01/c/standardized_conv2d/kernel' "
+                                              r"has shape \(1, 1, 64, 255\), a BiT-R14x0.25 needs \(1, 1, 64, 256\)"):
+        bt.read_checkpoint(tmp_path / "shape.npz")
+
+
+def test_unexpected_arrays_are_named(tmp_path, tiny_npz):
+    np.savez(tmp_path / "extra.npz", **tiny_npz[1], **{"resnet/block1/unit01/a/extra": np.zeros(3)})
+    with pytest.raises(CheckpointError, match="resnet/block1/unit01/a/extra"):
+        bt.read_checkpoint(tmp_path / "extra.npz")
+
+
+def test_architecture_mismatch(tiny_npz):
+    with pytest.raises(CheckpointError, match="holds a BiT-R14x0.25.*the model is a BiT-R26x0.5"):
+        bt.create_model("BiT-R26x0.5", pretrained=tiny_npz[0])
+
+
+@pytest.mark.parametrize("fmt,suffix", [("npz", ".npz"), ("safetensors", ".safetensors"), ("timm", ".pth")])
+def test_truncated_files(tmp_path, tiny_npz, fmt, suffix):
+    model = bt.create_model("BiT-R14x0.25", pretrained=tiny_npz[0])
+    path = bt.save_weights(model, tmp_path / f"w{suffix}", format=fmt)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(CheckpointError, match=rf"w{suffix}: .*(truncated|broken)"):
+        bt.read_checkpoint(path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_payload_in_torch_file_is_refused(tmp_path, tiny_npz):
+    torch.save({"root.conv.weight": torch.zeros(1), "evil": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil.pth: refusing to unpickle"):
+        bt.read_checkpoint(tmp_path / "evil.pth")
+    with open(tmp_path / "legacy.pth", "wb") as f:  # old-style (non-zip) pickle
+        pickle.dump({"x": Payload()}, f, protocol=2)
+    with pytest.raises(CheckpointError, match=r"legacy.pth: refusing to unpickle"):
+        bt.read_checkpoint(tmp_path / "legacy.pth")
+
+
+def test_object_array_in_npz_is_refused(tmp_path, tiny_npz):
+    arrays = dict(tiny_npz[1])
+    arrays["resnet/group_norm/gamma"] = np.array([Payload()], dtype=object)
+    np.savez(tmp_path / "obj.npz", **arrays)
+    with pytest.raises(CheckpointError, match=r"obj.npz: array 'resnet/group_norm/gamma' cannot be loaded without"):
+        bt.read_checkpoint(tmp_path / "obj.npz")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.npz").write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.npz: not a checkpoint"):
+        bt.read_checkpoint(tmp_path / "notes.npz")
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        bt.read_checkpoint(tmp_path / "absent.npz")
+
+
+def test_writes_are_atomic(tmp_path, tiny_npz, monkeypatch):
+    """A writer that dies half-way leaves the previous file untouched and no temporary behind."""
+    model = bt.create_model("BiT-R14x0.25", pretrained=tiny_npz[0])
+    target = bt.save_weights(model, tmp_path / "w.safetensors")
+    before = target.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        bt.save_weights(model, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.npz", "w.safetensors"]

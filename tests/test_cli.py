@@ -1,0 +1,112 @@
+"""The `bit` command line, run as users run it (real processes), and registry downloads end to end."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bigtransfer as bt
+from bigtransfer.cli import main
+from bigtransfer.models import ModelSpec, get_model_spec, register_model
+from http_server import serve_directory
+from npz_reference import random_bit_npz
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def bit(*args, env=None, check=True):
+    full_env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "200", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "bigtransfer", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def run_main(capsys, *args):
+    """The CLI in-process (same code path as the console script, without a new interpreter)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_console_script_and_help(capsys):
+    script = Path(sys.executable).parent / "bit"
+    if script.exists():  # installed with pip: the `bit` entry point itself
+        assert "usage: bit" in subprocess.run([script, "--help"], capture_output=True, text=True).stdout
+    assert "convert" in bit("--help").stdout  # python -m bigtransfer
+    for command in ("models", "info", "convert", "download"):
+        with pytest.raises(SystemExit) as exit_:
+            run_main(capsys, command, "--help")
+        assert exit_.value.code == 0
+        assert "usage: bit " + command in capsys.readouterr().out
+
+
+def test_models_table_shows_computed_numbers(capsys):
+    out = run_main(capsys, "models")[1]
+    for name in bt.list_models():
+        assert name in out
+    r152x4 = get_model_spec("BiT-M-R152x4")
+    row = next(line for line in out.splitlines() if "BiT-M-R152x4 " in line)
+    assert f"{r152x4.arch.num_params(21843) / 1e6:.1f}" in row
+    assert f"{r152x4.arch.macs(480, 21843) / 1e9:.2f}" in row  # 839.42: REFERENCE's 845 counts norms too
+    assert "ImageNet-21k" in row and "no" in row
+
+
+def test_info_and_convert(tmp_path, capsys):
+    random_bit_npz(tmp_path / "w.npz", (1, 1, 1, 1), 0.25, num_classes=3)
+    info = run_main(capsys, "info", tmp_path / "w.npz")[1]
+    assert "npz" in info and "BiT-R14x0.25" in info and "[1, 1, 1, 1]" in info and "head size" in info
+    assert f"{bt.Architecture((1, 1, 1, 1), 0.25).num_params(3):,}" in info
+
+    assert run_main(capsys, "convert", tmp_path / "w.npz", tmp_path / "w.pth")[0] == 0
+    assert run_main(capsys, "convert", tmp_path / "w.pth", tmp_path / "ours.bin", "--to", "safetensors")[0] == 0
+    assert bt.read_checkpoint(tmp_path / "w.pth").format == "timm"
+    assert bt.read_checkpoint(tmp_path / "ours.bin").format == "safetensors"
+
+    code, _, err = run_main(capsys, "info", tmp_path / "absent.npz")
+    assert code == 2 and "bit info: error: " in err and "absent.npz: no such checkpoint file" in err
+    with pytest.raises(SystemExit, match="pass --to"):
+        run_main(capsys, "convert", tmp_path / "w.npz", tmp_path / "out.xyz")
+
+
+def test_download_command_and_pretrained_true_through_a_mirror(tmp_path):
+    """`bit download NAME` fetches the registry file from $BIT_MODELS_URL into $BIT_HOME; then
+    `create_model(NAME, pretrained=True)` in another process finds it in the cache."""
+    served = tmp_path / "mirror"
+    served.mkdir()
+    random_bit_npz(served / "BiT-S-R50x1.npz", (3, 4, 6, 3), 1, num_classes=1000)
+    home = tmp_path / "home"
+    with serve_directory(served) as server:
+        env = {"BIT_MODELS_URL": server.url, "BIT_HOME": str(home)}
+        bit("download", "BiT-S-R50x1", "--quiet", env=env)
+        assert len(server.requests) == 1
+        assert "BiT-S-R50x1" in bit("models", env=env).stdout.split("yes")[0].splitlines()[-1]
+        code = "import bigtransfer as bt; m = bt.create_model('BiT-S-R50x1', pretrained=True); print(m.num_classes)"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **env, "PYTHONPATH": str(SRC)})
+        assert proc.stdout.strip() == "1000", proc.stderr
+        assert len(server.requests) == 1  # served from the cache
+    cached = home / "checkpoints" / "BiT-S-R50x1.npz"
+    assert cached.read_bytes() == (served / "BiT-S-R50x1.npz").read_bytes()
+
+
+def test_registered_checkpoint_with_checksum(tmp_path, monkeypatch):
+    served = tmp_path / "mirror"
+    (served / "mine").mkdir(parents=True)
+    source = bt.create_model("BiT-R14x0.25", num_classes=4, zero_head=False)
+    path = bt.save_weights(source, served / "mine" / "tiny.safetensors")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    register_model(ModelSpec("test-tiny-pretrained", source.arch, 4, 64, "test", "mine/tiny.safetensors", digest))
+    register_model(ModelSpec("test-tiny-bad-sum", source.arch, 4, 64, "test", "mine/tiny.safetensors", "0" * 64))
+    with serve_directory(served) as server:
+        monkeypatch.setenv("BIT_MODELS_URL", server.url)
+        model = bt.create_model("test-tiny-pretrained", pretrained=True)
+        with pytest.raises(bt.checkpoints.DownloadError, match="sha256 mismatch"):
+            bt.create_model("test-tiny-bad-sum", pretrained=True)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)

@@ -1,0 +1,152 @@
+"""Tests of checkpoint downloads against a real HTTP server on 127.0.0.1 (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bigtransfer.checkpoints.download import DownloadError, cache_dir, download
+from http_server import serve_directory
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _make_file(root: Path, name: str = "model.bin", size: int = 1 << 20) -> tuple[bytes, str]:
+    """Random content (so a wrong offset is never silently equal) and its sha256."""
+    data = os.urandom(size)
+    (root / name).write_bytes(data)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Path:
+    root = tmp_path / "served"
+    root.mkdir()
+    return root
+
+
+def test_plain_download_then_cache_hit(served: Path, tmp_path: Path) -> None:
+    data, digest = _make_file(served)
+    dest = tmp_path / "cache" / "sub" / "model.bin"
+    with serve_directory(served) as server:
+        assert download(server.url + "model.bin", dest, digest, progress=True) == dest
+        assert dest.read_bytes() == data
+        assert not Path(str(dest) + ".part").exists()
+        assert len(server.requests) == 1 and server.requests[0].range is None
+
+        assert download(server.url + "model.bin", str(dest), digest) == dest
+        assert len(server.requests) == 1  # cache hit: no network
+
+
+def test_resume_after_dropped_connections(served: Path, tmp_path: Path) -> None:
+    data, digest = _make_file(served)
+    dest = tmp_path / "model.bin"
+    with serve_directory(served, drop_after=300_000, drops=2) as server:
+        download(server.url + "model.bin", dest, digest, progress=False)
+    assert dest.read_bytes() == data
+    assert [r.dropped for r in server.requests] == [True, True, False]
+    assert [r.range for r in server.requests] == [None, "bytes=300000-", "bytes=600000-"]
+    assert server.bytes_sent == len(data)
+
+
+def test_resume_leftover_part_from_earlier_run(served: Path, tmp_path: Path) -> None:
+    data, digest = _make_file(served)
+    dest = tmp_path / "model.bin"
+    half = len(data) // 2
+    Path(str(dest) + ".part").write_bytes(data[:half])
+    with serve_directory(served) as server:
+        download(server.url + "model.bin", dest, digest, progress=False)
+    assert dest.read_bytes() == data
+    assert len(server.requests) == 1
+    assert server.requests[0].range == f"bytes={half}-"
+    assert server.requests[0].status == 206
+    assert server.bytes_sent == len(data) - half
+
+
+def test_leftover_part_as_big_as_file_restarts(served: Path, tmp_path: Path) -> None:
+    data, digest = _make_file(served, size=100_000)
+    dest = tmp_path / "model.bin"
+    Path(str(dest) + ".part").write_bytes(b"x" * 150_000)  # stale part bigger than the file: 416
+    with serve_directory(served) as server:
+        download(server.url + "model.bin", dest, digest, progress=False)
+    assert dest.read_bytes() == data
+    assert [r.status for r in server.requests] == [416, 200]
+
+
+def test_checksum_mismatch(served: Path, tmp_path: Path) -> None:
+    _, digest = _make_file(served, size=100_000)
+    dest = tmp_path / "model.bin"
+    wrong = "0" * 64
+    with serve_directory(served) as server, pytest.raises(DownloadError) as excinfo:
+        download(server.url + "model.bin", dest, wrong, progress=False)
+    message = str(excinfo.value)
+    assert wrong in message and digest in message and "deleted" in message
+    assert not dest.exists()
+    assert not Path(str(dest) + ".part").exists()
+
+
+def test_404_names_url(served: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "missing.bin"
+    with serve_directory(served) as server:
+        url = server.url + "missing.bin"
+        with pytest.raises(DownloadError, match="404") as excinfo:
+            download(url, dest, progress=False)
+    assert url in str(excinfo.value)
+    assert len(server.requests) == 1  # no retries for a client error
+    assert not dest.exists()
+
+
+def test_retries_exhausted_keeps_part(served: Path, tmp_path: Path) -> None:
+    _make_file(served)
+    dest = tmp_path / "model.bin"
+    with serve_directory(served, drop_after=100_000, drops=10) as server:
+        url = server.url + "model.bin"
+        with pytest.raises(DownloadError) as excinfo:
+            download(url, dest, progress=False, retries=2)
+    message = str(excinfo.value)
+    assert url in message and "300000 bytes" in message and "resumes" in message
+    assert len(server.requests) == 3  # the first try and two retries
+    part = Path(str(dest) + ".part")
+    assert part.stat().st_size == 300_000
+    assert not dest.exists()
+
+
+def test_concurrent_processes_download_once(served: Path, tmp_path: Path) -> None:
+    data, digest = _make_file(served)
+    dest = tmp_path / "cache" / "model.bin"
+    pythonpath = [str(SRC), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
+    # 16 chunks of 64 KiB at 50 ms each: the first download takes ~0.8 s, so the others wait on the lock.
+    with serve_directory(served, delay_per_chunk=0.05) as server:
+        code = textwrap.dedent(
+            f"""
+            from bigtransfer.checkpoints.download import download
+            download({server.url + "model.bin"!r}, {str(dest)!r}, {digest!r}, progress=False)
+            """
+        )
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in procs]
+    assert all(rc == 0 for rc, _ in results), results
+    assert dest.read_bytes() == data
+    assert server.bytes_sent == len(data)
+    assert len(server.requests) == 1
+
+
+def test_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BIT_HOME", str(tmp_path / "bit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "bit"
+    monkeypatch.delenv("BIT_HOME")
+    assert cache_dir() == tmp_path / "xdg" / "bigtransfer"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path.home() / ".cache" / "bigtransfer"
+    assert not (tmp_path / "bit").exists()  # not created

@@ -1,0 +1,133 @@
+"""The architecture against REFERENCE.md section 2 and independent references (torchvision, torch's FLOP counter)."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import bigtransfer as bt
+from bigtransfer.models import get_model_spec, group_norm_groups
+from bigtransfer.models.resnetv2 import StdConv2d
+
+RELEASED = [f"BiT-{t}-R{a}" for t in "SM" for a in ("50x1", "50x3", "101x1", "101x3", "152x2", "152x4")]
+
+
+def test_registry_has_every_released_variant():
+    names = bt.list_models()
+    for name in RELEASED + [f"{n}-ILSVRC2012" for n in RELEASED if n.startswith("BiT-M")]:
+        assert name in names
+    assert {"BiT-R50x1-distilled-224", "BiT-R50x1-distilled-160"} <= set(names)
+    assert get_model_spec("BiT-M-R152x4").num_classes == 21843
+    assert get_model_spec("BiT-S-R101x3").num_classes == 1000
+    assert get_model_spec("bit-m-r50x1").name == "BiT-M-R50x1"  # case-insensitive
+    assert get_model_spec("BiT-M-R152x4").arch.num_params(0) == pytest.approx(936e6, rel=0.01)
+    assert get_model_spec("BiT-S-R50x1").arch.num_params(1000) == pytest.approx(25.5e6, rel=0.01)
+
+
+def test_registry_urls_follow_the_base_address(monkeypatch):
+    spec = get_model_spec("BiT-M-R50x1")
+    assert spec.url == "https://storage.googleapis.com/bit_models/BiT-M-R50x1.npz"
+    monkeypatch.setenv("BIT_MODELS_URL", "http://127.0.0.1:9/mirror/")
+    assert spec.url == "http://127.0.0.1:9/mirror/BiT-M-R50x1.npz"
+    assert get_model_spec("BiT-R50x1-distilled-160").url == "http://127.0.0.1:9/mirror/distill/R50x1_160.npz"
+
+
+def test_unknown_name_suggests_close_ones():
+    with pytest.raises(KeyError, match="BiT-M-R50x1"):
+        bt.create_model("BiT-M-R50x2")
+
+
+def test_group_norm_rule():
+    assert all(group_norm_groups(c) == 32 for c in (64, 128, 192, 256, 384, 2048, 8192))
+    assert group_norm_groups(16) == 8 and group_norm_groups(32) == 16 and group_norm_groups(4) == 2
+    assert group_norm_groups(24) == 12 and group_norm_groups(2) == 1
+    tiny = bt.create_model("BiT-R14x0.25")
+    for m in tiny.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            assert m.num_channels % m.num_groups == 0 and m.num_channels // m.num_groups >= 2
+
+
+def test_weight_standardization_by_hand():
+    conv = StdConv2d(3, 4, 3)
+    w = conv.weight.detach().double()
+    flat = w.reshape(4, -1)
+    mean = flat.mean(1, keepdim=True)
+    var = ((flat - mean) ** 2).mean(1, keepdim=True)  # biased
+    w_hat = ((flat - mean) / torch.sqrt(var + 1e-10)).reshape_as(w)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.double)
+    expected = F.conv2d(x, w_hat, padding=1)
+    assert torch.allclose(conv.double()(x), expected, atol=1e-10)
+
+
+def test_root_pads_with_zeros_before_the_pool():
+    """After ReLU-free conv outputs go negative, a -inf-padded pool would differ at the borders."""
+    model = bt.create_model("BiT-R14x0.25")
+    x = torch.randn(1, 3, 32, 32)
+    y = model.root.conv(x)
+    expected = F.max_pool2d(F.pad(y, (1, 1, 1, 1), value=0.0), 3, 2)
+    assert torch.equal(model.root(x), expected)
+    assert not torch.equal(model.root(x), F.max_pool2d(y, 3, 2, padding=1))
+
+
+def test_unit_projection_takes_the_preactivated_input():
+    unit = bt.create_model("BiT-R14x0.25").stages[1][0]
+    x = torch.randn(1, 64, 8, 8)
+    a = unit.norm1(x)
+    body = unit.conv3(unit.norm3(unit.conv2(unit.norm2(unit.conv1(a)))))
+    assert torch.allclose(unit(x), body + unit.proj(a), atol=1e-6)
+    assert unit.conv2.stride == (2, 2) and unit.conv1.stride == (1, 1)  # the stride sits on the 3x3
+
+
+def test_shapes_head_and_stages():
+    model = bt.create_model("BiT-R14x0.25", num_classes=10)
+    assert (model.head.weight == 0).all() and (model.head.bias == 0).all()
+    x = torch.randn(2, 3, 64, 64)
+    assert model.forward_features(x).shape == (2, 512)
+    assert model(x).shape == (2, 10) and (model(x) == 0).all()
+    stages = model.forward_stages(x)
+    assert [v.shape[-1] for v in stages.values()] == [16, 16, 8, 4, 2]  # strides 4, 4, 8, 16, 32
+    model.reset_head(3)
+    assert model(x).shape == (2, 3)
+    model.reset_head(0)
+    with pytest.raises(RuntimeError, match="no classification head"):
+        model(x)
+    assert bt.create_model("BiT-R14x0.25", num_classes=5, zero_head=False).head.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name,res", [("BiT-M-R50x1", 224), ("BiT-R14x0.25", 97), ("BiT-M-R101x3", 33)])
+def test_macs_and_params_by_arithmetic_match_torch(name, res):
+    spec = get_model_spec(name)
+    with torch.device("meta"):
+        model = bt.ResNetV2(spec.arch, num_classes=spec.num_classes)
+        x = torch.empty(1, 3, res, res)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    assert spec.arch.macs(res, spec.num_classes) == counter.get_total_flops() // 2
+    assert spec.arch.num_params(spec.num_classes) == sum(p.numel() for p in model.parameters())
+
+
+def test_r50x1_macs_equal_torchvision_resnet50():
+    """Same conv shapes as ResNet-50 v1.5 (stride on the 3x3): an independent check of the arithmetic."""
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        ref = torchvision.models.resnet50()
+        x = torch.empty(1, 3, 224, 224)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        ref(x)
+    assert get_model_spec("BiT-S-R50x1").arch.macs(224, 1000) == counter.get_total_flops() // 2
+
+
+def test_new_head_is_logged_when_sizes_differ(tmp_path, caplog):
+    source = bt.create_model("BiT-R14x0.25", num_classes=10, zero_head=False)
+    bt.save_weights(source, tmp_path / "w.safetensors")
+    with caplog.at_level(logging.INFO, logger="bigtransfer"):
+        model = bt.create_model("BiT-R14x0.25", num_classes=4, pretrained=tmp_path / "w.safetensors")
+    assert "checkpoint head has 10 classes, model has 4" in caplog.text
+    assert model.head.out_features == 4 and (model.head.weight == 0).all()
+    assert torch.equal(model.root.conv.weight, source.root.conv.weight)
+    same = bt.create_model("BiT-R14x0.25", pretrained=tmp_path / "w.safetensors")  # keeps the checkpoint's head
+    assert torch.equal(same.head.weight, source.head.weight)
