@@ -12,19 +12,9 @@ import torch
 import bigtransfer as bt
 from bigtransfer.cli import main
 from bigtransfer.models import ModelSpec, get_model_spec, register_model
+from bit_process import SRC, bit
 from http_server import serve_directory
 from npz_reference import random_bit_npz
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def bit(*args, env=None, check=True):
-    full_env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "200", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "bigtransfer", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def run_main(capsys, *args):

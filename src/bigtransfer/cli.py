@@ -76,6 +76,96 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_inputs(args: argparse.Namespace) -> tuple:
+    """(train source, eval source or None, plan overrides) from the shared fine-tuning flags."""
+    from .finetune import as_source
+
+    train_source = as_source(args.data, "train", download=args.download)
+    eval_source = None
+    if args.eval_data != "none":
+        for split in ("test", "val") if args.eval_data is None else ("test",):
+            try:
+                eval_source = as_source(args.eval_data or args.data, split, download=args.download)
+                break
+            except (FileNotFoundError, ValueError):
+                continue
+        else:
+            logging.getLogger("bigtransfer").warning("no test or val split found for %s: training without "
+                                                     "evaluation (pass --eval-data)", args.data)
+    overrides = {"variant": args.variant, "steps": args.steps, "base_lr": args.lr, "batch_size": args.batch,
+                 "batch_split": args.batch_split, "resolution": tuple(args.resolution) if args.resolution else None,
+                 "mixup_alpha": args.mixup_alpha, "flip": False if args.no_flip else None,
+                 "random_crop": False if args.no_crop else None, "examples_per_class": args.examples_per_class,
+                 "examples_per_class_seed": args.examples_per_class_seed, "seed": args.seed,
+                 "precision": args.precision, "channels_last": args.channels_last or None,
+                 "compile": args.compile or None}
+    return train_source, eval_source, {k: v for k, v in overrides.items() if v is not None}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .finetune import make_plan, plan_table, select_examples
+
+    source, _, overrides = _plan_inputs(args)
+    source, _ = select_examples(source, overrides.get("examples_per_class"),
+                                overrides.get("examples_per_class_seed", 0))
+    console.print(plan_table(make_plan(args.model, source, **overrides)))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .engine import TrainingInterrupted
+    from .finetune import finetune
+
+    source, eval_source, overrides = _plan_inputs(args)
+    try:
+        results = finetune(args.model, source, eval_source, out=args.out, pretrained=args.pretrained,
+                           device=args.device, workers=args.workers, eval_every=args.eval_every,
+                           checkpoint_every=args.checkpoint_every, progress=not args.no_progress, **overrides)
+    except TrainingInterrupted as e:
+        print(f"bit finetune: {e}", file=sys.stderr)
+        return 128 + e.signum
+    ev = results.get("eval") or {}
+    top1 = f", top-1 {100 * ev['top1']:.2f}%" if ev else ""
+    console.print(f"done: {results['steps']} steps{top1}; results in {results['run_dir']}")
+    return 0
+
+
+def _positive_or_auto(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `bit plan` and `bit finetune`: data, model and every HyperRule override."""
+    p.add_argument("--model", required=True, help="registry name, e.g. BiT-M-R50x1 (see `bit models`)")
+    p.add_argument("--data", required=True,
+                   help="digits | cifar10[:ROOT] | cifar100[:ROOT] | pets[:ROOT] | flowers102[:ROOT] | "
+                        "imagenet[:ROOT] | an image folder (class sub-folders, or train/val/test of them) | a CSV "
+                        "manifest (path,label)")
+    p.add_argument("--eval-data", help="evaluation data (default: the test, else val split of --data; 'none': no "
+                                       "evaluation)")
+    p.add_argument("--download", action="store_true", help="let torchvision download a standard dataset "
+                                                           "(needs a network)")
+    g = p.add_argument_group("HyperRule overrides (default: the rule's value for this data)")
+    g.add_argument("--variant", choices=("release", "paper"), help="release: authors' code (default); paper: "
+                                                                   "448/384, decays at 30/60/90%%")
+    g.add_argument("--steps", type=int, help="total steps (warmup and decays scale along)")
+    g.add_argument("--lr", type=float, help="base learning rate (rule: 0.003)")
+    g.add_argument("--batch", type=int, help="global batch size (rule: 512), the same for any number of processes")
+    g.add_argument("--batch-split", type=_positive_or_auto,
+                   help="gradient accumulation: micro-batches per batch, or 'auto' (largest that fits in GPU memory)")
+    g.add_argument("--resolution", type=int, nargs=2, metavar=("RESIZE", "CROP"), help="resize and crop sides")
+    g.add_argument("--mixup-alpha", type=float, help="MixUp alpha (rule: 0.1 from 20k examples, else 0)")
+    g.add_argument("--no-flip", action="store_true", help="no random horizontal flips (off already for digits)")
+    g.add_argument("--no-crop", action="store_true", help="no random crop: resize straight to the crop size")
+    g.add_argument("--examples-per-class", type=int, metavar="K", help="few-shot: exactly K training examples "
+                                                                        "per class")
+    g.add_argument("--examples-per-class-seed", type=int, metavar="S", help="seed of the few-shot draw (default 0)")
+    g.add_argument("--seed", type=int, help="seed of data order, augmentation and MixUp (default 0)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bit", description="Big Transfer (BiT): ResNet-v2 GN+WS models, checkpoints and the BiT-HyperRule.")
@@ -115,6 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", metavar="NAME", help="registry names, see `bit models`")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("plan", help="print the BiT-HyperRule plan for a dataset without training",
+                       description="Resolve the BiT-HyperRule for a dataset (image size measured from the data, "
+                                   "number of examples, few-shot sampling) and print the plan.")
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("finetune", help="fine-tune a BiT model on a dataset with the BiT-HyperRule",
+                       description="Fine-tune with the BiT-HyperRule on CPU, one GPU, or many under torchrun "
+                                   "(torchrun --nproc_per_node N -m bigtransfer finetune ...). The plan is printed "
+                                   "and saved in the run folder with metrics.jsonl, checkpoints, final weights, "
+                                   "eval.json, curves.png and a summary. Running the same command again resumes an "
+                                   "interrupted run; SIGTERM/SIGINT write a checkpoint and stop.")
+    add_plan_arguments(p)
+    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="start from the registry's released weights (flag alone) or from a checkpoint file")
+    p.add_argument("--out", help="run folder (default: runs/MODEL_DATA[_kKsS]_seedN)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--eval-every", type=int, metavar="STEPS", help="evaluate every STEPS steps (and at the end)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="write the resume checkpoint every STEPS steps (default: every 10 minutes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 
@@ -123,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (CheckpointError, DownloadError, KeyError) as e:
+    except (CheckpointError, DownloadError, KeyError, FileNotFoundError, ValueError) as e:
         print(f"bit {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)  # unwrapped, greppable
         return 2
 

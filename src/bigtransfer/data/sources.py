@@ -1,0 +1,595 @@
+"""Labelled image sources: every dataset the fine-tuner reads, behind one small interface.
+
+Each source maps an index to ``(PIL RGB image, int label)`` and exposes ``targets`` without decoding anything, so
+few-shot sampling and stratified splits stay cheap. File discovery and dataset formats are delegated to torchvision
+and scikit-learn; this module only normalises what they return (colour modes, bit depths, broken files).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "BadImageError",
+    "CsvImages",
+    "DigitsImages",
+    "ImageFolderImages",
+    "LabelledImages",
+    "TorchDatasetImages",
+    "TorchvisionImages",
+    "decode_image",
+    "measure_image_size",
+    "open_dataset",
+]
+
+# Splits that mean "held out" wherever a source has only one of them.
+_HELD_OUT = ("val", "validation", "test")
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded; carries ``.path`` and ``.reason`` so a report can name the file to fix.
+
+    ``reason`` is optional because DataLoader workers re-raise exceptions by calling ``type(exc)(message)``.
+    """
+
+    def __init__(self, path: str, reason: str = "") -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}" if reason else self.path)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes with both fields intact
+        return (type(self), (self.path, self.reason))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _scale_to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map [lo, hi] linearly onto 0..255 (rather than clipping, which whites out most high-bit-depth images)."""
+    arr = arr.astype(np.float64)
+    if hi <= lo:
+        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return np.clip(np.rint((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    """Transparent pixels become white, not black (what ``convert("RGB")`` would give): a viewer's rendering."""
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB without losing the content to clipping or black transparency."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16"):  # 16-bit grey: scale by the full 16-bit range
+        return Image.fromarray(_scale_to_uint8(np.asarray(img), 0, 65535)).convert("RGB")
+    if mode in ("I", "F"):  # 32-bit int / float: no fixed range, so scale by the image's own min..max
+        arr = np.asarray(img, dtype=np.float64)
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+        return Image.fromarray(_scale_to_uint8(arr, lo, hi)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        return _composite_on_white(img)
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's own conversions are exact enough
+
+
+def decode_image(source: str | os.PathLike | bytes, describe: str | None = None) -> Image.Image:
+    """Decode fully and convert to RGB, so a broken file fails here (naming it) rather than mid-training.
+
+    ``img.load()`` forces the whole file to be read, which is what catches truncation. We never set
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``: that would silently train on grey padding.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        name = describe or "<bytes>"
+        if len(source) == 0:
+            raise BadImageError(name, "empty file (0 bytes)")
+        fp: Any = io.BytesIO(bytes(source))
+    else:
+        name = describe or os.fspath(source)
+        try:
+            if os.path.getsize(source) == 0:
+                raise BadImageError(name, "empty file (0 bytes)")
+        except OSError as e:
+            raise BadImageError(name, f"cannot read file ({e.strerror or e})") from e
+        fp = source
+    try:
+        with Image.open(fp) as img:
+            img.load()
+            if img.width == 0 or img.height == 0:
+                raise BadImageError(name, f"zero-size image ({img.width}x{img.height})")
+            rgb = _to_rgb(img)
+            if rgb is img:  # detach from the file handle the context manager is about to close
+                rgb = img.copy()
+    except BadImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise BadImageError(name, "not an image file Pillow can identify") from e
+    except Image.DecompressionBombError as e:
+        raise BadImageError(name, f"refused as a decompression bomb ({e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncation, corrupt chunks, bad headers
+        raise BadImageError(name, f"corrupt or truncated image ({e})") from e
+    return rgb
+
+
+def _array_to_rgb(arr: Any) -> Image.Image:
+    """HWC numpy or CHW tensor, uint8 (0..255) or float (0..1) -> PIL RGB; for in-memory datasets."""
+    if isinstance(arr, torch.Tensor):
+        t = arr.detach().cpu()
+        if t.ndim == 3:
+            t = t.permute(1, 2, 0)  # CHW -> HWC
+        arr = t.numpy()
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ValueError(f"expected an HxW, HxWx1, HxWx3 or HxWx4 image array, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+        else:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+
+
+def _file_size(path: str) -> tuple[int, int]:
+    """(height, width) from the header only: measuring a dataset must not decode it."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(path, f"cannot read image header ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Base class
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Base of every source: index -> (PIL RGB image, int label). Subclasses set the attributes."""
+
+    name: str
+    classes: list[str]
+    targets: list[int]
+    flip: bool = True  # False where a horizontal flip changes the label's meaning (digits, text)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        """How a bad-image report names item ``i``; file-backed sources return the path."""
+        return f"{self.name}[{i}]"
+
+    def size_of(self, i: int) -> tuple[int, int]:
+        """(height, width) of item ``i``; this fallback decodes, file-backed sources read only the header."""
+        img, _ = self[i]
+        return img.height, img.width
+
+    def subset(self, indices: Sequence[int]) -> LabelledImages:
+        """A view on some items, for splits and few-shot samples; classes stay whole so labels keep meaning."""
+        return _Subset(self, indices)
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {self.name} with {n} items")
+        return i % n
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, items={len(self)}, classes={len(self.classes)})"
+
+
+class _Subset(LabelledImages):
+    """Items of a parent by index; nested subsets collapse onto the root so lookups stay one level deep."""
+
+    def __init__(self, parent: LabelledImages, indices: Sequence[int]) -> None:
+        idx = [parent._check_index(int(i)) for i in indices]
+        if isinstance(parent, _Subset):
+            idx = [parent.indices[i] for i in idx]
+            parent = parent.parent
+        self.parent = parent
+        self.indices = idx
+        self.name = parent.name
+        self.classes = list(parent.classes)
+        self.flip = parent.flip
+        self.targets = [parent.targets[i] for i in idx]
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return self.parent[self.indices[self._check_index(i)]]
+
+    def describe(self, i: int) -> str:
+        return self.parent.describe(self.indices[self._check_index(i)])
+
+    def size_of(self, i: int) -> tuple[int, int]:
+        return self.parent.size_of(self.indices[self._check_index(i)])
+
+
+class _FileImages(LabelledImages):
+    """Shared behaviour of sources whose items are image files: decode on access, header-only sizes."""
+
+    paths: list[str]
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        i = self._check_index(i)
+        return decode_image(self.paths[i]), self.targets[i]
+
+    def describe(self, i: int) -> str:
+        return self.paths[self._check_index(i)]
+
+    def size_of(self, i: int) -> tuple[int, int]:
+        return _file_size(self.paths[self._check_index(i)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+class ImageFolderImages(_FileImages):
+    """``root/<class>/**/<image>``, discovered exactly as torchvision's ImageFolder does (same classes, same order)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder not found: {root}")
+        self.root = root
+        self.name = f"folder:{root}"
+        self.classes, class_to_idx = find_classes(root)
+        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        self.paths = [p for p, _ in samples]
+        self.targets = [t for _, t in samples]
+
+
+class CsvImages(_FileImages):
+    """A ``path,label`` manifest: for datasets whose labels live in a spreadsheet rather than folder names.
+
+    Every row is checked up front (columns present, file exists) so a typo fails at startup with its line number.
+    """
+
+    def __init__(self, csv_path: str | os.PathLike) -> None:
+        csv_path = os.fspath(csv_path)
+        base = os.path.dirname(os.path.abspath(csv_path))
+        self.name = f"csv:{csv_path}"
+        paths: list[str] = []
+        labels: list[str] = []
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in ("path", "label") if c not in fields]
+            if missing:
+                raise ValueError(
+                    f"{csv_path}, line 1: header must name columns 'path' and 'label'; missing {missing} "
+                    f"(found {fields})"
+                )
+            reader.fieldnames = fields
+            for row in reader:
+                line = reader.line_num
+                rel = (row.get("path") or "").strip()
+                label = (row.get("label") or "").strip()
+                if not rel or not label:
+                    raise ValueError(f"{csv_path}, line {line}: empty 'path' or 'label' in {row}")
+                path = rel if os.path.isabs(rel) else os.path.join(base, rel)
+                if not os.path.isfile(path):
+                    raise ValueError(f"{csv_path}, line {line}: image file not found: {path}")
+                paths.append(path)
+                labels.append(label)
+        if not paths:
+            raise ValueError(f"{csv_path}: the manifest lists no images")
+        try:  # integer labels sort as numbers (2 before 10), and "01" and "1" are the same class
+            ints = [int(x) for x in labels]
+        except ValueError:
+            self.classes = sorted(set(labels))
+            index = {c: k for k, c in enumerate(self.classes)}
+            self.targets = [index[x] for x in labels]
+        else:
+            self.classes = [str(v) for v in sorted(set(ints))]
+            index = {c: k for k, c in enumerate(self.classes)}
+            self.targets = [index[str(v)] for v in ints]
+        self.paths = paths
+
+
+class DigitsImages(LabelledImages):
+    """scikit-learn's bundled handwritten digits (8x8): real images that need no download, for smoke tests and CI.
+
+    The train/test split is fixed (stratified, seed 0) so numbers are comparable across runs and machines.
+    """
+
+    TEST_SIZE = 797
+
+    def __init__(self, split: str = "train") -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        split = {"val": "test", "validation": "test"}.get(split, split)
+        if split not in ("train", "test"):
+            raise ValueError(f"digits split must be 'train' or 'test' (or 'val'), got {split!r}")
+        digits = load_digits()
+        all_idx = np.arange(len(digits.target))
+        train_idx, test_idx = train_test_split(
+            all_idx, test_size=self.TEST_SIZE, random_state=0, stratify=digits.target
+        )
+        self.indices = [int(i) for i in (train_idx if split == "train" else test_idx)]  # into load_digits()
+        pixels = np.rint(digits.images[self.indices] * (255.0 / 16.0))
+        self.pixels = np.clip(pixels, 0, 255).astype(np.uint8)  # (N, 8, 8)
+        self.targets = [int(digits.target[i]) for i in self.indices]
+        self.classes = [str(d) for d in range(10)]
+        self.name = "digits"
+        self.split = split
+        self.flip = False  # a mirrored 2, 3, 7 ... is not that digit
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        i = self._check_index(i)
+        return Image.fromarray(self.pixels[i]).convert("RGB"), self.targets[i]
+
+    def size_of(self, i: int) -> tuple[int, int]:
+        self._check_index(i)
+        return 8, 8
+
+
+class TorchDatasetImages(LabelledImages):
+    """Any map-style dataset of (image, label): image a PIL image, a CHW tensor or an HWC array.
+
+    Targets come from ``dataset.targets`` when it exists; otherwise every item is loaded once at construction
+    (a full pass, decoding every image) because labels must be known without decoding later.
+    """
+
+    def __init__(
+        self, dataset: torch.utils.data.Dataset, classes: Sequence[str] | None = None, name: str | None = None
+    ) -> None:
+        self.dataset = dataset
+        self.name = name or type(dataset).__name__
+        targets = getattr(dataset, "targets", None)
+        if targets is None:
+            targets = [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
+        self.targets = [int(t) for t in targets]
+        if classes is None:
+            classes = getattr(dataset, "classes", None)
+        if classes is None:
+            n = getattr(dataset, "num_classes", None) or (max(self.targets) + 1 if self.targets else 0)
+            classes = [str(k) for k in range(int(n))]
+        self.classes = [str(c) for c in classes]
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        i = self._check_index(i)
+        image, label = self.dataset[i]
+        if isinstance(image, Image.Image):
+            try:
+                image.load()
+                rgb = _to_rgb(image)
+            except (OSError, SyntaxError, ValueError) as e:
+                raise BadImageError(self.describe(i), f"cannot decode ({e})") from e
+        else:
+            rgb = _array_to_rgb(image)
+        return rgb, int(label)
+
+
+@dataclass(frozen=True)
+class _TorchvisionSpec:
+    """How to build one torchvision dataset and read its labels and raw samples without its transforms."""
+
+    factory: Callable[[str, str, bool], Any]  # (root, our split, download) -> torchvision dataset
+    targets: Callable[[Any], Sequence[int]]
+    sample: Callable[[Any, int], Any]  # a file path (decoded by decode_image) or an HWC uint8 array
+    classes: Callable[[Any], Sequence[Any]] = lambda ds: ds.classes
+    downloadable: bool = True
+
+
+def _train_or(split: str, held_out: str) -> str:
+    return "train" if split == "train" else held_out
+
+
+def _cifar(cls_name: str) -> _TorchvisionSpec:
+    def factory(root: str, split: str, download: bool) -> Any:
+        import torchvision.datasets as tvd
+
+        return getattr(tvd, cls_name)(root, train=split == "train", download=download)
+
+    return _TorchvisionSpec(factory, lambda ds: ds.targets, lambda ds, i: ds.data[i])
+
+
+def _pets(root: str, split: str, download: bool) -> Any:
+    from torchvision.datasets import OxfordIIITPet
+
+    return OxfordIIITPet(root, split="trainval" if split in ("train", "trainval") else "test", download=download)
+
+
+def _flowers(root: str, split: str, download: bool) -> Any:
+    from torchvision.datasets import Flowers102
+
+    return Flowers102(root, split={"validation": "val"}.get(split, split), download=download)
+
+
+def _imagenet(root: str, split: str, download: bool) -> Any:
+    from torchvision.datasets import ImageNet
+
+    return ImageNet(root, split=_train_or(split, "val"))  # test labels were never released: test means val
+
+
+_TORCHVISION: dict[str, _TorchvisionSpec] = {
+    "cifar10": _cifar("CIFAR10"),
+    "cifar100": _cifar("CIFAR100"),
+    "pets": _TorchvisionSpec(_pets, lambda ds: ds._labels, lambda ds, i: ds._images[i]),
+    "flowers102": _TorchvisionSpec(_flowers, lambda ds: ds._labels, lambda ds, i: ds._image_files[i]),
+    "imagenet": _TorchvisionSpec(
+        _imagenet,
+        lambda ds: ds.targets,
+        lambda ds, i: ds.samples[i][0],
+        classes=lambda ds: [c[0] if isinstance(c, tuple) else c for c in ds.classes],  # ("tench", "Tinca tinca")
+        downloadable=False,
+    ),
+}
+
+
+class TorchvisionImages(LabelledImages):
+    """A torchvision standard dataset read through its own class; one adapter for all of them (see _TORCHVISION).
+
+    We bypass its ``__getitem__`` to decode files with :func:`decode_image` (RGB, named errors) and to read
+    labels from its internal lists without touching any image.
+    """
+
+    def __init__(self, kind: str, root: str | os.PathLike = "./data", split: str = "train", download: bool = False):
+        if kind not in _TORCHVISION:
+            raise ValueError(f"unknown torchvision dataset {kind!r}; known: {sorted(_TORCHVISION)}")
+        spec = _TORCHVISION[kind]
+        root = os.fspath(root)
+        if split not in ("train", "trainval", *_HELD_OUT):
+            raise ValueError(f"{kind} split must be train, val or test, got {split!r}")
+        if download and not spec.downloadable:
+            raise ValueError(
+                f"{kind} cannot be downloaded automatically; place its official archives in {os.path.abspath(root)}"
+            )
+        try:
+            ds = spec.factory(root, split, download)
+        except (RuntimeError, FileNotFoundError) as e:
+            hint = (
+                "pass download=True (`--download` on the command line) where a network is available"
+                if spec.downloadable
+                else "download the archives by hand into that folder"
+            )
+            why = str(e).rstrip(".")
+            raise FileNotFoundError(
+                f"{kind} not found (or corrupt) under {os.path.abspath(root)}: {why}. To fetch it, {hint}."
+            ) from e
+        self.dataset = ds
+        self._sample = spec.sample
+        self.name = kind
+        self.split = split
+        self.root = root
+        self.classes = [str(c) for c in spec.classes(ds)]
+        self.targets = [int(t) for t in spec.targets(ds)]
+
+    def _raw(self, i: int) -> Any:
+        return self._sample(self.dataset, self._check_index(i))
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        raw = self._raw(i)
+        if isinstance(raw, str | os.PathLike):
+            return decode_image(raw), self.targets[self._check_index(i)]
+        return _array_to_rgb(raw), self.targets[self._check_index(i)]
+
+    def describe(self, i: int) -> str:
+        raw = self._raw(i)
+        return os.fspath(raw) if isinstance(raw, str | os.PathLike) else f"{self.name}[{i}]"
+
+    def size_of(self, i: int) -> tuple[int, int]:
+        raw = self._raw(i)
+        if isinstance(raw, str | os.PathLike):
+            return _file_size(os.fspath(raw))
+        return int(raw.shape[0]), int(raw.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def measure_image_size(data: LabelledImages, sample: int = 256, seed: int = 0) -> tuple[int, int]:
+    """Median (height, width) over a seeded sample of items: what the HyperRule resolution rule needs.
+
+    Median, not mean, so a few huge or tiny outliers don't move the chosen resolution; header reads keep it cheap.
+    """
+    n = len(data)
+    if n == 0:
+        raise ValueError(f"cannot measure image size of empty dataset {data.name}")
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    sizes = []
+    for i in idx:
+        try:
+            sizes.append(data.size_of(int(i)))
+        except BadImageError:  # reported by path when training meets it; one bad file must not stop planning
+            continue
+    if not sizes:
+        raise ValueError(f"no readable image among the {len(idx)} sampled from {data.name}")
+    h, w = np.median(np.array(sizes), axis=0)
+    return int(np.rint(h)), int(np.rint(w))
+
+
+def _stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Per class, ``val_fraction`` of items (at least one, never all, when a class has two or more) go to val.
+
+    Own code rather than sklearn's stratify, which refuses classes with a single image and rounds globally.
+    """
+    rng = np.random.default_rng(seed)
+    targets_arr = np.asarray(targets)
+    train: list[int] = []
+    val: list[int] = []
+    for c in np.unique(targets_arr):
+        members = np.flatnonzero(targets_arr == c)
+        rng.shuffle(members)
+        n = len(members)
+        n_val = min(max(int(round(val_fraction * n)), 1), n - 1) if n >= 2 else 0
+        val.extend(int(i) for i in members[:n_val])
+        train.extend(int(i) for i in members[n_val:])
+    return sorted(train), sorted(val)
+
+
+_SPLIT_DIRS = {
+    "train": ("train",),
+    "val": ("val", "validation"),
+    "validation": ("validation", "val"),
+    "test": ("test",),
+}
+
+_SPEC_HELP = (
+    "accepted dataset specs: 'digits'; 'cifar10[:ROOT]', 'cifar100[:ROOT]', 'pets[:ROOT]', 'flowers102[:ROOT]', "
+    "'imagenet[:ROOT]' (ROOT defaults to ./data); a path to a .csv manifest with columns path,label; or a directory "
+    "of class folders, optionally inside train/ val/ test/ sub-folders"
+)
+
+
+def open_dataset(
+    spec: str,
+    split: str = "train",
+    *,
+    download: bool = False,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> LabelledImages:
+    """Turn a command-line dataset spec into a source; see ``_SPEC_HELP`` for the forms.
+
+    A single class-folder tree has no held-out part, so one is carved out deterministically (``split_seed``):
+    ``val_fraction`` of each class is "val"/"test", the rest "train".
+    """
+    if split not in _SPLIT_DIRS:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_DIRS)}, got {split!r}")
+    if spec == "digits":
+        return DigitsImages(split)
+    kind, _, root = spec.partition(":")
+    if kind in _TORCHVISION:  # names always mean torchvision; write ./pets for a local folder called pets
+        return TorchvisionImages(kind, root or "./data", split, download=download)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise FileNotFoundError(f"CSV manifest not found: {path}")
+        return CsvImages(path)
+    if path.is_dir():
+        present = [d for d in ("train", "val", "validation", "test") if (path / d).is_dir()]
+        for candidate in _SPLIT_DIRS[split]:
+            if (path / candidate).is_dir():
+                return ImageFolderImages(path / candidate)
+        if present:
+            raise ValueError(f"{path} has split folders {present} but none for split {split!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        tree = ImageFolderImages(path)
+        train, val = _stratified_split(tree.targets, val_fraction, split_seed)
+        return tree.subset(train if split == "train" else val)
+    raise ValueError(f"unknown dataset spec {spec!r} (not a known name, .csv file or directory); {_SPEC_HELP}")

@@ -1,0 +1,44 @@
+"""HyperRule image transforms with explicit randomness.
+
+Every random choice (crop offset, flip) comes from a per-sample seed that the sampler derives from
+(run seed, step, position in the global batch). So a resumed run, a run with another batch split
+and a run on several processes see exactly the same augmented images. Output stays uint8: the
+scaling to [-1, 1] happens on the device, where it is cheap and moves 4x fewer bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+
+@dataclass(frozen=True)
+class HyperRuleTransform:
+    """Train: resize to a `resize` square, random `crop` square (or, with random_crop off, straight to
+    `crop`), optional horizontal flip. Eval (`train=False`): resize straight to `crop`."""
+
+    resize: int
+    crop: int
+    train: bool = True
+    flip: bool = True
+    random_crop: bool = True
+
+    def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
+        if not (self.train and self.random_crop):
+            image = TF.resize(image, [self.crop, self.crop])
+        else:
+            g = torch.Generator().manual_seed(seed)
+            image = TF.resize(image, [self.resize, self.resize])
+            top, left = torch.randint(0, self.resize - self.crop + 1, (2,), generator=g).tolist()
+            image = TF.crop(image, top, left, self.crop, self.crop)
+        if self.train and self.flip and torch.rand((), generator=torch.Generator().manual_seed(seed + 1)) < 0.5:
+            image = TF.horizontal_flip(image)
+        return TF.pil_to_tensor(image)
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1], as BiT was trained (x / 127.5 - 1)."""
+    return images.float().div_(127.5).sub_(1.0)

@@ -1,0 +1,288 @@
+"""The one training loop, shared by fine-tuning and pre-training.
+
+One update = one global batch, loaded as this process's share and fed through the model in
+`batch_split` micro-batches with gradient accumulation (GroupNorm has no batch statistics, so the
+update equals the whole-batch one). Under torchrun every process takes its slice of the same global
+batch and DDP averages the gradients: same batch, same schedule, whatever the number of processes.
+Batches and augmentations are functions of (seed, step), so resuming from a checkpoint replays
+nothing and skips nothing; SIGTERM/SIGINT write a checkpoint and stop cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoints import save_weights
+from .data import HyperRuleTransform, LabelledImages, StepSampler, eval_loader, to_model_input, train_loader
+from .evaluate import evaluate
+from .hyperrule import Schedule, learning_rate
+from .runs import RunDir
+from .runtime import Runtime, all_reduce_sum, autocast
+
+log = logging.getLogger("bigtransfer")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> per-example loss
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the same command resumes the run."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint written, "
+                         "run the same command again to resume")
+        self.step, self.signum = step, signum
+
+
+@dataclass
+class EngineConfig:
+    schedule: Schedule
+    base_lr: float
+    global_batch: int
+    batch_split: int | str = 1  # or "auto": the largest micro-batch that fits in GPU memory
+    mixup_alpha: float = 0.0
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    workers: int = 0
+    eval_every: int | None = None
+    checkpoint_every: int | None = None  # steps; None: by time only
+    checkpoint_minutes: float = 10.0
+    log_every: int = 10
+    progress: bool = True
+
+
+def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, source: LabelledImages,
+          transform: HyperRuleTransform, config: EngineConfig, runtime: Runtime, run: RunDir,
+          loss_fn: LossFn = softmax_cross_entropy, eval_source: LabelledImages | None = None,
+          eval_transform: HyperRuleTransform | None = None) -> dict:
+    """Train `model` (parameters already in `optimizer`) for `config.schedule.total_steps` updates.
+
+    Returns a summary: steps, last loss, images/s, bad-image count, final evaluation (if any)."""
+    total = config.schedule.total_steps
+    model.to(runtime.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    start = _resume(model, optimizer, run, runtime)
+    local_batch = config.global_batch // runtime.world_size
+    split = _batch_split(config, model, local_batch, transform.crop, runtime)
+    net: nn.Module = model
+    if runtime.distributed:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
+    if config.compile:
+        net = torch.compile(net)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
+
+    sampler = StepSampler(len(source), config.global_batch, config.seed, runtime.rank, runtime.world_size)
+    batches = train_loader(source, transform, sampler, start, total, config.workers,
+                           pin_memory=runtime.device.type == "cuda")
+
+    def run_eval() -> dict | None:
+        if eval_source is None:
+            return None
+        loader = eval_loader(eval_source, eval_transform, max(1, local_batch // split), config.workers,
+                             runtime.rank, runtime.world_size, pin_memory=runtime.device.type == "cuda")
+        return evaluate(net, loader, len(eval_source.classes), runtime, config.precision, config.channels_last)
+
+    def checkpoint(step: int) -> None:
+        run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+    bad_seen: set[str] = set()
+    bad_count = 0
+    last_loss, speed = math.nan, 0.0
+    last_save = time.monotonic()
+    model.train()
+    with _signals() as stop, _progress(config.progress and runtime.is_main, total, start) as bar:
+        for step, (images, labels, reports) in zip(range(start, total), batches, strict=True):
+            t0 = time.perf_counter()
+            lr = learning_rate(step, config.schedule, config.base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if any(reports):
+                keep = torch.tensor([not r for r in reports])
+                for r in reports:
+                    if r and r not in bad_seen:
+                        bad_seen.add(r)
+                        log.warning("bad image left out of training: %s", r)
+                bad_count += int((~keep).sum())
+                images, labels = images[keep], labels[keep]
+            loss = _update(net, optimizer, scaler, images, labels, loss_fn, split, step, config, runtime)
+            done = step + 1
+            rate = config.global_batch / (time.perf_counter() - t0)
+            speed = 0.9 * speed + 0.1 * rate if speed else rate
+            if done % config.log_every == 0 or done == total:
+                last_loss = float(all_reduce_sum(loss.detach().clone(), runtime)) / runtime.world_size
+                run.append_metrics({"step": done, "loss": last_loss, "lr": lr, "images_per_s": round(speed, 2)})
+            bar.update(done, last_loss, lr, speed)
+            if config.eval_every and done % config.eval_every == 0 and done < total:
+                metrics = run_eval()
+                if metrics is not None:
+                    run.append_metrics({"step": done, "eval": _short(metrics)})
+                    log.info("step %d: top-1 %.2f%%", done, 100 * metrics["top1"])
+            if stop.signum is not None:
+                checkpoint(done)
+                raise TrainingInterrupted(done, stop.signum)
+            due = config.checkpoint_every and done % config.checkpoint_every == 0
+            if due or time.monotonic() - last_save > 60 * config.checkpoint_minutes:
+                checkpoint(done)
+                last_save = time.monotonic()
+
+    final = run_eval()
+    if final is not None:
+        run.append_metrics({"step": total, "eval": _short(final)})
+        run.write_json("eval.json", final)
+    if runtime.is_main:
+        save_weights(model, run / "model.safetensors")
+    checkpoint(total)
+    run.plot()
+    if bad_seen:
+        run.write_json("bad_images.json", {"count": bad_count, "files": sorted(bad_seen)})
+    return {"steps": total, "final_loss": last_loss, "images_per_s": round(speed, 2), "batch_split": split,
+            "bad_images": bad_count, "eval": final, "run_dir": str(run.path)}
+
+
+def _update(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: torch.Tensor,
+            labels: torch.Tensor, loss_fn: LossFn, split: int, step: int, config: EngineConfig,
+            runtime: Runtime) -> torch.Tensor:
+    """One SGD update over this process's share of the global batch, in `split` micro-batches."""
+    n = len(labels)
+    if n == 0:
+        raise RuntimeError(f"step {step}: every image of the batch was bad; see the warnings above")
+    images = images.to(runtime.device, non_blocking=True)
+    labels = labels.to(runtime.device, non_blocking=True)
+    lam, perm = 1.0, None
+    if config.mixup_alpha > 0:  # one lambda per batch, partners from a permutation of the same batch
+        rng = np.random.default_rng([config.seed, step, runtime.rank])
+        lam = float(rng.beta(config.mixup_alpha, config.mixup_alpha))
+        perm = torch.from_numpy(rng.permutation(n)).to(runtime.device)
+    optimizer.zero_grad(set_to_none=True)
+    total_loss = torch.zeros((), device=runtime.device)
+    chunks = torch.arange(n, device=runtime.device).tensor_split(split)
+    for i, idx in enumerate(chunks):
+        sync = i == len(chunks) - 1 or not isinstance(net, DistributedDataParallel)
+        with contextlib.nullcontext() if sync else net.no_sync():
+            x = to_model_input(images[idx])
+            if perm is not None:
+                x = lam * x + (1 - lam) * to_model_input(images[perm[idx]])
+            if config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(runtime.device, config.precision):
+                logits = net(x)
+            per_example = loss_fn(logits, labels[idx])
+            if perm is not None:
+                per_example = lam * per_example + (1 - lam) * loss_fn(logits, labels[perm[idx]])
+            loss = per_example.sum() / n
+            scaler.scale(loss).backward()
+        total_loss += loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    return total_loss
+
+
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, run: RunDir, runtime: Runtime) -> int:
+    state = run.load_checkpoint()
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    step = int(state["step"])
+    run.rewind_metrics(step)
+    if runtime.is_main:
+        log.info("resuming %s from step %d", run.path, step)
+    return step
+
+
+def _batch_split(config: EngineConfig, model: nn.Module, local_batch: int, crop: int, runtime: Runtime) -> int:
+    if config.batch_split != "auto":
+        split = int(config.batch_split)
+        if not 1 <= split <= local_batch:
+            raise ValueError(f"--batch-split {split} must be between 1 and the per-process batch {local_batch}")
+        return split
+    if runtime.device.type != "cuda":
+        return 1  # CPU memory is rarely the limit; accumulation only slows it down
+    for split in (s for s in range(1, local_batch + 1) if local_batch % s == 0):
+        try:  # one probe forward/backward at the micro-batch size; no weights change
+            x = torch.zeros(local_batch // split, 3, crop, crop, device=runtime.device)
+            with autocast(runtime.device, config.precision):
+                model(x).float().sum().backward()
+            model.zero_grad(set_to_none=True)
+            log.info("batch split auto: %d micro-batches of %d fit in GPU memory", split, local_batch // split)
+            return split
+        except torch.cuda.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    raise RuntimeError("not even one image per micro-batch fits in GPU memory")
+
+
+def _short(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("top1", "top5", "examples")}
+
+
+class _Stop:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[_Stop]:
+    """SIGTERM/SIGINT only set a flag; the loop checkpoints after the current step and stops."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        stop.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _NoBar:
+    def update(self, step: int, loss: float, lr: float, speed: float) -> None:
+        pass
+
+
+class _Bar:
+    def __init__(self, progress, task) -> None:
+        self.progress, self.task = progress, task
+
+    def update(self, step: int, loss: float, lr: float, speed: float) -> None:
+        self.progress.update(self.task, completed=step, loss=loss, lr=lr, speed=speed)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, start: int) -> Iterator[_NoBar | _Bar]:
+    if not enabled:
+        yield _NoBar()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
+                                   "{task.fields[speed]:.1f} img/s"), TextColumn("ETA"), TimeRemainingColumn())
+    task = progress.add_task("train", total=total, completed=start, loss=math.nan, lr=0.0, speed=0.0)
+    with progress:
+        yield _Bar(progress, task)
+

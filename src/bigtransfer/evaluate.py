@@ -1,0 +1,59 @@
+"""Evaluation: top-1, top-5, per-class accuracy and the confusion matrix, exact under DDP
+(each process counts its share, the counts are summed)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import to_model_input
+from .runtime import Runtime, all_reduce_sum, autocast
+
+log = logging.getLogger("bigtransfer")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, runtime: Runtime,
+             precision: str = "fp32", channels_last: bool = False) -> dict:
+    """Classification metrics of `model` over `loader` (batches of uint8 images, labels, bad-image reports)."""
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
+    top5 = torch.zeros((), dtype=torch.int64, device=runtime.device)
+    bad = []
+    for images, labels, reports in loader:
+        keep = torch.tensor([not r for r in reports])
+        bad += [r for r in reports if r]
+        images = to_model_input(images[keep].to(runtime.device, non_blocking=True))
+        labels = labels[keep].to(runtime.device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(runtime.device, precision):
+            logits = model(images).float()
+        k = min(5, num_classes)
+        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+        confusion.index_put_((labels, logits.argmax(dim=1)), torch.ones_like(labels), accumulate=True)
+    all_reduce_sum(confusion, runtime)
+    all_reduce_sum(top5, runtime)
+    model.train(was_training)
+    for report in bad:
+        log.warning("bad image skipped in evaluation: %s", report)
+    return metrics_from_confusion(confusion.cpu(), int(top5), bad_images=len(bad))
+
+
+def metrics_from_confusion(confusion: torch.Tensor, top5_correct: int, bad_images: int = 0) -> dict:
+    """Rows are true classes, columns predictions. Per-class accuracy is None for an absent class."""
+    total = int(confusion.sum())
+    per_class_total = confusion.sum(dim=1)
+    diag = confusion.diagonal()
+    return {
+        "examples": total,
+        "top1": float(diag.sum()) / total if total else 0.0,
+        "top5": top5_correct / total if total else 0.0,
+        "per_class_accuracy": [float(d) / float(n) if n else None for d, n in zip(diag, per_class_total, strict=True)],
+        "confusion_matrix": confusion.tolist(),
+        "bad_images": bad_images,
+    }

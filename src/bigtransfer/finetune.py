@@ -1,0 +1,265 @@
+"""`finetune`: transfer a BiT model to a labelled image dataset with the BiT-HyperRule.
+
+The plan (resolution, steps, learning rate, MixUp, batch) is resolved from the data by
+`bigtransfer.hyperrule`, any value can be overridden, and the resolved plan is printed and saved
+with the run before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import hyperrule
+from .data import (
+    HyperRuleTransform,
+    LabelledImages,
+    TorchDatasetImages,
+    measure_image_size,
+    open_dataset,
+    sample_per_class,
+)
+from .engine import EngineConfig, train
+from .models import ResNetV2, create_model
+from .runs import RunDir
+from .runtime import setup
+
+log = logging.getLogger("bigtransfer")
+
+
+@dataclass
+class FinetunePlan:
+    """Every choice of a fine-tuning run; `overridden` names those that did not come from the rule."""
+
+    model: str
+    data: str
+    n_examples: int
+    num_classes: int
+    image_size: tuple[int, int]
+    variant: str = "release"
+    resize: int = 0
+    crop: int = 0
+    flip: bool = True
+    random_crop: bool = True
+    steps: int = 0
+    warmup_steps: int = 0
+    decay_steps: tuple[int, ...] = ()
+    base_lr: float = hyperrule.BASE_LR
+    batch_size: int = hyperrule.BATCH_SIZE
+    batch_split: int | str = 1
+    mixup_alpha: float = 0.0
+    examples_per_class: int | None = None
+    examples_per_class_seed: int = 0
+    seed: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    overridden: list[str] = field(default_factory=list)
+
+    @property
+    def schedule(self) -> hyperrule.Schedule:
+        return hyperrule.Schedule(self.warmup_steps, tuple(self.decay_steps), self.steps)
+
+
+# Overrides that change what is trained (compared on resume) vs. how it runs (free to change).
+PLAN_KEYS = {f.name for f in dataclasses.fields(FinetunePlan)} - {"model", "data", "n_examples", "num_classes",
+                                                                     "image_size", "overridden"}
+RUN_KEYS = {"device", "workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "progress"}
+
+
+def make_plan(model: str, data: LabelledImages, **overrides) -> FinetunePlan:
+    """Resolve the HyperRule for `data` (already few-shot sampled), then apply `overrides`."""
+    unknown = set(overrides) - PLAN_KEYS - {"steps", "resolution"}
+    if unknown:
+        raise TypeError(f"unknown fine-tuning options: {', '.join(sorted(unknown))}")
+    variant = overrides.get("variant", "release")
+    n = len(data)
+    size = measure_image_size(data)
+    resolution = overrides.pop("resolution", None)
+    resize, crop = resolution or hyperrule.resolution(size, variant)
+    sched = hyperrule.schedule(n, variant)
+    if overrides.get("steps") is not None:
+        sched = sched.scaled(overrides["steps"])
+    plan = FinetunePlan(model=model, data=data.name, n_examples=n, num_classes=len(data.classes), image_size=size,
+                        variant=variant, resize=resize, crop=crop, flip=data.flip, steps=sched.total_steps,
+                        warmup_steps=sched.warmup_steps, decay_steps=sched.decay_steps,
+                        mixup_alpha=hyperrule.mixup_alpha(n))
+    given = {k: v for k, v in overrides.items() if v is not None and k not in ("steps", "variant")}
+    plan = dataclasses.replace(plan, **given)
+    plan.overridden = sorted(given) + (["steps"] if overrides.get("steps") is not None else [])
+    if resolution is not None:
+        plan.overridden.append("resolution")
+    if crop > resize:
+        raise ValueError(f"crop {crop} is larger than resize {resize}")
+    return plan
+
+
+def plan_table(plan: FinetunePlan) -> Table:
+    """The resolved plan as people read it, with the origin of every value."""
+    def origin(*keys: str) -> str:
+        return "override" if any(k in plan.overridden for k in keys) else f"HyperRule ({plan.variant})"
+
+    table = Table(title=f"BiT-HyperRule plan: {plan.model} on {plan.data}")
+    for col in ("", "value", "from"):
+        table.add_column(col)
+    h, w = plan.image_size
+    rows = [
+        ("training examples", f"{plan.n_examples:,}" + (f" ({plan.examples_per_class} per class, seed "
+                                                         f"{plan.examples_per_class_seed})"
+                                                         if plan.examples_per_class else ""), "data"),
+        ("classes", str(plan.num_classes), "data"),
+        ("image size (median)", f"{h}x{w}", "measured"),
+        ("resize -> crop", f"{plan.resize} -> {plan.crop}", origin("resolution")),
+        ("augmentation", ("random crop" if plan.random_crop else "no crop") + (" + flip" if plan.flip else ", no flip"),
+         origin("flip", "random_crop") if {"flip", "random_crop"} & set(plan.overridden) else "data / rule"),
+        ("steps", str(plan.steps), origin("steps")),
+        ("warmup, decays x0.1 after", f"{plan.warmup_steps}, {list(plan.decay_steps)}", origin("steps")),
+        ("learning rate", f"{plan.base_lr:g} (SGD momentum {hyperrule.MOMENTUM}, no weight decay)", origin("base_lr")),
+        ("batch (global)", str(plan.batch_size), origin("batch_size")),
+        ("batch split", str(plan.batch_split), "override" if "batch_split" in plan.overridden else "default"),
+        ("MixUp alpha", f"{plan.mixup_alpha:g}", origin("mixup_alpha")),
+        ("precision", plan.precision + (", channels_last" if plan.channels_last else "")
+         + (", compiled" if plan.compile else ""), "setting"),
+        ("seed", str(plan.seed), "setting"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def as_source(data: LabelledImages | Dataset | str, split: str = "train", download: bool = False) -> LabelledImages:
+    """Accept a spec string (see `open_dataset`), one of our sources, or any torch Dataset."""
+    if isinstance(data, LabelledImages):
+        return data
+    if isinstance(data, str | os.PathLike):
+        return open_dataset(str(data), split, download=download)
+    if isinstance(data, Dataset):
+        return TorchDatasetImages(data)
+    raise TypeError(f"cannot use {type(data).__name__} as training data")
+
+
+def select_examples(source: LabelledImages, examples_per_class: int | None,
+                    seed: int = 0) -> tuple[LabelledImages, list[int] | None]:
+    """The few-shot training set (and the chosen indices), or the whole source when k is None."""
+    if not examples_per_class:
+        return source, None
+    chosen = sample_per_class(source.targets, examples_per_class, seed, source.classes)
+    return source.subset(chosen), chosen
+
+
+def default_run_dir(plan: FinetunePlan) -> Path:
+    """Deterministic, so that running the same command again finds the run and resumes it."""
+    data = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(plan.data.split(":")[-1]).name or plan.data).strip("_")
+    shots = f"_k{plan.examples_per_class}s{plan.examples_per_class_seed}" if plan.examples_per_class else ""
+    return Path("runs") / f"{plan.model}_{data}{shots}_seed{plan.seed}"
+
+
+def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Dataset | str,
+             eval_data: LabelledImages | Dataset | str | None = None, *, out: str | os.PathLike | None = None,
+             pretrained: bool | str | os.PathLike = False, device: str | None = None, workers: int = 0,
+             eval_every: int | None = None, checkpoint_every: int | None = None, checkpoint_minutes: float = 10.0,
+             log_every: int = 10, progress: bool = True, **overrides) -> dict:
+    """Fine-tune with the BiT-HyperRule and return the results (also written to the run directory).
+
+    model_or_name: a registry name (created with a new zero head of the right size, weights from
+    `pretrained`) or a ResNetV2 (its head is replaced if its size differs). Overrides: any field of
+    `FinetunePlan` plus ``steps`` and ``resolution=(resize, crop)``. Running again with the same
+    `out` resumes an interrupted run; a finished run returns its saved results.
+    """
+    runtime = setup(device)
+    source = as_source(train_data)
+    eval_source = None if eval_data is None else as_source(eval_data, "test")
+    train_source, chosen = select_examples(source, overrides.get("examples_per_class"),
+                                           overrides.get("examples_per_class_seed") or 0)
+    name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
+    plan = make_plan(name, train_source, **overrides)
+    run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
+    handler = run.log_to_file()
+    try:
+        done = _previous_run(run, plan)
+        if done is not None:
+            return done
+        if runtime.is_main:
+            Console(stderr=True).print(plan_table(plan))
+            run.write_json("config.json", {"plan": dataclasses.asdict(plan), "pretrained": str(pretrained),
+                                           "world_size": runtime.world_size, "device": str(runtime.device)})
+            if chosen is not None:
+                run.write_json("examples.json", {"indices": chosen, "files": [source.describe(i) for i in chosen]})
+        model = _build_model(model_or_name, plan, pretrained)
+        optimizer = torch.optim.SGD(model.parameters(), lr=plan.base_lr, momentum=hyperrule.MOMENTUM,
+                                    weight_decay=0.0)
+        config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
+                              batch_split=plan.batch_split, mixup_alpha=plan.mixup_alpha, precision=plan.precision,
+                              channels_last=plan.channels_last, compile=plan.compile, seed=plan.seed,
+                              workers=workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                              checkpoint_minutes=checkpoint_minutes, log_every=log_every, progress=progress)
+        train_tf = HyperRuleTransform(plan.resize, plan.crop, train=True, flip=plan.flip,
+                                      random_crop=plan.random_crop)
+        eval_tf = HyperRuleTransform(plan.resize, plan.crop, train=False)
+        results = train(model, optimizer, train_source, train_tf, config, runtime, run,
+                        eval_source=eval_source, eval_transform=eval_tf)
+        results["plan"] = dataclasses.asdict(plan)
+        _write_summary(run, plan, results)
+        return results
+    finally:
+        if handler is not None:
+            logging.getLogger("bigtransfer").removeHandler(handler)
+            handler.close()
+
+
+def _previous_run(run: RunDir, plan: FinetunePlan) -> dict | None:
+    """A finished run returns its results; a different plan in the same folder is an error."""
+    saved = run.read_json("config.json")
+    if saved is None:
+        return None
+    before, now = saved["plan"], json.loads(json.dumps(dataclasses.asdict(plan)))
+    changed = [k for k in sorted(now) if k != "overridden" and before.get(k) != now[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"{run.path} holds a run with other settings ({diffs}); "
+                         "pass another output folder (--out) to start a new run")
+    summary = run.read_json("summary.json")
+    if summary is not None:
+        log.info("%s is already complete; its results are returned as they are", run.path)
+    return summary
+
+
+def _build_model(model_or_name: nn.Module | str, plan: FinetunePlan, pretrained: bool | str | os.PathLike) -> ResNetV2:
+    torch.manual_seed(plan.seed)  # a random-init model is reproducible too
+    if isinstance(model_or_name, str):
+        return create_model(model_or_name, num_classes=plan.num_classes, pretrained=pretrained)
+    if model_or_name.num_classes != plan.num_classes:
+        log.info("replacing the model's %d-class head with a zero-initialised %d-class head",
+                 model_or_name.num_classes, plan.num_classes)
+        model_or_name.reset_head(plan.num_classes)
+    return model_or_name
+
+
+def _write_summary(run: RunDir, plan: FinetunePlan, results: dict) -> None:
+    ev = results.get("eval") or {}
+    summary = {k: v for k, v in results.items() if k != "eval"}
+    summary["top1"], summary["top5"] = ev.get("top1"), ev.get("top5")
+    run.write_json("summary.json", summary)
+    if run.writer:
+        lines = [f"# {plan.model} on {plan.data}", "",
+                 f"- examples: {plan.n_examples} ({plan.num_classes} classes), steps: {plan.steps}, "
+                 f"batch {plan.batch_size}, lr {plan.base_lr:g}, crop {plan.crop}",
+                 f"- final training loss: {results['final_loss']:.4f}",
+                 f"- throughput: {results['images_per_s']} images/s"]
+        if ev:
+            lines.append(f"- evaluation on {ev['examples']} images: top-1 {100 * ev['top1']:.2f}%, "
+                         f"top-5 {100 * ev['top5']:.2f}%")
+        if results["bad_images"]:
+            lines.append(f"- bad images left out: {results['bad_images']} (see bad_images.json)")
+        (run / "summary.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,111 @@
+"""The run directory: everything a training run leaves behind, written so that nothing is lost.
+
+    config.json        the resolved plan (written before training starts)
+    metrics.jsonl      one JSON line per logged step and per evaluation
+    checkpoint.pt      resume state (model, optimiser, step), written atomically
+    model.safetensors  final weights
+    eval.json          final evaluation (top-1, top-5, per-class accuracy, confusion matrix)
+    curves.png         loss / learning rate / accuracy against steps
+    summary.json/.md   the outcome in short
+    log.txt            the log
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoints.formats import atomic_path
+
+log = logging.getLogger("bigtransfer")
+
+
+class RunDir:
+    """Files of one run. With `writer=False` (DDP ranks other than 0) every write is skipped."""
+
+    def __init__(self, path: str | os.PathLike, writer: bool = True) -> None:
+        self.path = Path(path)
+        self.writer = writer
+        if writer:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj: object) -> None:
+        if self.writer:
+            with atomic_path(self / name) as tmp:
+                tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+    def read_json(self, name: str) -> object | None:
+        p = self / name
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def metrics(self) -> list[dict]:
+        p = self / "metrics.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def append_metrics(self, record: dict) -> None:
+        if self.writer:
+            with open(self / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def rewind_metrics(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""
+        if self.writer and (self / "metrics.jsonl").exists():
+            kept = [r for r in self.metrics() if r["step"] <= step]
+            with atomic_path(self / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def save_checkpoint(self, state: dict) -> None:
+        if self.writer:
+            with atomic_path(self / "checkpoint.pt") as tmp:
+                torch.save(state, tmp)
+
+    def load_checkpoint(self) -> dict | None:
+        p = self / "checkpoint.pt"
+        return torch.load(p, map_location="cpu", weights_only=True) if p.exists() else None
+
+    def log_to_file(self) -> logging.Handler | None:
+        if not self.writer:
+            return None
+        handler = logging.FileHandler(self / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("bigtransfer").addHandler(handler)
+        return handler
+
+    def plot(self) -> Path | None:
+        """Loss and learning rate per step, and evaluation accuracy, in one PNG."""
+        if not self.writer:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.metrics()
+        train = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval" in r]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+        axes[0].set(title="training loss", xlabel="step", yscale="log" if train else "linear")
+        axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+        axes[1].set(title="learning rate", xlabel="step")
+        axes[2].plot([r["step"] for r in evals], [100 * r["eval"]["top1"] for r in evals], "o-", label="top-1")
+        axes[2].plot([r["step"] for r in evals], [100 * r["eval"]["top5"] for r in evals], "s--", label="top-5")
+        axes[2].set(title="evaluation accuracy (%)", xlabel="step")
+        if evals:
+            axes[2].legend()
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(self / "curves.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
+        plt.close(fig)
+        return self / "curves.png"

@@ -1,0 +1,191 @@
+"""Fine-tuning end to end on CPU with a tiny model: accuracy, batch split, DDP, resume, bad images."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from bigtransfer.data import open_dataset, sample_per_class
+from bigtransfer.evaluate import metrics_from_confusion
+from bigtransfer.finetune import finetune
+from bit_process import bit, bit_command, bit_env
+
+TINY = "BiT-R14x0.25"
+FAST = {"resolution": (40, 32), "progress": False}  # 32 px crops keep CPU runs to seconds
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def assert_same_weights(a, b, **tol):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if tol:
+            torch.testing.assert_close(wa[k], wb[k], **tol, msg=k)
+        else:
+            assert torch.equal(wa[k], wb[k]), k
+
+
+def test_few_shot_sampler():
+    targets = [0] * 5 + [1] * 3 + [2] * 7
+    a = sample_per_class(targets, 3, seed=1)
+    assert sorted(np.bincount(np.asarray(targets)[a]).tolist()) == [3, 3, 3]
+    assert a == sample_per_class(targets, 3, seed=1) and a != sample_per_class(targets, 3, seed=2)
+    with pytest.raises(ValueError, match="class 'cat' has only 3 examples, 4 per class"):
+        sample_per_class(targets, 4, seed=0, classes=["dog", "cat", "emu"])
+
+
+def test_metrics_by_hand():
+    confusion = torch.tensor([[3, 1, 0], [0, 2, 2], [0, 0, 0]])
+    m = metrics_from_confusion(confusion, top5_correct=8)
+    assert m["examples"] == 8 and m["top1"] == 5 / 8 and m["top5"] == 1.0
+    assert m["per_class_accuracy"] == [0.75, 0.5, None]
+
+
+def test_digits_finetune_beats_chance_by_far(tmp_path):
+    """Random-init tiny model, 200 steps of 64 on the 1,000 training digits: measured 93.6% top-1."""
+    test = open_dataset("digits", "test")
+    r = finetune(TINY, "digits", test, out=tmp_path / "run", steps=200, batch_size=64, base_lr=0.03,
+                 eval_every=100, **FAST)
+    assert r["eval"]["examples"] == 797 and r["eval"]["top1"] > 0.85
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", "checkpoint.pt", "eval.json", "curves.png",
+                 "summary.json", "summary.md", "log.txt"):
+        assert (run / name).exists(), name
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval" in line]
+    assert [e["step"] for e in evals] == [100, 200]
+    ev = json.loads((run / "eval.json").read_text())
+    assert np.asarray(ev["confusion_matrix"]).sum() == 797 and len(ev["per_class_accuracy"]) == 10
+    plan = json.loads((run / "config.json").read_text())["plan"]
+    assert (plan["steps"], plan["warmup_steps"], plan["decay_steps"]) == (200, 40, [80, 120, 160])
+    assert plan["flip"] is False  # digits are never flipped
+    # a finished run is not trained again; another plan in the same folder is refused
+    again = finetune(TINY, "digits", test, out=run, steps=200, batch_size=64, base_lr=0.03, **FAST)
+    assert again["top1"] == r["eval"]["top1"]
+    with pytest.raises(ValueError, match="base_lr: 0.03 -> 0.1"):
+        finetune(TINY, "digits", out=run, steps=200, batch_size=64, base_lr=0.1, **FAST)
+
+
+def test_few_shot_run_saves_its_examples(tmp_path):
+    r = finetune(TINY, "digits", out=tmp_path / "k2", steps=3, batch_size=32, examples_per_class=2,
+                 examples_per_class_seed=7, **FAST)
+    chosen = json.loads((tmp_path / "k2" / "examples.json").read_text())
+    assert len(chosen["indices"]) == 20 and chosen["files"][0].startswith("digits")
+    assert r["plan"]["n_examples"] == 20  # 20 examples fill a batch of 32 by drawing with replacement
+
+
+def test_batch_split_gives_the_same_update(tmp_path):
+    """GroupNorm has no batch statistics: 4 micro-batches of 8 = one batch of 32 (MixUp on, too)."""
+    common = dict(steps=6, batch_size=32, base_lr=0.05, mixup_alpha=0.2, **FAST)
+    finetune(TINY, "digits", out=tmp_path / "split1", batch_split=1, **common)
+    finetune(TINY, "digits", out=tmp_path / "split4", batch_split=4, **common)
+    before = weights(tmp_path / "split1" / "model.safetensors")
+    assert_same_weights(tmp_path / "split1" / "model.safetensors", tmp_path / "split4" / "model.safetensors",
+                        rtol=1e-5, atol=1e-6)
+    assert before["head.weight"].abs().sum() > 0  # it did train
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    """Real torchrun, gloo on CPU: 2 processes x 16 images = 1 process x 32 images."""
+    args = ["finetune", "--model", TINY, "--data", "digits", "--eval-data", "none", "--steps", "5", "--batch", "32",
+            "--lr", "0.05", "--resolution", "40", "32", "--no-progress"]
+    bit(*args, "--out", tmp_path / "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "bigtransfer", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, env=bit_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors",
+                        rtol=1e-5, atol=1e-6)
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["plan"]["batch_size"] == 32
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5]  # only rank 0 writes
+
+
+def test_killed_run_resumes_bit_identically(tmp_path):
+    """SIGKILL mid-run (a real process), run the same command again: same weights, bit for bit."""
+    args = ["finetune", "--model", TINY, "--data", "digits", "--eval-data", "none", "--steps", "40", "--batch",
+            "48", "--lr", "0.05", "--resolution", "72", "64", "--checkpoint-every", "4", "--no-progress"]
+    bit(*args, "--out", tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(bit_command(*args, "--out", killed), env=bit_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpt = killed / "checkpoint.pt"
+        if ckpt.exists() and 8 <= torch.load(ckpt, weights_only=True)["step"] < 40:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "model.safetensors").exists()
+    resumed = bit(*args, "--out", killed)
+    assert "resuming" in resumed.stderr
+    assert_same_weights(tmp_path / "straight" / "model.safetensors", killed / "model.safetensors")
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # nothing logged twice
+
+
+def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path):
+    args = ["finetune", "--model", TINY, "--data", "digits", "--eval-data", "none", "--steps", "500", "--batch",
+            "48", "--resolution", "72", "64", "--no-progress", "--out", tmp_path / "run"]
+    proc = subprocess.Popen(bit_command(*args), env=bit_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    step = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"]
+    assert 10 <= step < 500
+
+
+def test_bad_images_are_reported_not_trained_on(tmp_path):
+    root = tmp_path / "shapes"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(root / "a" / "gray.png")  # converted
+    (root / "b" / "broken.png").write_bytes(b"not an image at all")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "a" / "cut.jpg")
+    (root / "a" / "cut.jpg").write_bytes((root / "a" / "cut.jpg").read_bytes()[:300])  # truncated JPEG
+    r = finetune(TINY, str(root), out=tmp_path / "run", steps=4, batch_size=16, **FAST)
+    report = json.loads((tmp_path / "run" / "bad_images.json").read_text())
+    assert len(report["files"]) == 2
+    assert any("broken.png" in f for f in report["files"]) and any("cut.jpg" in f for f in report["files"])
+    assert report["count"] == r["bad_images"] >= 2
+    assert "bad image left out of training" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_any_torch_dataset_from_python(tmp_path):
+    class Squares(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            img = torch.zeros(3, 16, 16, dtype=torch.uint8)
+            img[:, : 8 if i % 2 else 16, :8] = 255
+            return img, i % 2
+
+    r = finetune(TINY, Squares(), Squares(), out=tmp_path / "run", steps=30, batch_size=20, base_lr=0.05, **FAST)
+    assert r["plan"]["num_classes"] == 2 and r["eval"]["top1"] == 1.0
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
+    r = finetune(TINY, "digits", out=tmp_path / "run", steps=3, batch_size=16, precision="bf16",
+                 channels_last=True, **FAST)
+    assert np.isfinite(r["final_loss"]) and r["plan"]["precision"] == "bf16"
