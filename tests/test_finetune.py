@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from bigtransfer.data import open_dataset, sample_per_class
 from bigtransfer.evaluate import metrics_from_confusion
-from bigtransfer.finetune import finetune
+from bigtransfer.finetuning import finetune
 from bit_process import bit, bit_command, bit_env
 
 TINY = "BiT-R14x0.25"

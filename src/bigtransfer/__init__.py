@@ -1,8 +1,9 @@
 """bigtransfer: Big Transfer (BiT, Kolesnikov et al. 2020) in PyTorch."""
 
 from .checkpoints import download_pretrained, load_weights, read_checkpoint, save_weights
+from .finetuning import finetune
 from .models import Architecture, ModelSpec, ResNetV2, create_model, get_model_spec, list_models, register_model
 
 __version__ = "0.1.0"
-__all__ = ["Architecture", "ModelSpec", "ResNetV2", "create_model", "download_pretrained", "get_model_spec",
+__all__ = ["finetune", "Architecture", "ModelSpec", "ResNetV2", "create_model", "download_pretrained", "get_model_spec",
            "list_models", "load_weights", "read_checkpoint", "register_model", "save_weights"]

@@ -78,7 +78,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _plan_inputs(args: argparse.Namespace) -> tuple:
     """(train source, eval source or None, plan overrides) from the shared fine-tuning flags."""
-    from .finetune import as_source
+    from .finetuning import as_source
 
     train_source = as_source(args.data, "train", download=args.download)
     eval_source = None
@@ -103,7 +103,7 @@ def _plan_inputs(args: argparse.Namespace) -> tuple:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .finetune import make_plan, plan_table, select_examples
+    from .finetuning import make_plan, plan_table, select_examples
 
     source, _, overrides = _plan_inputs(args)
     source, _ = select_examples(source, overrides.get("examples_per_class"),
@@ -114,7 +114,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .engine import TrainingInterrupted
-    from .finetune import finetune
+    from .finetuning import finetune
 
     source, eval_source, overrides = _plan_inputs(args)
     try:
