@@ -83,11 +83,13 @@ def _plan_inputs(args: argparse.Namespace) -> tuple:
     train_source = as_source(args.data, "train", download=args.download)
     eval_source = None
     if args.eval_data != "none":
-        for split in ("test", "val") if args.eval_data is None else ("test",):
+        for split in ("test", "val") if args.eval_data is None else ("eval",):
             try:
                 eval_source = as_source(args.eval_data or args.data, split, download=args.download)
                 break
             except (FileNotFoundError, ValueError):
+                if args.eval_data is not None:
+                    raise
                 continue
         else:
             logging.getLogger("bigtransfer").warning("no test or val split found for %s: training without "
@@ -127,6 +129,43 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     ev = results.get("eval") or {}
     top1 = f", top-1 {100 * ev['top1']:.2f}%" if ev else ""
     console.print(f"done: {results['steps']} steps{top1}; results in {results['run_dir']}")
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from .data import open_dataset
+    from .data.shards import write_shards
+
+    manifest = write_shards(open_dataset(args.src, "all"), args.out, shard_size=args.shard_size,
+                            max_side=args.max_side, quality=args.quality, workers=args.workers,
+                            progress=not args.quiet)
+    bad = f", {len(manifest['bad_images'])} bad images left out (listed in the manifest)" if manifest[
+        "bad_images"] else ""
+    console.print(f"{manifest['total']:,} images of {len(manifest['classes'])} classes in "
+                  f"{len(manifest['shards'])} shards -> {args.out}{bad}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .engine import TrainingInterrupted
+    from .pretraining import pretrain
+
+    overrides = {"epochs": args.epochs, "batch_size": args.batch, "base_lr": args.lr, "warmup_steps": args.warmup_steps,
+                 "weight_decay": args.weight_decay, "decay_epochs": tuple(args.decay_epochs) if args.decay_epochs
+                 else None, "crop": args.resolution, "batch_split": args.batch_split, "precision": args.precision,
+                 "channels_last": args.channels_last or None, "compile": args.compile or None,
+                 "activation_checkpointing": args.activation_checkpointing or None, "seed": args.seed,
+                 "flip": False if args.no_flip else None}
+    try:
+        results = pretrain(args.model, args.data, args.eval_data, out=args.out, probe_data=args.probe_data,
+                           probe_shots=args.probe_shots, pretrained=args.pretrained, device=args.device,
+                           workers=args.workers, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                           progress=not args.no_progress, sample_log=args.sample_log, recipe=args.recipe,
+                           **overrides)
+    except TrainingInterrupted as e:
+        print(f"bit pretrain: {e}", file=sys.stderr)
+        return 128 + e.signum
+    console.print(f"done: {results['steps']} steps; final loss {results['final_loss']:.4f}; results in {args.out}")
     return 0
 
 
@@ -229,6 +268,60 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the resume checkpoint every STEPS steps (default: every 10 minutes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("shards", help="write WebDataset tar shards from an image folder or CSV manifest",
+                       description="Re-encode a dataset (image folder, CSV manifest with ';'-separated labels for "
+                                   "multi-label data, or any spec `--data` takes) into WebDataset tar shards of JPEGs "
+                                   "with a manifest.json (classes, counts, sha256 per shard), for streaming "
+                                   "upstream training. Unreadable images are reported and left out.")
+    p.add_argument("src", help="image folder or CSV manifest (path,label)")
+    p.add_argument("out", help="folder for shard-NNNNNN.tar and manifest.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--max-side", type=int, default=512, help="shrink images whose longest side is larger "
+                                                             "(default 512)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("pretrain", help="BiT upstream pre-training (the paper's recipe) on shards or image folders",
+                       description="Upstream pre-training with the BiT recipe: SGD momentum 0.9, lr 0.03 x batch/256, "
+                                   "warmup, weight decay 1e-4, x0.1 at epochs 30/60/80 of 90 (or --recipe bit-l), "
+                                   "Inception crop + flip; softmax or, for multi-label data, sigmoid loss with head "
+                                   "bias -10. Runs under torchrun for many GPUs/nodes; the same command resumes.")
+    p.add_argument("--model", required=True, help="registry name (see `bit models`)")
+    p.add_argument("--data", required=True, help="shards folder from `bit shards`, or any --data spec of finetune")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--eval-data", help="held-out data: top-1 (mAP for multi-label) during training")
+    p.add_argument("--probe-data", help="downstream data for a few-shot linear probe during training, e.g. digits")
+    p.add_argument("--probe-shots", type=int, default=10, help="examples per class of the probe (default 10)")
+    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue pre-training from released weights (flag alone) or a checkpoint file")
+    g = p.add_argument_group("recipe overrides (default: the paper's)")
+    g.add_argument("--recipe", choices=("bit", "bit-l"), default="bit", help="bit: 90 epochs, decays 30/60/80; "
+                                                                            "bit-l: 40 epochs, 10/23/30/37")
+    g.add_argument("--epochs", type=float, help="training epochs (the decay epochs scale along unless given)")
+    g.add_argument("--decay-epochs", type=float, nargs="+", help="epochs after which the lr drops x0.1")
+    g.add_argument("--batch", type=int, help="global batch (default 4096)")
+    g.add_argument("--lr", type=float, help="base learning rate (default 0.03 x batch / 256)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default min(5000, first decay step))")
+    g.add_argument("--weight-decay", type=float, help="on conv kernels and head weights (default 1e-4)")
+    g.add_argument("--resolution", type=int, help="crop side (default 224)")
+    g.add_argument("--no-flip", action="store_true", help="no horizontal flips (text, digits)")
+    g.add_argument("--batch-split", type=_positive_or_auto, help="micro-batches per batch, or 'auto'")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute units in the backward pass")
+    g.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--eval-every", type=int, metavar="STEPS", help="evaluate every STEPS steps (and at the end)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="resume checkpoint every STEPS steps")
+    p.add_argument("--sample-log", action="store_true", help="record which samples every step saw "
+                                                            "(samples.rankN.jsonl)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
     return parser
 
 

@@ -16,7 +16,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoints import save_weights
-from .data import HyperRuleTransform, LabelledImages, StepSampler, eval_loader, to_model_input, train_loader
-from .evaluate import evaluate
+from .data import to_model_input
 from .hyperrule import Schedule, learning_rate
 from .runs import RunDir
 from .runtime import Runtime, all_reduce_sum, autocast
@@ -35,6 +34,8 @@ from .runtime import Runtime, all_reduce_sum, autocast
 log = logging.getLogger("bigtransfer")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> per-example loss
+BatchSource = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]]
+Evaluator = Callable[[nn.Module, int], dict | None]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -51,13 +52,13 @@ class EngineConfig:
     schedule: Schedule
     base_lr: float
     global_batch: int
+    input_size: int  # side of the training crops (for --batch-split auto)
     batch_split: int | str = 1  # or "auto": the largest micro-batch that fits in GPU memory
     mixup_alpha: float = 0.0
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
-    workers: int = 0
     eval_every: int | None = None
     checkpoint_every: int | None = None  # steps; None: by time only
     checkpoint_minutes: float = 10.0
@@ -69,12 +70,13 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, source: LabelledImages,
-          transform: HyperRuleTransform, config: EngineConfig, runtime: Runtime, run: RunDir,
-          loss_fn: LossFn = softmax_cross_entropy, eval_source: LabelledImages | None = None,
-          eval_transform: HyperRuleTransform | None = None) -> dict:
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSource, config: EngineConfig,
+          runtime: Runtime, run: RunDir, loss_fn: LossFn = softmax_cross_entropy,
+          evaluator: Evaluator | None = None) -> dict:
     """Train `model` (parameters already in `optimizer`) for `config.schedule.total_steps` updates.
 
+    `batches(start)` yields this process's (uint8 images, targets, bad-image reports) for steps
+    start, start + 1, ...; `evaluator(net, batch_size)` returns a dict of metrics (or None).
     Returns a summary: steps, last loss, images/s, bad-image count, final evaluation (if any)."""
     total = config.schedule.total_steps
     model.to(runtime.device)
@@ -82,7 +84,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, source: LabelledIm
         model.to(memory_format=torch.channels_last)
     start = _resume(model, optimizer, run, runtime)
     local_batch = config.global_batch // runtime.world_size
-    split = _batch_split(config, model, local_batch, transform.crop, runtime)
+    split = _batch_split(config, model, local_batch, runtime)
     net: nn.Module = model
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -91,16 +93,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, source: LabelledIm
         net = torch.compile(net)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
 
-    sampler = StepSampler(len(source), config.global_batch, config.seed, runtime.rank, runtime.world_size)
-    batches = train_loader(source, transform, sampler, start, total, config.workers,
-                           pin_memory=runtime.device.type == "cuda")
-
     def run_eval() -> dict | None:
-        if eval_source is None:
-            return None
-        loader = eval_loader(eval_source, eval_transform, max(1, local_batch // split), config.workers,
-                             runtime.rank, runtime.world_size, pin_memory=runtime.device.type == "cuda")
-        return evaluate(net, loader, len(eval_source.classes), runtime, config.precision, config.channels_last)
+        return None if evaluator is None else evaluator(net, max(1, local_batch // split))
 
     def checkpoint(step: int) -> None:
         run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
@@ -109,10 +103,11 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, source: LabelledIm
     bad_count = 0
     last_loss, speed = math.nan, 0.0
     last_save = time.monotonic()
+    done = start
     model.train()
     with _signals() as stop, _progress(config.progress and runtime.is_main, total, start) as bar:
-        for step, (images, labels, reports) in zip(range(start, total), batches, strict=True):
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        for step, (images, labels, reports) in zip(range(start, total), batches(start), strict=False):
             lr = learning_rate(step, config.schedule, config.base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -126,7 +121,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, source: LabelledIm
                 images, labels = images[keep], labels[keep]
             loss = _update(net, optimizer, scaler, images, labels, loss_fn, split, step, config, runtime)
             done = step + 1
-            rate = config.global_batch / (time.perf_counter() - t0)
+            now = time.perf_counter()  # images/s of the whole loop, data loading included
+            rate, t0 = config.global_batch / (now - t0), now
             speed = 0.9 * speed + 0.1 * rate if speed else rate
             if done % config.log_every == 0 or done == total:
                 last_loss = float(all_reduce_sum(loss.detach().clone(), runtime)) / runtime.world_size
@@ -135,8 +131,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, source: LabelledIm
             if config.eval_every and done % config.eval_every == 0 and done < total:
                 metrics = run_eval()
                 if metrics is not None:
-                    run.append_metrics({"step": done, "eval": _short(metrics)})
-                    log.info("step %d: top-1 %.2f%%", done, 100 * metrics["top1"])
+                    run.append_metrics({"step": done, "eval": _scalars(metrics)})
+                    log.info("step %d: %s", done, _format(metrics))
             if stop.signum is not None:
                 checkpoint(done)
                 raise TrainingInterrupted(done, stop.signum)
@@ -145,9 +141,11 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, source: LabelledIm
                 checkpoint(done)
                 last_save = time.monotonic()
 
+    if done < total:
+        raise RuntimeError(f"the training data ran out at step {done} of {total}")
     final = run_eval()
     if final is not None:
-        run.append_metrics({"step": total, "eval": _short(final)})
+        run.append_metrics({"step": total, "eval": _scalars(final)})
         run.write_json("eval.json", final)
     if runtime.is_main:
         save_weights(model, run / "model.safetensors")
@@ -210,7 +208,7 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, run: RunDir, run
     return step
 
 
-def _batch_split(config: EngineConfig, model: nn.Module, local_batch: int, crop: int, runtime: Runtime) -> int:
+def _batch_split(config: EngineConfig, model: nn.Module, local_batch: int, runtime: Runtime) -> int:
     if config.batch_split != "auto":
         split = int(config.batch_split)
         if not 1 <= split <= local_batch:
@@ -220,7 +218,7 @@ def _batch_split(config: EngineConfig, model: nn.Module, local_batch: int, crop:
         return 1  # CPU memory is rarely the limit; accumulation only slows it down
     for split in (s for s in range(1, local_batch + 1) if local_batch % s == 0):
         try:  # one probe forward/backward at the micro-batch size; no weights change
-            x = torch.zeros(local_batch // split, 3, crop, crop, device=runtime.device)
+            x = torch.zeros(local_batch // split, 3, config.input_size, config.input_size, device=runtime.device)
             with autocast(runtime.device, config.precision):
                 model(x).float().sum().backward()
             model.zero_grad(set_to_none=True)
@@ -232,8 +230,14 @@ def _batch_split(config: EngineConfig, model: nn.Module, local_batch: int, crop:
     raise RuntimeError("not even one image per micro-batch fits in GPU memory")
 
 
-def _short(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("top1", "top5", "examples")}
+def _scalars(metrics: dict) -> dict:
+    """The numbers of an evaluation worth a line in metrics.jsonl (not matrices or per-class lists)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _format(metrics: dict) -> str:
+    return ", ".join(f"{k} {100 * v:.2f}%" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in _scalars(metrics).items())
 
 
 class _Stop:

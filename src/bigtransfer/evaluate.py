@@ -17,11 +17,13 @@ log = logging.getLogger("bigtransfer")
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, runtime: Runtime,
-             precision: str = "fp32", channels_last: bool = False) -> dict:
-    """Classification metrics of `model` over `loader` (batches of uint8 images, labels, bad-image reports)."""
+             precision: str = "fp32", channels_last: bool = False, per_class: bool = True) -> dict:
+    """Classification metrics of `model` over `loader` (batches of uint8 images, labels, bad-image reports).
+    `per_class=False` skips the per-class accuracy and the K x K confusion matrix (21k upstream classes)."""
     was_training = model.training
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
+    size = num_classes if per_class else 2
+    confusion = torch.zeros(size, size, dtype=torch.int64, device=runtime.device)
     top5 = torch.zeros((), dtype=torch.int64, device=runtime.device)
     bad = []
     for images, labels, reports in loader:
@@ -35,12 +37,19 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, runtime: Ru
             logits = model(images).float()
         k = min(5, num_classes)
         top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
-        confusion.index_put_((labels, logits.argmax(dim=1)), torch.ones_like(labels), accumulate=True)
+        predictions = logits.argmax(dim=1)
+        if not per_class:  # [[wrong, right]] in the first row is all top-1 needs
+            labels, predictions = torch.zeros_like(labels), (predictions == labels).long()
+        confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
     all_reduce_sum(confusion, runtime)
     all_reduce_sum(top5, runtime)
     model.train(was_training)
     for report in bad:
         log.warning("bad image skipped in evaluation: %s", report)
+    if not per_class:
+        total = int(confusion.sum())
+        return {"examples": total, "top1": int(confusion[0, 1]) / total if total else 0.0,
+                "top5": int(top5) / total if total else 0.0, "bad_images": len(bad)}
     return metrics_from_confusion(confusion.cpu(), int(top5), bad_images=len(bad))
 
 

@@ -19,18 +19,22 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from . import hyperrule
 from .data import (
     HyperRuleTransform,
     LabelledImages,
+    StepSampler,
     TorchDatasetImages,
+    eval_loader,
     measure_image_size,
     open_dataset,
     sample_per_class,
+    train_loader,
 )
 from .engine import EngineConfig, train
+from .evaluate import evaluate
 from .models import ResNetV2, create_model
 from .runs import RunDir
 from .runtime import setup
@@ -179,7 +183,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     """
     runtime = setup(device)
     source = as_source(train_data)
-    eval_source = None if eval_data is None else as_source(eval_data, "test")
+    eval_source = None if eval_data is None else as_source(eval_data, "eval")
     train_source, chosen = select_examples(source, overrides.get("examples_per_class"),
                                            overrides.get("examples_per_class_seed") or 0)
     name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
@@ -200,15 +204,26 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
         optimizer = torch.optim.SGD(model.parameters(), lr=plan.base_lr, momentum=hyperrule.MOMENTUM,
                                     weight_decay=0.0)
         config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
-                              batch_split=plan.batch_split, mixup_alpha=plan.mixup_alpha, precision=plan.precision,
-                              channels_last=plan.channels_last, compile=plan.compile, seed=plan.seed,
-                              workers=workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                              input_size=plan.crop, batch_split=plan.batch_split, mixup_alpha=plan.mixup_alpha,
+                              precision=plan.precision, channels_last=plan.channels_last, compile=plan.compile,
+                              seed=plan.seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
                               checkpoint_minutes=checkpoint_minutes, log_every=log_every, progress=progress)
         train_tf = HyperRuleTransform(plan.resize, plan.crop, train=True, flip=plan.flip,
                                       random_crop=plan.random_crop)
         eval_tf = HyperRuleTransform(plan.resize, plan.crop, train=False)
-        results = train(model, optimizer, train_source, train_tf, config, runtime, run,
-                        eval_source=eval_source, eval_transform=eval_tf)
+        sampler = StepSampler(len(train_source), plan.batch_size, plan.seed, runtime.rank, runtime.world_size)
+        pin = runtime.device.type == "cuda"
+
+        def batches(start: int) -> DataLoader:
+            return train_loader(train_source, train_tf, sampler, start, plan.steps, workers, pin_memory=pin)
+
+        def evaluator(net: nn.Module, batch_size: int) -> dict | None:
+            if eval_source is None:
+                return None
+            loader = eval_loader(eval_source, eval_tf, batch_size, workers, runtime.rank, runtime.world_size, pin)
+            return evaluate(net, loader, len(eval_source.classes), runtime, plan.precision, plan.channels_last)
+
+        results = train(model, optimizer, batches, config, runtime, run, evaluator=evaluator)
         results["plan"] = dataclasses.asdict(plan)
         _write_summary(run, plan, results)
         return results

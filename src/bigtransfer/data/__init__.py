@@ -1,11 +1,18 @@
-"""Data: sources (folders, CSV, torchvision layouts, digits, any Dataset), HyperRule transforms,
-few-shot sampling, and the step-indexed loaders the engine uses."""
+"""Data: sources (folders, CSV, torchvision layouts, digits, shards, any Dataset), HyperRule and
+upstream transforms, few-shot sampling, and the step-indexed loaders the engine uses."""
 
 from .fewshot import sample_per_class
 from .loader import StepSampler, eval_loader, train_loader
-from .sources import BadImageError, LabelledImages, TorchDatasetImages, decode_image, measure_image_size, open_dataset
-from .transforms import HyperRuleTransform, to_model_input
+from .sources import (
+    BadImageError,
+    LabelledImages,
+    TorchDatasetImages,
+    decode_image,
+    measure_image_size,
+    open_dataset,
+)
+from .transforms import HyperRuleTransform, InceptionCropTransform, to_model_input
 
-__all__ = ["BadImageError", "HyperRuleTransform", "LabelledImages", "StepSampler", "TorchDatasetImages",
-           "decode_image", "eval_loader", "measure_image_size", "open_dataset", "sample_per_class",
-           "to_model_input", "train_loader"]
+__all__ = ["BadImageError", "HyperRuleTransform", "InceptionCropTransform", "LabelledImages", "StepSampler",
+           "TorchDatasetImages", "decode_image", "eval_loader", "measure_image_size", "open_dataset",
+           "sample_per_class", "to_model_input", "train_loader"]

@@ -73,26 +73,35 @@ class AugmentedImages(Dataset):
     """(item, seed) -> (uint8 CHW image, label, '' or a bad-image report). A bad image becomes a
     zero image flagged with its report, so the engine can drop it from the batch and count it."""
 
-    def __init__(self, source: LabelledImages, transform: HyperRuleTransform) -> None:
-        self.source, self.transform = source, transform
+    def __init__(self, source: LabelledImages, transform: HyperRuleTransform, with_keys: bool = False) -> None:
+        self.source, self.transform, self.with_keys = source, transform, with_keys
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, seed = key
-        label = self.source.targets[index]
+        label = target_tensor(self.source.targets[index], self.source)
         try:
-            image, label = self.source[index]
+            image, report = self.transform(self.source[index][0], seed), ""
         except BadImageError as e:
-            return torch.zeros(3, self.transform.crop, self.transform.crop, dtype=torch.uint8), label, str(e)
-        return self.transform(image, seed), label, ""
+            image, report = torch.zeros(3, self.transform.crop, self.transform.crop, dtype=torch.uint8), str(e)
+        return (image, label, report, str(index)) if self.with_keys else (image, label, report)
+
+
+def target_tensor(target: int | tuple[int, ...], source) -> int | torch.Tensor:
+    """A class index as it is; a multi-label tuple as a multi-hot float vector (for the sigmoid loss)."""
+    if not source.multi_label:
+        return target
+    hot = torch.zeros(len(source.classes))
+    hot[list(target)] = 1.0
+    return hot
 
 
 def train_loader(source: LabelledImages, transform: HyperRuleTransform, sampler: StepSampler, start: int,
-                 stop: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Batches of steps start..stop-1 for this process."""
-    return DataLoader(AugmentedImages(source, transform), batch_sampler=_Steps(sampler, start, stop),
+                 stop: int, workers: int = 0, pin_memory: bool = False, with_keys: bool = False) -> DataLoader:
+    """Batches of steps start..stop-1 for this process (with item indices as keys if asked)."""
+    return DataLoader(AugmentedImages(source, transform, with_keys), batch_sampler=_Steps(sampler, start, stop),
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
 
 

@@ -166,6 +166,7 @@ class LabelledImages(torch.utils.data.Dataset):
     classes: list[str]
     targets: list[int]
     flip: bool = True  # False where a horizontal flip changes the label's meaning (digits, text)
+    multi_label: bool = False  # True: every target is a tuple of class indices (ImageNet-21k / JFT style)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -209,6 +210,7 @@ class _Subset(LabelledImages):
         self.name = parent.name
         self.classes = list(parent.classes)
         self.flip = parent.flip
+        self.multi_label = parent.multi_label
         self.targets = [parent.targets[i] for i in idx]
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
@@ -261,6 +263,9 @@ class ImageFolderImages(_FileImages):
 class CsvImages(_FileImages):
     """A ``path,label`` manifest: for datasets whose labels live in a spreadsheet rather than folder names.
 
+    A label cell may name several classes separated by ``;`` (multi-label data, as ImageNet-21k): then
+    every target is a tuple of class indices and ``multi_label`` is True.
+
     Every row is checked up front (columns present, file exists) so a typo fails at startup with its line number.
     """
 
@@ -293,6 +298,14 @@ class CsvImages(_FileImages):
                 labels.append(label)
         if not paths:
             raise ValueError(f"{csv_path}: the manifest lists no images")
+        self.paths = paths
+        if any(";" in x for x in labels):
+            self.multi_label = True
+            parts = [tuple(sorted({p.strip() for p in x.split(";") if p.strip()})) for x in labels]
+            self.classes = sorted({c for p in parts for c in p})
+            index = {c: k for k, c in enumerate(self.classes)}
+            self.targets = [tuple(index[c] for c in p) for p in parts]
+            return
         try:  # integer labels sort as numbers (2 before 10), and "01" and "1" are the same class
             ints = [int(x) for x in labels]
         except ValueError:
@@ -303,7 +316,6 @@ class CsvImages(_FileImages):
             self.classes = [str(v) for v in sorted(set(ints))]
             index = {c: k for k, c in enumerate(self.classes)}
             self.targets = [index[str(v)] for v in ints]
-        self.paths = paths
 
 
 class DigitsImages(LabelledImages):
@@ -546,6 +558,8 @@ _SPLIT_DIRS = {
     "val": ("val", "validation"),
     "validation": ("validation", "val"),
     "test": ("test",),
+    "eval": ("test", "val", "validation"),  # the held-out part, whatever it is called; all of a one-split source
+    "all": (),  # every image of a one-split source or a single class tree (what `bit shards` writes)
 }
 
 _SPEC_HELP = (
@@ -571,15 +585,22 @@ def open_dataset(
     if split not in _SPLIT_DIRS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_DIRS)}, got {split!r}")
     if spec == "digits":
-        return DigitsImages(split)
+        return DigitsImages("test" if split == "eval" else split)
     kind, _, root = spec.partition(":")
     if kind in _TORCHVISION:  # names always mean torchvision; write ./pets for a local folder called pets
-        return TorchvisionImages(kind, root or "./data", split, download=download)
+        return TorchvisionImages(kind, root or "./data", "test" if split == "eval" else split, download=download)
     path = Path(spec).expanduser()
+    single = path.suffix.lower() == ".csv" or (path / "manifest.json").is_file()
+    if single and split not in ("train", "eval", "all"):  # never evaluate on the training data by accident
+        raise ValueError(f"{path} holds a single split; give the evaluation data explicitly (--eval-data)")
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise FileNotFoundError(f"CSV manifest not found: {path}")
         return CsvImages(path)
+    if (path / "manifest.json").is_file():  # shards written by `bit shards`
+        from .shards import ShardImages
+
+        return ShardImages(path)
     if path.is_dir():
         present = [d for d in ("train", "val", "validation", "test") if (path / d).is_dir()]
         for candidate in _SPLIT_DIRS[split]:
@@ -590,6 +611,8 @@ def open_dataset(
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         tree = ImageFolderImages(path)
+        if split == "all":
+            return tree
         train, val = _stratified_split(tree.targets, val_fraction, split_seed)
         return tree.subset(train if split == "train" else val)
     raise ValueError(f"unknown dataset spec {spec!r} (not a known name, .csv file or directory); {_SPEC_HELP}")

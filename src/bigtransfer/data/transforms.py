@@ -42,3 +42,26 @@ class HyperRuleTransform:
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [-1, 1], as BiT was trained (x / 127.5 - 1)."""
     return images.float().div_(127.5).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class InceptionCropTransform:
+    """Upstream pre-training augmentation: Inception-style random-resized crop (8-100% of the area,
+    aspect 3/4-4/3, torchvision's sampling) to `crop` x `crop`, then a random horizontal flip."""
+
+    crop: int = 224
+    flip: bool = True
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
+        from torchvision.transforms.v2 import RandomResizedCrop
+
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG: seed it per sample
+            torch.manual_seed(seed)
+            top, left, h, w = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+            flip = self.flip and bool(torch.rand(()) < 0.5)
+        image = TF.resized_crop(image, top, left, h, w, [self.crop, self.crop])
+        if flip:
+            image = TF.horizontal_flip(image)
+        return TF.pil_to_tensor(image)

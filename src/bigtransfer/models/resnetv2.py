@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 WS_EPS = 1e-10  # the authors' release; timm / HF transformers use 1e-8
 GN_EPS = 1e-5
@@ -183,6 +184,7 @@ class ResNetV2(nn.Module):
         self.norm = GroupNormAct(arch.num_features)
         self.num_features = arch.num_features
         self.head: nn.Linear | None = None
+        self.grad_checkpointing = False
         self._init_weights()
         self.reset_head(num_classes, zero_init=zero_head)
 
@@ -218,15 +220,27 @@ class ResNetV2(nn.Module):
         feats = {"root": self.root(x)}
         x = feats["root"]
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            x = self._run_stage(stage, x)
             feats[f"stage{i + 1}"] = x
         feats[f"stage{len(self.stages)}"] = self.norm(x)
         return feats
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing: keep only each unit's input and recompute the unit in the backward
+        pass (about one extra forward) -- what lets the largest models train on one GPU."""
+        self.grad_checkpointing = enable
+
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return stage(x)
+        for unit in stage:
+            x = checkpoint(unit, x, use_reentrant=False)
+        return x
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.root(x)
         for stage in self.stages:
-            x = stage(x)
+            x = self._run_stage(stage, x)
         return self.norm(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

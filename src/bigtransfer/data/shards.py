@@ -1,0 +1,267 @@
+"""WebDataset tar shards for upstream-scale data: write them, stream them, index them.
+
+Layout (readable by the `webdataset` library too): ``shard-000000.tar`` ... each holding, per sample,
+``KEY.jpg`` and ``KEY.cls`` (the class index as text) or ``KEY.json`` (``{"labels": [...]}`` for
+multi-label data), plus ``manifest.json`` with the classes, per-shard counts and sha256 checksums.
+
+Streaming (`ShardStream`) is exact and resumable:
+* epoch e permutes the shard list with (seed, e); process r of W takes every W-th shard, its loader
+  worker w of K every K-th of those: every shard, hence every sample, is read once per epoch;
+* samples are shuffled inside windows of a few shards with a seeded buffer;
+* everything is a function of (seed, rank, worker, position), so a restart at step s skips exactly
+  the samples steps 0..s-1 consumed (whole windows by the manifest's counts, without reading them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..checkpoints.formats import atomic_path
+from .loader import target_tensor
+from .sources import BadImageError, LabelledImages, decode_image
+
+log = logging.getLogger("bigtransfer")
+MANIFEST = "manifest.json"
+_SEED_STRIDE = 1_000_003
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def write_shards(source: LabelledImages, out_dir: str | os.PathLike, shard_size: int = 1000, max_side: int = 512,
+                 quality: int = 90, workers: int = 1, progress: bool = True) -> dict:
+    """Re-encode every image of `source` (longest side at most `max_side`, JPEG `quality`) into shards
+    of `shard_size` samples, in `workers` processes. Unreadable images are reported by path in the
+    manifest and left out. Returns the manifest (also written to OUT_DIR/manifest.json)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = [list(range(i, min(i + shard_size, len(source)))) for i in range(0, len(source), shard_size)]
+    jobs = [(source, idx, out / f"shard-{k:06d}.tar", max_side, quality) for k, idx in enumerate(groups)]
+    from rich.progress import Progress
+
+    results = []
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"writing {len(jobs)} shards", total=len(source))
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for r in pool.map(_write_shard, *zip(*jobs, strict=True)):
+                    results.append(r)
+                    bar.advance(task, r["count"] + len(r["bad"]))
+        else:
+            for job in jobs:
+                results.append(_write_shard(*job))
+                bar.advance(task, results[-1]["count"] + len(results[-1]["bad"]))
+    bad = [b for r in results for b in r.pop("bad")]
+    for b in bad:
+        log.warning("bad image left out of the shards: %s", b)
+    manifest = {"format": "webdataset", "source": source.name, "classes": list(source.classes),
+                "multi_label": source.multi_label, "total": sum(r["count"] for r in results),
+                "max_side": max_side, "quality": quality, "shards": results, "bad_images": bad}
+    with atomic_path(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _write_shard(source: LabelledImages, indices: Sequence[int], path: Path, max_side: int, quality: int) -> dict:
+    count, bad = 0, []
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in indices:
+            try:
+                image, target = source[i]
+            except BadImageError as e:
+                bad.append(str(e))
+                continue
+            if max(image.size) > max_side:
+                image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=quality)
+            key = f"{i:09d}"
+            label = (f"{key}.json", json.dumps({"labels": list(target)}).encode()) if source.multi_label else (
+                f"{key}.cls", str(target).encode())
+            for name, data in ((f"{key}.jpg", buf.getvalue()), label):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": _sha256(path), "bad": bad}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: no {MANIFEST}; write shards with `bit shards SRC {root}`")
+    manifest = json.loads(path.read_text())
+    for shard in manifest["shards"]:
+        if not (Path(root) / shard["name"]).is_file():
+            raise FileNotFoundError(f"{root}: shard {shard['name']} listed in {MANIFEST} is missing")
+    return manifest
+
+
+def verify_shards(root: str | os.PathLike) -> None:
+    """Check every shard against the manifest's sha256 (reads all bytes once)."""
+    for shard in read_manifest(root)["shards"]:
+        actual = _sha256(Path(root) / shard["name"])
+        if actual != shard["sha256"]:
+            raise ValueError(f"{root}/{shard['name']}: sha256 {actual} does not match the manifest's {shard['sha256']}")
+
+
+def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, reading the tar front to back (streaming-friendly)."""
+    key, members = None, {}
+    with tarfile.open(path, "r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, _, ext = info.name.partition(".")
+            if key is not None and k != key:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def _target(members: dict[str, bytes], multi_label: bool) -> int | tuple[int, ...]:
+    if multi_label:
+        return tuple(json.loads(members["json"])["labels"])
+    return int(members["cls"])
+
+
+def _decode(key: str, members: dict[str, bytes], where: str) -> Image.Image:
+    if "jpg" not in members:
+        raise BadImageError(f"{where}:{key}", "no .jpg member")
+    return decode_image(members["jpg"], describe=f"{where}:{key}")
+
+
+class ShardImages(LabelledImages):
+    """Shards as a map-style source (evaluation, small data): the tar headers are indexed once, then
+    any sample is read with one seek."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        manifest = read_manifest(root)
+        self.name = f"shards:{root}"
+        self.classes, self.multi_label = manifest["classes"], manifest["multi_label"]
+        self.locations: list[tuple[str, int, int, str]] = []  # shard, data offset, size, key
+        self.targets = []
+        for shard in manifest["shards"]:
+            with tarfile.open(self.root / shard["name"]) as tar:
+                for info in tar.getmembers():
+                    key, _, ext = info.name.partition(".")
+                    if ext == "jpg":
+                        self.locations.append((shard["name"], info.offset_data, info.size, key))
+                    elif ext in ("cls", "json"):
+                        self.targets.append(_target({ext: tar.extractfile(info).read()}, self.multi_label))
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int | tuple[int, ...]]:
+        i = self._check_index(i)
+        shard, offset, size, key = self.locations[i]
+        with open(self.root / shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        return decode_image(data, describe=f"{self.root / shard}:{key}"), self.targets[i]
+
+    def describe(self, i: int) -> str:
+        shard, _, _, key = self.locations[self._check_index(i)]
+        return f"{self.root / shard}:{key}"
+
+
+class ShardStream(IterableDataset):
+    """This process's infinite stream of (uint8 image, target, bad-image report, key), exact per
+    epoch and resumable at `start_step` (see the module docstring). Batches of `local_batch` samples
+    are formed by the DataLoader inside each worker, which hands them out round-robin."""
+
+    def __init__(self, root: str | os.PathLike, transform, local_batch: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, workers: int = 0, start_step: int = 0, window: int = 4,
+                 shuffle_buffer: int = 1000) -> None:
+        self.root = Path(root)
+        manifest = read_manifest(root)
+        self.shards = [(s["name"], s["count"]) for s in manifest["shards"]]
+        self.classes, self.multi_label = manifest["classes"], manifest["multi_label"]
+        self.total = manifest["total"]
+        self.transform, self.local_batch, self.seed = transform, local_batch, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.num_workers = max(1, workers)
+        self.window, self.shuffle_buffer = window, shuffle_buffer
+        if len(self.shards) < world_size * self.num_workers:
+            raise ValueError(f"{root}: {len(self.shards)} shards cannot feed {world_size} processes x "
+                             f"{self.num_workers} loader workers; write smaller shards (bit shards --shard-size)")
+
+    def worker_shards(self, epoch: int, worker: int) -> list[tuple[str, int]]:
+        """The shards (name, count) one loader worker of this process reads in `epoch`, in order."""
+        g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
+        order = [self.shards[i] for i in torch.randperm(len(self.shards), generator=g).tolist()]
+        return order[self.rank::self.world_size][worker::self.num_workers]
+
+    def raw_stream(self, worker: int, skip: int = 0) -> Iterator[tuple[str, dict[str, bytes], int]]:
+        """(key, members, ordinal) of one worker's stream, endless over epochs, after `skip` samples."""
+        ordinal, epoch = 0, 0
+        while True:
+            shards = self.worker_shards(epoch, worker)
+            for wi in range(0, len(shards), self.window):
+                group = shards[wi:wi + self.window]
+                size = sum(count for _, count in group)
+                if ordinal + size <= skip:  # consumed before the restart: skip without reading
+                    ordinal += size
+                    continue
+                rng = np.random.default_rng([self.seed, epoch, self.rank, worker, wi])
+                for key, members in self._shuffled(group, rng):
+                    if ordinal >= skip:
+                        yield key, members, ordinal
+                    ordinal += 1
+            epoch += 1
+
+    def _shuffled(self, group: list[tuple[str, int]], rng: np.random.Generator) -> Iterator[tuple[str, dict]]:
+        buffer: list = []
+        for name, _ in group:
+            for sample in _samples(self.root / name):
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(sample)
+                    continue
+                j = int(rng.integers(len(buffer)))
+                yield buffer[j]
+                buffer[j] = sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int | torch.Tensor, str, str]]:
+        info = get_worker_info()
+        k = info.num_workers if info is not None else 1
+        if k != self.num_workers:
+            raise RuntimeError(f"ShardStream was built for {self.num_workers} workers, the DataLoader has {k}")
+        worker = ((info.id if info is not None else 0) + self.start_step) % k  # batch s comes from worker s % k
+        batches_before = (self.start_step - worker + k - 1) // k
+        for key, members, ordinal in self.raw_stream(worker, batches_before * self.local_batch):
+            target = target_tensor(_target(members, self.multi_label), self)
+            seed = (self.seed * _SEED_STRIDE + (self.rank * k + worker) * 2**40 + ordinal) % 2**62
+            try:
+                image = self.transform(_decode(key, members, str(self.root)), seed)
+                report = ""
+            except BadImageError as e:
+                image, report = torch.zeros(3, self.transform.crop, self.transform.crop, dtype=torch.uint8), str(e)
+            yield image, target, report, key

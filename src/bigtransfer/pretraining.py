@@ -1,0 +1,334 @@
+"""`pretrain`: BiT upstream training (REFERENCE.md section 5) on the same engine as fine-tuning.
+
+Recipe (all overridable): SGD momentum 0.9, lr 0.03 x global_batch / 256, linear warmup (the
+paper's 5,000 steps, never past the first decay), weight decay 1e-4 on every convolution kernel
+and the head's weight matrix (not on GroupNorm scales/offsets or the head bias), x0.1 at epochs
+30/60/80 of 90 (`bit`; `bit-l`: 40 epochs, decays after 10/23/30/37), global batch 4096.
+Inception-style crop to 224 + flip, no MixUp. Softmax cross-entropy for single-label data, sigmoid
+cross-entropy (summed over classes) with the head bias at -10 for multi-label data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import HyperRuleTransform, InceptionCropTransform, LabelledImages, StepSampler, eval_loader, train_loader
+from .data.shards import MANIFEST, ShardStream, read_manifest
+from .engine import EngineConfig, softmax_cross_entropy, train
+from .evaluate import evaluate
+from .finetuning import as_source
+from .hyperrule import MOMENTUM, Schedule
+from .models import ResNetV2, create_model
+from .probe import linear_probe
+from .runs import RunDir
+from .runtime import Runtime, setup
+
+log = logging.getLogger("bigtransfer")
+
+RECIPES = {"bit": {"epochs": 90, "decay_epochs": (30, 60, 80)},
+           "bit-l": {"epochs": 40, "decay_epochs": (10, 23, 30, 37)}}
+FULL_SCALE_WARMUP = 5000
+HEAD_BIAS_SIGMOID = -10.0
+
+
+@dataclass
+class PretrainPlan:
+    model: str
+    data: str
+    n_examples: int
+    num_classes: int
+    multi_label: bool
+    recipe: str = "bit"
+    epochs: float = 90
+    decay_epochs: tuple[float, ...] = (30, 60, 80)
+    batch_size: int = 4096
+    base_lr: float = 0.0  # 0: 0.03 x batch / 256
+    warmup_steps: int = -1  # -1: min(5000, first decay step)
+    weight_decay: float = 1e-4
+    crop: int = 224
+    flip: bool = True
+    batch_split: int | str = 1
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 0
+    steps_per_epoch: int = 0
+    steps: int = 0
+    decay_steps: tuple[int, ...] = ()
+    loss: str = "softmax"
+    overridden: list[str] = field(default_factory=list)
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(self.warmup_steps, tuple(self.decay_steps), self.steps)
+
+
+def make_pretrain_plan(model: str, data_name: str, n_examples: int, num_classes: int, multi_label: bool,
+                       recipe: str = "bit", **overrides) -> PretrainPlan:
+    """The paper's epoch recipe converted to steps for this dataset size and global batch."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    plan = PretrainPlan(model, data_name, n_examples, num_classes, multi_label, recipe, **RECIPES[recipe])
+    if "epochs" in given and "decay_epochs" not in given:  # a shorter/longer run keeps the recipe's shape
+        f = given["epochs"] / RECIPES[recipe]["epochs"]
+        given["decay_epochs"] = tuple(e * f for e in RECIPES[recipe]["decay_epochs"])
+    plan = dataclasses.replace(plan, **given)
+    plan.overridden = sorted(k for k in given if k in overrides)
+    plan.steps_per_epoch = max(1, n_examples // plan.batch_size)  # whole batches only
+    plan.steps = max(1, round(plan.epochs * plan.steps_per_epoch))
+    plan.decay_steps = tuple(round(e * plan.steps_per_epoch) for e in plan.decay_epochs)
+    if plan.base_lr == 0.0:
+        plan.base_lr = 0.03 * plan.batch_size / 256
+    if plan.warmup_steps < 0:
+        plan.warmup_steps = min(FULL_SCALE_WARMUP, min(plan.decay_steps, default=plan.steps))
+    plan.loss = "sigmoid" if multi_label else "softmax"
+    return plan
+
+
+def sigmoid_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example sigmoid cross-entropy, summed over classes (multi-label upstream data)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").sum(dim=1)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on convolution kernels and the head's weight matrix; none on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def memory_plan(model: ResNetV2, micro_batch: int, crop: int, precision: str, checkpointing: bool) -> dict:
+    """Bytes for weights, gradients, SGD momentum and the activations autograd keeps for one
+    micro-batch, measured by running the model on the meta device (no memory, no compute)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    act_bytes = {"total": 0}
+    units = [u for stage in model.stages for u in stage]
+    inputs, per_unit, current = [], [], {"unit": None}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        size = t.numel() * t.element_size()
+        act_bytes["total"] += size
+        if current["unit"] is not None:
+            per_unit[current["unit"]] += size
+        return t
+
+    with torch.device("meta"):
+        meta = ResNetV2(model.arch, num_classes=max(1, model.num_classes))
+    def enter(i: int, args: tuple) -> None:
+        current["unit"] = i
+        inputs.append(args[0].numel())
+
+    def leave(*_: object) -> None:
+        current["unit"] = None
+
+    hooks = []
+    for i, unit in enumerate([u for stage in meta.stages for u in stage]):
+        per_unit.append(0)
+        hooks.append(unit.register_forward_pre_hook(lambda m, a, i=i: enter(i, a)))
+        hooks.append(unit.register_forward_hook(leave))
+    x = torch.empty(micro_batch, 3, crop, crop, device="meta")
+    from .runtime import PRECISIONS
+
+    elem = 2 if PRECISIONS[precision] is not None else 4
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.device("meta"):
+        meta(x.to(PRECISIONS[precision] or torch.float32))
+    for h in hooks:
+        h.remove()
+    activations = act_bytes["total"]
+    if checkpointing:  # unit inputs stay, one unit is recomputed at a time
+        activations = activations - sum(per_unit) + sum(inputs) * elem + max(per_unit, default=0)
+    return {"parameters": n_params, "weights": 4 * n_params, "gradients": 4 * n_params, "momentum": 4 * n_params,
+            "activations": activations, "units": len(units), "micro_batch": micro_batch}
+
+
+def plan_table(plan: PretrainPlan, memory: dict) -> Table:
+    table = Table(title=f"BiT upstream pre-training: {plan.model} on {plan.data}")
+    table.add_column("")
+    table.add_column("value")
+    gib = 2**30
+    rows = [("examples, classes", f"{plan.n_examples:,}, {plan.num_classes:,}"
+             + (" (multi-label)" if plan.multi_label else "")),
+            ("recipe", f"{plan.recipe}: {plan.epochs:g} epochs, x0.1 at epochs {list(plan.decay_epochs)}"),
+            ("steps", f"{plan.steps:,} ({plan.steps_per_epoch:,} per epoch), warmup {plan.warmup_steps:,}, "
+                      f"decays after {list(plan.decay_steps)}"),
+            ("batch (global), split", f"{plan.batch_size}, {plan.batch_split}"),
+            ("learning rate", f"{plan.base_lr:g} (SGD momentum {MOMENTUM}), weight decay {plan.weight_decay:g} "
+                              "on conv kernels + head weights"),
+            ("input", f"Inception crop {plan.crop}" + (" + flip" if plan.flip else "")),
+            ("loss", "sigmoid cross-entropy, head bias -10" if plan.loss == "sigmoid" else "softmax cross-entropy"),
+            ("precision", plan.precision + (", activation checkpointing" if plan.activation_checkpointing else "")),
+            ("memory: weights + grads + momentum",
+             f"{(memory['weights'] + memory['gradients'] + memory['momentum']) / gib:.2f} GiB "
+             f"({memory['parameters'] / 1e6:.1f}M parameters)"),
+            ("memory: activations",
+             f"{memory['activations'] / gib:.2f} GiB per micro-batch of {memory['micro_batch']}"),
+            ("overrides", ", ".join(plan.overridden) or "none")]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _shards_dir(data: str | os.PathLike | LabelledImages) -> Path | None:
+    if isinstance(data, str | os.PathLike) and (Path(data) / MANIFEST).is_file():
+        return Path(data)
+    return None
+
+
+def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_data=None, *,
+             out: str | os.PathLike, probe_data: str | None = None, probe_shots: int = 10,
+             pretrained: bool | str | os.PathLike = False, device: str | None = None, workers: int = 0,
+             eval_every: int | None = None, checkpoint_every: int | None = None, checkpoint_minutes: float = 10.0,
+             log_every: int = 10, progress: bool = True, sample_log: bool = False, recipe: str = "bit",
+             **overrides) -> dict:
+    """Pre-train `model_name` upstream on `data` (a shards folder from `bit shards`, or any source
+    `open_dataset` reads). Evaluates held-out top-1 (mAP for multi-label) on `eval_data` and a
+    `probe_shots`-per-class linear probe on `probe_data` (e.g. "digits") every `eval_every` steps."""
+    runtime = setup(device)
+    shards = _shards_dir(data)
+    if shards is not None:
+        manifest = read_manifest(shards)
+        name, n, classes, multi = f"shards:{shards}", manifest["total"], manifest["classes"], manifest["multi_label"]
+    else:
+        source = as_source(data)
+        name, n, classes, multi = source.name, len(source), source.classes, source.multi_label
+    plan = make_pretrain_plan(model_name, name, n, len(classes), multi, recipe, **overrides)
+    run = RunDir(out, writer=runtime.is_main)
+    handler = run.log_to_file()
+    try:
+        saved = run.read_json("config.json")
+        if saved is not None and saved["plan"] != json.loads(json.dumps(dataclasses.asdict(plan))):
+            raise ValueError(f"{run.path} holds a pre-training run with other settings; pass another --out")
+        if saved is not None and shards is not None and saved["world_size"] != runtime.world_size:
+            log.warning("resuming with %d processes, the run started with %d: the shard order of the current "
+                        "epoch changes, so that epoch may see some samples twice and others not at all",
+                        runtime.world_size, saved["world_size"])
+        if run.read_json("summary.json") is not None:
+            log.info("%s is already complete", run.path)
+            return run.read_json("summary.json")
+        torch.manual_seed(plan.seed)
+        model = create_model(model_name, num_classes=plan.num_classes, pretrained=pretrained)
+        if multi and pretrained is False:
+            nn.init.constant_(model.head.bias, HEAD_BIAS_SIGMOID)
+        model.set_grad_checkpointing(plan.activation_checkpointing)
+        local = plan.batch_size // runtime.world_size
+        micro = local // plan.batch_split if isinstance(plan.batch_split, int) else local
+        if runtime.is_main:
+            memory = memory_plan(model, micro, plan.crop, plan.precision, plan.activation_checkpointing)
+            Console(stderr=True).print(plan_table(plan, memory))
+            run.write_json("config.json", {"plan": dataclasses.asdict(plan), "memory": memory,
+                                           "world_size": runtime.world_size, "pretrained": str(pretrained)})
+        optimizer = torch.optim.SGD(parameter_groups(model, plan.weight_decay), lr=plan.base_lr, momentum=MOMENTUM)
+        config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
+                              input_size=plan.crop, batch_split=plan.batch_split, precision=plan.precision,
+                              channels_last=plan.channels_last, compile=plan.compile, seed=plan.seed,
+                              eval_every=eval_every, checkpoint_every=checkpoint_every,
+                              checkpoint_minutes=checkpoint_minutes, log_every=log_every, progress=progress)
+        transform = InceptionCropTransform(plan.crop, plan.flip)
+        batches = _batch_source(shards, None if shards else source, transform, plan, runtime, workers,
+                                run if sample_log else None)
+        evaluator = _evaluator(eval_data, probe_data, probe_shots, plan, runtime, workers)
+        loss = sigmoid_cross_entropy if multi else softmax_cross_entropy
+        results = train(model, optimizer, batches, config, runtime, run, loss_fn=loss, evaluator=evaluator)
+        results["plan"] = dataclasses.asdict(plan)
+        run.write_json("summary.json", results)
+        return results
+    finally:
+        if handler is not None:
+            logging.getLogger("bigtransfer").removeHandler(handler)
+            handler.close()
+
+
+def _batch_source(shards: Path | None, source: LabelledImages | None, transform, plan: PretrainPlan,
+                  runtime: Runtime, workers: int, sample_log: RunDir | None):
+    local = plan.batch_size // runtime.world_size
+    pin = runtime.device.type == "cuda"
+
+    def batches(start: int):
+        if shards is not None:
+            stream = ShardStream(shards, transform, local, plan.seed, runtime.rank, runtime.world_size, workers,
+                                 start_step=start)
+            loader = DataLoader(stream, batch_size=local, num_workers=workers, pin_memory=pin)
+        else:
+            sampler = StepSampler(len(source), plan.batch_size, plan.seed, runtime.rank, runtime.world_size)
+            loader = train_loader(source, transform, sampler, start, plan.steps, workers, pin_memory=pin,
+                                  with_keys=True)
+        log_path = None if sample_log is None else sample_log.path / f"samples.rank{runtime.rank}.jsonl"
+        if log_path is not None:
+            _rewind_sample_log(log_path, start)
+        for step, (images, targets, reports, keys) in enumerate(loader, start):
+            if log_path is not None:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "keys": list(map(str, keys))}) + "\n")
+            yield images, targets, reports
+
+    return batches
+
+
+def _rewind_sample_log(path: Path, start: int) -> None:
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _evaluator(eval_data, probe_data: str | None, probe_shots: int, plan: PretrainPlan, runtime: Runtime,
+               workers: int):
+    """Held-out top-1 (mAP for multi-label) and a few-shot linear probe on a downstream set."""
+    eval_source = None if eval_data is None else as_source(eval_data, "eval")
+    probe = None if probe_data is None else (as_source(probe_data, "train"), as_source(probe_data, "test"))
+    if eval_source is None and probe is None:
+        return None
+
+    def evaluator(net: nn.Module, batch_size: int) -> dict:
+        metrics = {}
+        if eval_source is not None:
+            tf = HyperRuleTransform(plan.crop, plan.crop, train=False)
+            if plan.multi_label:  # every process scores all of it: average precision needs every score
+                loader = eval_loader(eval_source, tf, batch_size, workers)
+                metrics["mAP"] = mean_average_precision(net, loader, runtime, plan.precision)
+            else:
+                loader = eval_loader(eval_source, tf, batch_size, workers, runtime.rank, runtime.world_size)
+                metrics |= evaluate(net, loader, plan.num_classes, runtime, plan.precision, plan.channels_last,
+                                    per_class=plan.num_classes <= 1000)
+        if probe is not None and runtime.is_main:
+            rows = linear_probe(net, *probe, resolution=plan.crop, runtime=runtime, shots=(probe_shots,),
+                                batch_size=batch_size, precision=plan.precision)
+            metrics[f"probe_{probe_shots}shot"] = rows[0]["accuracy"]
+        return metrics
+
+    return evaluator
+
+
+@torch.no_grad()
+def mean_average_precision(net: nn.Module, loader: DataLoader, runtime: Runtime, precision: str) -> float:
+    """Mean over classes (with at least one positive) of the average precision of the sigmoid scores."""
+    from sklearn.metrics import average_precision_score
+
+    from .data import to_model_input
+    from .runtime import autocast
+
+    net.eval()
+    scores, targets = [], []
+    for images, hot, reports in loader:
+        keep = torch.tensor([not r for r in reports])
+        with autocast(runtime.device, precision):
+            scores.append(net(to_model_input(images[keep].to(runtime.device))).float().cpu())
+        targets.append(hot[keep])
+    net.train()
+    y, s = torch.cat(targets).numpy(), torch.cat(scores).numpy()
+    present = y.sum(0) > 0
+    return float(average_precision_score(y[:, present], s[:, present], average="macro"))

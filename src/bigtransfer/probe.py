@@ -1,0 +1,77 @@
+"""Linear probe: frozen pre-logit features + a closed-form L2-regularised linear classifier.
+
+The fast few-shot evaluator of BiT's successors (big_vision): ridge regression onto +-1 targets,
+regularisation 2^10 by default. Fitted as scikit-learn's ``Ridge(fit_intercept=True)`` is: features
+and targets centred on the training mean, unregularised intercept, so the two agree to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import HyperRuleTransform, LabelledImages, eval_loader, sample_per_class, to_model_input
+from .runtime import Runtime, autocast
+
+DEFAULT_L2 = 2.0**10
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, source: LabelledImages, resolution: int, runtime: Runtime,
+                     batch_size: int = 256, precision: str = "fp32", workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logit features (N, C) of every item, images resized straight to `resolution`, and labels."""
+    was_training = model.training
+    model.eval()
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    inner = getattr(inner, "module", inner)  # DDP's
+    feats, labels = [], []
+    loader = eval_loader(source, HyperRuleTransform(resolution, resolution, train=False), batch_size, workers)
+    for images, targets, reports in loader:
+        if any(reports):
+            raise ValueError(f"cannot extract features of bad images: {[r for r in reports if r]}")
+        with autocast(runtime.device, precision):
+            out = inner.forward_features(to_model_input(images.to(runtime.device)))
+        feats.append(out.float().cpu().numpy())
+        labels.append(targets.numpy())
+    model.train(was_training)
+    return np.concatenate(feats).astype(np.float64), np.concatenate(labels)
+
+
+def ridge_fit(features: np.ndarray, labels: np.ndarray, num_classes: int,
+              l2: float = DEFAULT_L2) -> tuple[np.ndarray, np.ndarray]:
+    """(weights (C, K), intercept (K,)) of ridge regression onto +-1 one-vs-rest targets."""
+    targets = 2.0 * np.eye(num_classes)[labels] - 1.0
+    x_mean, y_mean = features.mean(0), targets.mean(0)
+    xc, yc = features - x_mean, targets - y_mean
+    n, c = xc.shape
+    if n < c:  # the dual form solves an n x n system: few-shot sets are far smaller than the feature size
+        weights = xc.T @ np.linalg.solve(xc @ xc.T + l2 * np.eye(n), yc)
+    else:
+        weights = np.linalg.solve(xc.T @ xc + l2 * np.eye(c), xc.T @ yc)
+    return weights, y_mean - x_mean @ weights
+
+
+def ridge_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], num_classes: int,
+                   l2: float = DEFAULT_L2) -> float:
+    weights, intercept = ridge_fit(*train, num_classes, l2)
+    predictions = (test[0] @ weights + intercept).argmax(1)
+    return float((predictions == test[1]).mean())
+
+
+def linear_probe(model: nn.Module, train: LabelledImages, test: LabelledImages, resolution: int, runtime: Runtime,
+                 shots: Sequence[int | None] = (None,), seeds: Sequence[int] = (0,), l2: float = DEFAULT_L2,
+                 batch_size: int = 256, precision: str = "fp32") -> list[dict]:
+    """Test accuracy of the probe for every (examples per class, seed); None means all training data.
+    Features are extracted once; every k and seed only re-fits the closed form."""
+    train_x, train_y = extract_features(model, train, resolution, runtime, batch_size, precision)
+    test_xy = extract_features(model, test, resolution, runtime, batch_size, precision)
+    rows = []
+    for k in shots:
+        for seed in seeds if k else (0,):
+            idx = sample_per_class(train_y, k, seed, train.classes) if k else np.arange(len(train_y))
+            acc = ridge_accuracy((train_x[idx], train_y[idx]), test_xy, len(train.classes), l2)
+            rows.append({"examples_per_class": k, "seed": seed, "accuracy": acc})
+    return rows

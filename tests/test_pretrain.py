@@ -1,0 +1,196 @@
+"""Upstream pre-training: shards, the epoch recipe in steps, losses, DDP over shards, kill and resume."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bigtransfer as bt
+from bigtransfer.data import InceptionCropTransform, open_dataset
+from bigtransfer.data.shards import ShardImages, ShardStream, verify_shards, write_shards
+from bigtransfer.pretraining import (
+    HEAD_BIAS_SIGMOID,
+    make_pretrain_plan,
+    memory_plan,
+    parameter_groups,
+    pretrain,
+    sigmoid_cross_entropy,
+)
+from bit_process import bit, bit_command, bit_env
+from images import make_image_folder
+
+TINY = "BiT-R14x0.25"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """64 generated images of 4 classes -> 4 shards of 16, through the real `bit shards` command."""
+    root = tmp_path_factory.mktemp("pretrain")
+    make_image_folder(root / "images", classes=4, per_class=16)
+    bit("shards", root / "images", root / "shards", "--shard-size", "16", "--quiet")
+    return root
+
+
+def test_recipe_in_steps_for_ilsvrc():
+    """BiT-S on ILSVRC-2012 (1,281,167 images), batch 4096: 312 steps per epoch."""
+    plan = make_pretrain_plan("BiT-S-R50x1", "ilsvrc", 1_281_167, 1000, multi_label=False)
+    assert plan.steps_per_epoch == 312 and plan.steps == 90 * 312
+    assert plan.decay_steps == (30 * 312, 60 * 312, 80 * 312) and plan.warmup_steps == 5000
+    assert plan.base_lr == pytest.approx(0.03 * 4096 / 256) and plan.weight_decay == 1e-4
+    assert plan.loss == "softmax"
+    m = make_pretrain_plan("BiT-M-R50x1", "in21k", 14_197_122, 21843, multi_label=True, recipe="bit",
+                           batch_size=1024)
+    assert m.steps_per_epoch == 13864 and m.base_lr == pytest.approx(0.12) and m.loss == "sigmoid"
+    lrec = make_pretrain_plan("BiT-L", "jft", 300_000_000, 18291, multi_label=True, recipe="bit-l")
+    assert lrec.steps == 40 * 73242 and lrec.decay_steps == tuple(e * 73242 for e in (10, 23, 30, 37))
+    small = make_pretrain_plan(TINY, "x", 64, 4, False, epochs=10, batch_size=16)
+    assert (small.steps, small.decay_steps) == (40, (13, 27, 36))  # decays at 30/60/80 of 90, scaled to 10
+    assert small.warmup_steps == 13  # never past the first decay
+    lr = [bt.hyperrule.learning_rate(s, plan.schedule, plan.base_lr) for s in (2500, 9360, 9361, 18721, 24961)]
+    assert lr == pytest.approx([0.24, 0.48, 0.048, 0.0048, 0.00048])
+
+
+def test_sigmoid_loss_and_head_bias_by_hand():
+    logits = torch.full((2, 3), HEAD_BIAS_SIGMOID)  # what a zero-weight head with bias -10 outputs
+    targets = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731
+    expected = [softplus(10) + 2 * softplus(-10), 2 * softplus(10) + softplus(-10)]
+    assert sigmoid_cross_entropy(logits, targets).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_weight_decay_groups_and_memory_plan():
+    model = bt.create_model(TINY, num_classes=4)
+    decay, no_decay = parameter_groups(model, 1e-4)
+    assert all(p.ndim == 4 for p in decay["params"][:-1]) and decay["params"][-1] is model.head.weight
+    assert any(p is model.head.bias for p in no_decay["params"]) and decay["weight_decay"] == 1e-4
+    plain = memory_plan(model, 8, 64, "fp32", checkpointing=False)
+    ckpt = memory_plan(model, 8, 64, "fp32", checkpointing=True)
+    assert plain["weights"] == 4 * plain["parameters"] == 4 * sum(p.numel() for p in model.parameters())
+    assert 0 < ckpt["activations"] < plain["activations"]
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = bt.create_model(TINY, num_classes=4, zero_head=False)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    for a, p in zip(plain, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
+
+
+def test_shards_manifest_checksums_and_webdataset_interop(shards):
+    manifest = json.loads((shards / "shards" / "manifest.json").read_text())
+    assert manifest["total"] == 64 and [s["count"] for s in manifest["shards"]] == [16] * 4
+    assert manifest["classes"] == ["class0", "class1", "class2", "class3"]
+    verify_shards(shards / "shards")
+    indexed = ShardImages(shards / "shards")
+    assert len(indexed) == 64 and Counter(indexed.targets) == {0: 16, 1: 16, 2: 16, 3: 16}
+    assert indexed[5][0].size == (40, 40)
+    wds = pytest.importorskip("webdataset")  # the webdataset library reads our shards as they are
+    samples = list(wds.WebDataset(str(shards / "shards" / "shard-000000.tar"), shardshuffle=False))
+    assert len(samples) == 16 and {"jpg", "cls"} <= set(samples[0])
+    with pytest.raises(ValueError, match="single split"):
+        open_dataset(str(shards / "shards"), "test")
+
+
+def test_multi_label_csv_to_shards(tmp_path):
+    make_image_folder(tmp_path / "img", classes=2, per_class=3)
+    rows = ["path,label"] + [f"img/class{c}/{i:03d}.png,{'dog;cat' if i == 0 else f'c{c}'}"
+                             for c in range(2) for i in range(3)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    source = open_dataset(str(tmp_path / "labels.csv"))
+    assert source.multi_label and source.classes == ["c0", "c1", "cat", "dog"]
+    write_shards(source, tmp_path / "shards", shard_size=4, progress=False)
+    indexed = ShardImages(tmp_path / "shards")
+    assert indexed.multi_label and sorted(indexed.targets) == sorted(source.targets)
+    assert (2, 3) in indexed.targets
+
+
+@pytest.mark.parametrize("world,workers", [(2, 1), (1, 2), (2, 2)])
+def test_shard_stream_is_exact_per_epoch_and_resumable(shards, world, workers):
+    """Every (process, worker) stream together covers each sample once per epoch; a stream restarted
+    at step s yields exactly what the uninterrupted one yields from step s on."""
+    tf = InceptionCropTransform(16)
+    local = 8
+
+    def keys(rank, worker, start, n):
+        s = ShardStream(shards / "shards", tf, local, seed=3, rank=rank, world_size=world, workers=workers,
+                        start_step=start, shuffle_buffer=5)
+        skip = ((start - worker + workers - 1) // workers) * local  # as __iter__ computes it for this worker
+        return [k for k, _, _ in _take(s.raw_stream((worker + start) % workers, skip), n)]
+
+    epoch = [k for r in range(world) for w in range(workers) for k in keys(r, w, 0, 64 // (world * workers))]
+    assert sorted(epoch) == sorted(set(epoch)) and len(epoch) == 64  # each sample exactly once
+    two = [k for r in range(world) for w in range(workers) for k in keys(r, w, 0, 128 // (world * workers))]
+    assert Counter(two) == {k: 2 for k in epoch}  # and again, reshuffled, in the second epoch
+    assert two[:64 // (world * workers)] != two[64 // (world * workers):128 // (world * workers)]
+    full = keys(0, 0, 0, 40)
+    if workers == 1:
+        assert keys(0, 0, 3, 16) == full[3 * local:3 * local + 16]
+
+
+def _take(it, n):
+    return [x for _, x in zip(range(n), it, strict=False)]
+
+
+def test_torchrun_two_processes_over_shards(shards, tmp_path):
+    """2 processes x 8 images per step over 4 shards: loss falls, one checkpoint, each sample once per epoch."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "bigtransfer", "pretrain", "--model", TINY, "--data", str(shards / "shards"), "--out", str(run),
+           "--epochs", "8", "--batch", "16", "--resolution", "32", "--lr", "0.05", "--checkpoint-every", "8",
+           "--sample-log", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=bit_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
+    assert sorted(p.name for p in run.glob("*.pt")) == ["checkpoint.pt"] and len(list(run.glob("*.tmp"))) == 0
+    assert (run / "config.json").exists() and json.loads((run / "config.json").read_text())["world_size"] == 2
+    seen = {}
+    for rank in (0, 1):
+        for line in (run / f"samples.rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            assert len(rec["keys"]) == 8
+            seen.setdefault(rec["step"] // 4, []).extend(rec["keys"])  # 4 steps of 16 = one epoch of 64
+    assert len(seen) == 8
+    for epoch, keys in seen.items():
+        assert len(keys) == 64 and len(set(keys)) == 64, f"epoch {epoch}"
+
+
+def test_killed_pretraining_resumes_to_the_same_weights(shards, tmp_path):
+    args = ["pretrain", "--model", TINY, "--data", shards / "shards", "--epochs", "10", "--batch", "16",
+            "--resolution", "48", "--lr", "0.05", "--checkpoint-every", "3", "--workers", "2", "--no-progress"]
+    bit(*args, "--out", tmp_path / "straight")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(bit_command(*args, "--out", killed), env=bit_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpt = killed / "checkpoint.pt"
+        if ckpt.exists() and 5 <= torch.load(ckpt, weights_only=True)["step"] < 40:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    bit(*args, "--out", killed)
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_pretrain_on_an_image_folder_with_eval_and_probe(tmp_path):
+    make_image_folder(tmp_path / "images", classes=4, per_class=10)
+    r = pretrain(TINY, str(tmp_path / "images"), str(tmp_path / "images"), out=tmp_path / "run",
+                 probe_data="digits", probe_shots=2, epochs=4, batch_size=8, crop=32, progress=False)
+    assert r["eval"]["examples"] == 8 and 0 <= r["eval"]["probe_2shot"] <= 1
+    assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "model.safetensors").exists()
