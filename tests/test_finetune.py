@@ -189,3 +189,24 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     r = finetune(TINY, "digits", out=tmp_path / "run", steps=3, batch_size=16, precision="bf16",
                  channels_last=True, **FAST)
     assert np.isfinite(r["final_loss"]) and r["plan"]["precision"] == "bf16"
+
+
+def test_on_device_batches_match_the_pil_path():
+    """Same crops and flips from the same seeds; resampling differs by at most one grey level."""
+    from bigtransfer.data import HyperRuleTransform
+    from bigtransfer.data.device import DeviceImages
+    from bigtransfer.data.memory import InMemoryImages
+
+    source = InMemoryImages(open_dataset("digits", "train"))
+    transform = HyperRuleTransform(40, 32, train=True, flip=True)
+    keys = [(i, 1000 + i) for i in range(0, 64, 4)]
+    on_device = DeviceImages(source.subset(range(64)), torch.device("cpu")).batch(keys, transform).float()
+    pil = torch.stack([transform(source[i][0], seed) for i, seed in keys]).float()
+    assert (on_device - pil).abs().max() <= 1 and (on_device - pil).abs().mean() < 0.2
+    assert any(transform.params(seed)[2] for _, seed in keys)  # some of them flipped
+
+
+def test_device_data_finetune(tmp_path):
+    r = finetune(TINY, "digits", open_dataset("digits", "test"), out=tmp_path / "run", steps=60, batch_size=32,
+                 base_lr=0.05, device_data=True, examples_per_class=10, **FAST)
+    assert r["eval"]["top1"] > 0.5

@@ -72,7 +72,7 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSource, config: EngineConfig,
           runtime: Runtime, run: RunDir, loss_fn: LossFn = softmax_cross_entropy,
-          evaluator: Evaluator | None = None) -> dict:
+          evaluator: Evaluator | None = None, weights_metadata: dict[str, str] | None = None) -> dict:
     """Train `model` (parameters already in `optimizer`) for `config.schedule.total_steps` updates.
 
     `batches(start)` yields this process's (uint8 images, targets, bad-image reports) for steps
@@ -106,7 +106,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
     done = start
     model.train()
     with _signals() as stop, _progress(config.progress and runtime.is_main, total, start) as bar:
-        t0 = time.perf_counter()
+        t0 = started = time.perf_counter()
         for step, (images, labels, reports) in zip(range(start, total), batches(start), strict=False):
             lr = learning_rate(step, config.schedule, config.base_lr)
             for group in optimizer.param_groups:
@@ -126,7 +126,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
             speed = 0.9 * speed + 0.1 * rate if speed else rate
             if done % config.log_every == 0 or done == total:
                 last_loss = float(all_reduce_sum(loss.detach().clone(), runtime)) / runtime.world_size
-                run.append_metrics({"step": done, "loss": last_loss, "lr": lr, "images_per_s": round(speed, 2)})
+                run.append_metrics({"step": done, "loss": last_loss, "lr": lr, "images_per_s": round(speed, 2),
+                                    "elapsed_s": round(now - started, 3)})
             bar.update(done, last_loss, lr, speed)
             if config.eval_every and done % config.eval_every == 0 and done < total:
                 metrics = run_eval()
@@ -148,7 +149,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
         run.append_metrics({"step": total, "eval": _scalars(final)})
         run.write_json("eval.json", final)
     if runtime.is_main:
-        save_weights(model, run / "model.safetensors")
+        save_weights(model, run / "model.safetensors", metadata=weights_metadata)
     checkpoint(total)
     run.plot()
     if bad_seen:

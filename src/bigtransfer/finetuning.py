@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from . import hyperrule
 from .data import (
@@ -33,6 +33,8 @@ from .data import (
     sample_per_class,
     train_loader,
 )
+from .data.device import DeviceImages, device_batches
+from .data.memory import InMemoryImages
 from .engine import EngineConfig, train
 from .evaluate import evaluate
 from .models import ResNetV2, create_model
@@ -173,16 +175,21 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
              eval_data: LabelledImages | Dataset | str | None = None, *, out: str | os.PathLike | None = None,
              pretrained: bool | str | os.PathLike = False, device: str | None = None, workers: int = 0,
              eval_every: int | None = None, checkpoint_every: int | None = None, checkpoint_minutes: float = 10.0,
-             log_every: int = 10, progress: bool = True, **overrides) -> dict:
+             log_every: int = 10, progress: bool = True, in_memory: bool = False, device_data: bool = False,
+             **overrides) -> dict:
     """Fine-tune with the BiT-HyperRule and return the results (also written to the run directory).
 
     model_or_name: a registry name (created with a new zero head of the right size, weights from
     `pretrained`) or a ResNetV2 (its head is replaced if its size differs). Overrides: any field of
     `FinetunePlan` plus ``steps`` and ``resolution=(resize, crop)``. Running again with the same
-    `out` resumes an interrupted run; a finished run returns its saved results.
+    `out` resumes an interrupted run; a finished run returns its saved results. `in_memory` decodes
+    the training images once into RAM (small sets: no per-epoch decoding); `device_data` further
+    keeps them on the device and augments there in batch (implies `in_memory`).
     """
     runtime = setup(device)
     source = as_source(train_data)
+    if in_memory or device_data:
+        source = InMemoryImages(source, workers=max(1, workers), progress=progress)
     eval_source = None if eval_data is None else as_source(eval_data, "eval")
     train_source, chosen = select_examples(source, overrides.get("examples_per_class"),
                                            overrides.get("examples_per_class_seed") or 0)
@@ -194,8 +201,9 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
         done = _previous_run(run, plan)
         if done is not None:
             return done
-        if runtime.is_main:
+        if runtime.is_main and progress:
             Console(stderr=True).print(plan_table(plan))
+        if runtime.is_main:
             run.write_json("config.json", {"plan": dataclasses.asdict(plan), "pretrained": str(pretrained),
                                            "world_size": runtime.world_size, "device": str(runtime.device)})
             if chosen is not None:
@@ -214,7 +222,11 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
         sampler = StepSampler(len(train_source), plan.batch_size, plan.seed, runtime.rank, runtime.world_size)
         pin = runtime.device.type == "cuda"
 
-        def batches(start: int) -> DataLoader:
+        on_device = DeviceImages(train_source, runtime.device) if device_data else None
+
+        def batches(start: int):
+            if on_device is not None:
+                return device_batches(on_device, train_tf, sampler, start, plan.steps)
             return train_loader(train_source, train_tf, sampler, start, plan.steps, workers, pin_memory=pin)
 
         def evaluator(net: nn.Module, batch_size: int) -> dict | None:
@@ -223,7 +235,8 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
             loader = eval_loader(eval_source, eval_tf, batch_size, workers, runtime.rank, runtime.world_size, pin)
             return evaluate(net, loader, len(eval_source.classes), runtime, plan.precision, plan.channels_last)
 
-        results = train(model, optimizer, batches, config, runtime, run, evaluator=evaluator)
+        labels = {"bigtransfer.classes": json.dumps(list(source.classes)), "bigtransfer.resolution": str(plan.crop)}
+        results = train(model, optimizer, batches, config, runtime, run, evaluator=evaluator, weights_metadata=labels)
         results["plan"] = dataclasses.asdict(plan)
         _write_summary(run, plan, results)
         return results

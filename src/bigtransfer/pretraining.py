@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import HyperRuleTransform, InceptionCropTransform, LabelledImages, StepSampler, eval_loader, train_loader
+from .data.memory import InMemoryImages
 from .data.shards import MANIFEST, ShardStream, read_manifest
 from .engine import EngineConfig, softmax_cross_entropy, train
 from .evaluate import evaluate
@@ -58,6 +59,7 @@ class PretrainPlan:
     warmup_steps: int = -1  # -1: min(5000, first decay step)
     weight_decay: float = 1e-4
     crop: int = 224
+    min_crop_area: float = 0.08  # Inception crop: fraction of the image area, at least
     flip: bool = True
     batch_split: int | str = 1
     precision: str = "fp32"
@@ -87,7 +89,7 @@ def make_pretrain_plan(model: str, data_name: str, n_examples: int, num_classes:
         f = given["epochs"] / RECIPES[recipe]["epochs"]
         given["decay_epochs"] = tuple(e * f for e in RECIPES[recipe]["decay_epochs"])
     plan = dataclasses.replace(plan, **given)
-    plan.overridden = sorted(k for k in given if k in overrides)
+    plan.overridden = sorted(k for k in given if overrides.get(k) is not None)
     plan.steps_per_epoch = max(1, n_examples // plan.batch_size)  # whole batches only
     plan.steps = max(1, round(plan.epochs * plan.steps_per_epoch))
     plan.decay_steps = tuple(round(e * plan.steps_per_epoch) for e in plan.decay_epochs)
@@ -163,13 +165,15 @@ def plan_table(plan: PretrainPlan, memory: dict) -> Table:
     gib = 2**30
     rows = [("examples, classes", f"{plan.n_examples:,}, {plan.num_classes:,}"
              + (" (multi-label)" if plan.multi_label else "")),
-            ("recipe", f"{plan.recipe}: {plan.epochs:g} epochs, x0.1 at epochs {list(plan.decay_epochs)}"),
+            ("recipe", f"{plan.recipe}: {plan.epochs:g} epochs, x0.1 at epochs "
+                       f"{', '.join(f'{e:.3g}' for e in plan.decay_epochs)}"),
             ("steps", f"{plan.steps:,} ({plan.steps_per_epoch:,} per epoch), warmup {plan.warmup_steps:,}, "
                       f"decays after {list(plan.decay_steps)}"),
             ("batch (global), split", f"{plan.batch_size}, {plan.batch_split}"),
             ("learning rate", f"{plan.base_lr:g} (SGD momentum {MOMENTUM}), weight decay {plan.weight_decay:g} "
                               "on conv kernels + head weights"),
-            ("input", f"Inception crop {plan.crop}" + (" + flip" if plan.flip else "")),
+            ("input", f"Inception crop {plan.crop} ({plan.min_crop_area:g}-1 of the area)"
+                      + (" + flip" if plan.flip else "")),
             ("loss", "sigmoid cross-entropy, head bias -10" if plan.loss == "sigmoid" else "softmax cross-entropy"),
             ("precision", plan.precision + (", activation checkpointing" if plan.activation_checkpointing else "")),
             ("memory: weights + grads + momentum",
@@ -194,10 +198,11 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
              pretrained: bool | str | os.PathLike = False, device: str | None = None, workers: int = 0,
              eval_every: int | None = None, checkpoint_every: int | None = None, checkpoint_minutes: float = 10.0,
              log_every: int = 10, progress: bool = True, sample_log: bool = False, recipe: str = "bit",
-             **overrides) -> dict:
+             in_memory: bool = False, **overrides) -> dict:
     """Pre-train `model_name` upstream on `data` (a shards folder from `bit shards`, or any source
     `open_dataset` reads). Evaluates held-out top-1 (mAP for multi-label) on `eval_data` and a
-    `probe_shots`-per-class linear probe on `probe_data` (e.g. "digits") every `eval_every` steps."""
+    `probe_shots`-per-class linear probe on `probe_data` (e.g. "digits") every `eval_every` steps.
+    `in_memory` decodes (or renders) a non-shard source once into RAM before training."""
     runtime = setup(device)
     shards = _shards_dir(data)
     if shards is not None:
@@ -205,6 +210,8 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
         name, n, classes, multi = f"shards:{shards}", manifest["total"], manifest["classes"], manifest["multi_label"]
     else:
         source = as_source(data)
+        if in_memory:
+            source = InMemoryImages(source, workers=max(1, workers), progress=progress)
         name, n, classes, multi = source.name, len(source), source.classes, source.multi_label
     plan = make_pretrain_plan(model_name, name, n, len(classes), multi, recipe, **overrides)
     run = RunDir(out, writer=runtime.is_main)
@@ -238,7 +245,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
                               channels_last=plan.channels_last, compile=plan.compile, seed=plan.seed,
                               eval_every=eval_every, checkpoint_every=checkpoint_every,
                               checkpoint_minutes=checkpoint_minutes, log_every=log_every, progress=progress)
-        transform = InceptionCropTransform(plan.crop, plan.flip)
+        transform = InceptionCropTransform(plan.crop, plan.flip, scale=(plan.min_crop_area, 1.0))
         batches = _batch_source(shards, None if shards else source, transform, plan, runtime, workers,
                                 run if sample_log else None)
         evaluator = _evaluator(eval_data, probe_data, probe_shots, plan, runtime, workers)

@@ -97,9 +97,11 @@ class RunDir:
         axes[0].set(title="training loss", xlabel="step", yscale="log" if train else "linear")
         axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
         axes[1].set(title="learning rate", xlabel="step")
-        axes[2].plot([r["step"] for r in evals], [100 * r["eval"]["top1"] for r in evals], "o-", label="top-1")
-        axes[2].plot([r["step"] for r in evals], [100 * r["eval"]["top5"] for r in evals], "s--", label="top-5")
-        axes[2].set(title="evaluation accuracy (%)", xlabel="step")
+        names = sorted({k for r in evals for k, v in r["eval"].items() if isinstance(v, float)})
+        for name in names:  # top1, top5, mAP, probe_Kshot: whatever the run evaluates, as a percentage
+            pts = [(r["step"], 100 * r["eval"][name]) for r in evals if name in r["eval"]]
+            axes[2].plot(*zip(*pts, strict=True), "o-", label=name)
+        axes[2].set(title="evaluation (%)", xlabel="step")
         if evals:
             axes[2].legend()
         for ax in axes:

@@ -25,9 +25,21 @@ def cached_path(spec: ModelSpec) -> Path | None:
     return None if spec.file is None else cache_dir() / "checkpoints" / spec.file
 
 
+def bundled_path(name: str) -> Path:
+    """A file shipped in the package's weights folder."""
+    from importlib.resources import files
+
+    path = Path(str(files("bigtransfer") / "weights" / name))
+    if not path.is_file():
+        raise DownloadError(f"bundled weights {name} are missing from the installed package ({path})")
+    return path
+
+
 def download_pretrained(name: str | ModelSpec, progress: bool = True) -> Path:
     """The cached checkpoint of a registered model, downloading it first if needed."""
     spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
+    if spec.bundled is not None:
+        return bundled_path(spec.bundled)
     if spec.url is None:
         raise DownloadError(f"{spec.name} has no released weights to download")
     return download(spec.url, cached_path(spec), spec.sha256, progress=progress)
@@ -55,6 +67,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Chec
     return ckpt
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, format: str = "safetensors") -> Path:
+def save_weights(model: nn.Module, path: str | os.PathLike, format: str = "safetensors",
+                 metadata: dict[str, str] | None = None) -> Path:
     """Write `model`'s weights in any supported format (see `formats.write_checkpoint`)."""
-    return write_checkpoint(model.state_dict(), model.arch, path, format)
+    return write_checkpoint(model.state_dict(), model.arch, path, format, metadata)

@@ -269,12 +269,12 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: str | os.PathLike,
-                     fmt: str = "safetensors") -> Path:
+                     fmt: str = "safetensors", metadata: dict[str, str] | None = None) -> Path:
     """Write our-named `state` in `fmt`, atomically.
 
     ``hf`` to a directory (a path without suffix) writes ``model.safetensors`` + ``config.json`` so
     that ``BitForImageClassification.from_pretrained(dir)`` loads it; ``timm`` to ``.pth``/``.pt``/``.bin``
-    writes a torch state dict, otherwise safetensors.
+    writes a torch state dict, otherwise safetensors (with `metadata`, e.g. class names).
     """
     path = Path(path)
     tensors = {foreign_name(fmt, k): to_foreign(fmt, k, v.detach().cpu().float()).contiguous()
@@ -294,7 +294,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
             from safetensors.torch import save_file
 
             save_file(tensors, str(tmp), metadata={"format": "pt", "bigtransfer.arch": arch.name,
-                                                   "bigtransfer.naming": fmt})
+                                                   "bigtransfer.naming": fmt, **(metadata or {})})
     return path
 
 

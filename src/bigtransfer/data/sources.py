@@ -563,7 +563,8 @@ _SPLIT_DIRS = {
 }
 
 _SPEC_HELP = (
-    "accepted dataset specs: 'digits'; 'cifar10[:ROOT]', 'cifar100[:ROOT]', 'pets[:ROOT]', 'flowers102[:ROOT]', "
+    "accepted dataset specs: 'digits'; 'glyphs[:PER_CLASS]', 'fractals[:CLASSES]' (generated); 'cifar10[:ROOT]', "
+    "'cifar100[:ROOT]', 'pets[:ROOT]', 'flowers102[:ROOT]', "
     "'imagenet[:ROOT]' (ROOT defaults to ./data); a path to a .csv manifest with columns path,label; or a directory "
     "of class folders, optionally inside train/ val/ test/ sub-folders"
 )
@@ -586,6 +587,14 @@ def open_dataset(
         raise ValueError(f"split must be one of {sorted(_SPLIT_DIRS)}, got {split!r}")
     if spec == "digits":
         return DigitsImages("test" if split == "eval" else split)
+    kind, _, arg = spec.partition(":")
+    if kind in ("glyphs", "fractals"):  # generated upstream data: "glyphs[:PER_CLASS]", "fractals[:CLASSES]"
+        from .synthetic import FractalImages, GlyphImages
+
+        part = {"eval": "test", "all": "train", "val": "test", "validation": "test"}.get(split, split)
+        if kind == "glyphs":
+            return GlyphImages(per_class=int(arg or 100), split=part)
+        return FractalImages(classes=int(arg or 100), split=part)
     kind, _, root = spec.partition(":")
     if kind in _TORCHVISION:  # names always mean torchvision; write ./pets for a local folder called pets
         return TorchvisionImages(kind, root or "./data", "test" if split == "eval" else split, download=download)

@@ -26,15 +26,28 @@ class HyperRuleTransform:
     flip: bool = True
     random_crop: bool = True
 
+    @property
+    def cropping(self) -> bool:
+        return self.train and self.random_crop
+
+    def params(self, seed: int) -> tuple[int, int, bool]:
+        """(top, left, flip) of the sample with this seed: shared by the PIL path and the batched
+        on-device path, so both see the same crops and flips."""
+        top = left = 0
+        if self.cropping:
+            top, left = torch.randint(0, self.resize - self.crop + 1, (2,),
+                                      generator=torch.Generator().manual_seed(seed)).tolist()
+        flip = self.train and self.flip and bool(torch.rand((), generator=torch.Generator().manual_seed(seed + 1))
+                                                 < 0.5)
+        return top, left, flip
+
     def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
-        if not (self.train and self.random_crop):
-            image = TF.resize(image, [self.crop, self.crop])
+        top, left, flip = self.params(seed)
+        if self.cropping:
+            image = TF.crop(TF.resize(image, [self.resize, self.resize]), top, left, self.crop, self.crop)
         else:
-            g = torch.Generator().manual_seed(seed)
-            image = TF.resize(image, [self.resize, self.resize])
-            top, left = torch.randint(0, self.resize - self.crop + 1, (2,), generator=g).tolist()
-            image = TF.crop(image, top, left, self.crop, self.crop)
-        if self.train and self.flip and torch.rand((), generator=torch.Generator().manual_seed(seed + 1)) < 0.5:
+            image = TF.resize(image, [self.crop, self.crop])
+        if flip:
             image = TF.horizontal_flip(image)
         return TF.pil_to_tensor(image)
 

@@ -31,6 +31,7 @@ class ModelSpec:
     file: str | None = None  # path under the base address
     sha256: str | None = None  # None: unknown, the download is not verified
     description: str = ""
+    bundled: str | None = None  # weights shipped inside the package (bigtransfer/weights/NAME), no download
 
     @property
     def url(self) -> str | None:
@@ -94,11 +95,19 @@ def _register_released() -> None:
 
 
 def _register_small() -> None:
-    """Small random-init variants for CPU work and tests (no released weights)."""
+    """Small random-init variants for CPU work and tests (no released weights), and the embedded
+    default: BiT-R14x0.25 pre-trained by this package on generated glyphs (see weights/*.json)."""
     for depths, width in (((1, 1, 1, 1), 0.25), ((2, 2, 2, 2), 0.5), ((3, 4, 6, 3), 0.5)):
         arch = Architecture(depths=depths, width=width)
         register_model(ModelSpec(f"BiT-{arch.name}", arch, 1000, 128,
                                  description="small variant for CPU work and tests"))
+    register_model(ModelSpec(DEMO_MODEL, Architecture((1, 1, 1, 1), 0.25), 1064, 32,
+                             "glyphs (generated, 1,064 classes)",
+                             description="embedded default, trained by `bit pretrain` on rendered glyphs",
+                             bundled=f"{DEMO_MODEL}.safetensors"))
+
+
+DEMO_MODEL = "BiT-R14x0.25-glyphs"
 
 
 _register_released()

@@ -1,0 +1,168 @@
+"""Training-step and inference throughput of our BiT against timm (and HF transformers for inference),
+side by side in one run: same batch, threads, precision and input; alternating repeats; medians.
+
+    python benchmarks/bench_models.py                       # CPU: R50x1, 128 px train, 224 px infer, batch 16
+    python benchmarks/bench_models.py --device cuda --batch 128 --precision bf16 --models R50x1 R101x1 R50x3
+
+Prints img/s, the ratio to timm, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) and the
+fraction of this machine's measured matrix-multiply rate (the ceiling), and peak memory where known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import bigtransfer as bt
+
+DEPTH_WIDTH = {"R50x1": (50, 1), "R101x1": (101, 1), "R50x3": (50, 3), "R152x2": (152, 2)}
+
+
+def build(impl: str, name: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    depth, width = DEPTH_WIDTH[name]
+    if impl == "ours":
+        model = bt.create_model(f"BiT-M-{name}", num_classes=1000, zero_head=False)
+    elif impl == "timm":
+        import timm
+
+        model = timm.create_model(f"resnetv2_{depth}x{width}_bit", num_classes=1000)
+    else:
+        import transformers
+
+        arch = bt.get_model_spec(f"BiT-M-{name}").arch
+        config = transformers.BitConfig(**bt.checkpoints.formats.hf_config(arch, 1000))
+        model = _LogitsOnly(transformers.BitForImageClassification(config))
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class _LogitsOnly(torch.nn.Module):
+    def __init__(self, hf: torch.nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(x).logits
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_fn(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, precision: str):
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    amp = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    if mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def run() -> None:
+            with torch.inference_mode(), amp:
+                model(x)
+    return run
+
+
+def count_flops(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    model.train(mode == "train")
+    with counter:
+        out = model(x[:1])
+        if mode == "train":
+            F.cross_entropy(out, y[:1]).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() * x.shape[0]
+
+
+def matmul_rate(device: torch.device, precision: str) -> float:
+    """The machine's ceiling: FLOP/s of a large square matrix multiply in this precision."""
+    n = 4096 if device.type == "cuda" else 1536
+    dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps, t = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", nargs="+", default=["R50x1"], choices=sorted(DEPTH_WIDTH))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--train-res", type=int, default=128)
+    p.add_argument("--infer-res", type=int, default=224)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the median is reported")
+    p.add_argument("--iters", type=int, default=3, help="timed steps per round")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--impls", nargs="+", default=["ours", "timm", "hf"])
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    ceiling = matmul_rate(device, args.precision)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'}), "
+          f"torch {torch.__version__}, precision {args.precision}, batch {args.batch}; "
+          f"matrix-multiply ceiling {ceiling / 1e9:.0f} GFLOP/s")
+    print(f"{'model':8} {'mode':6} {'res':>4} {'impl':5} {'img/s':>9} {'vs timm':>8} {'GFLOP/s':>9} "
+          f"{'of ceiling':>10} {'peak MiB':>9}")
+    for name in args.models:
+        for mode, res in (("train", args.train_res), ("infer", args.infer_res)):
+            impls = [i for i in args.impls if not (i == "hf" and mode == "train")]
+            x = torch.randn(args.batch, 3, res, res, device=device)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 1000, (args.batch,), device=device)
+            models = {i: build(i, name, device, args.channels_last) for i in impls}
+            flops = {i: count_flops(m, mode, x, y) for i, m in models.items()}
+            runs = {i: step_fn(m, mode, x, y, args.precision) for i, m in models.items()}
+            times: dict[str, list[float]] = {i: [] for i in impls}
+            peak: dict[str, float] = {}
+            for i in impls:  # warm up (and the peak memory of one step on GPU)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                runs[i]()
+                runs[i]()
+                sync(device)
+                if device.type == "cuda":
+                    peak[i] = torch.cuda.max_memory_allocated() / 2**20
+            for _ in range(args.repeats):
+                for i in impls:  # alternate, so that a noisy moment hits everyone alike
+                    sync(device)
+                    t = time.perf_counter()
+                    for _ in range(args.iters):
+                        runs[i]()
+                    sync(device)
+                    times[i].append((time.perf_counter() - t) / args.iters)
+            speed = {i: args.batch / statistics.median(times[i]) for i in impls}
+            for i in impls:
+                rate = flops[i] / statistics.median(times[i])
+                print(f"{name:8} {mode:6} {res:4} {i:5} {speed[i]:9.1f} {speed[i] / speed['timm']:7.2f}x "
+                      f"{rate / 1e9:9.1f} {rate / ceiling:9.0%} {peak.get(i, float('nan')):9.0f}")
+            del models, runs
+
+
+if __name__ == "__main__":
+    main()

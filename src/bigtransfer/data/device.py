@@ -1,0 +1,61 @@
+"""Batches made on the accelerator: for data sets that fit in memory (CIFAR, VTAB-1k, generated data)
+the uint8 images live on the device, and resize / crop / flip run there in batch, so no CPU data
+pipeline can stall a fast GPU. Crops and flips are the CPU path's (same per-sample seeds); only the
+resampling differs (bilinear with antialias on tensors instead of PIL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .loader import StepSampler
+from .memory import InMemoryImages
+from .sources import LabelledImages
+from .transforms import HyperRuleTransform
+
+
+class DeviceImages:
+    """A data set (decoded into memory first if it is not) moved to `device` as one (N, 3, H, W) uint8
+    tensor; images of different sizes need an `InMemoryImages(source, size=...)` first."""
+
+    def __init__(self, source: LabelledImages, device: torch.device) -> None:
+        if source.multi_label:
+            raise ValueError("the on-device data path takes single-label data")
+        parent = getattr(source, "parent", None)  # a few-shot subset of an in-memory set
+        if isinstance(source, InMemoryImages):
+            array = source.images
+        elif isinstance(parent, InMemoryImages):
+            array = parent.images[source.indices]
+        else:
+            array = InMemoryImages(source).images
+        self.images = torch.from_numpy(array).to(device).permute(0, 3, 1, 2).contiguous()
+        self.targets = torch.tensor(source.targets, device=device)
+        self.device = device
+
+    def batch(self, keys: list[tuple[int, int]], transform: HyperRuleTransform) -> torch.Tensor:
+        """uint8 (n, 3, crop, crop) images of the (item, seed) keys, transformed as `transform` would."""
+        idx = torch.tensor([i for i, _ in keys], device=self.device)
+        x = self.images[idx].float()
+        side = transform.resize if transform.cropping else transform.crop
+        if x.shape[-2:] != (side, side):
+            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        params = torch.tensor([transform.params(seed) for _, seed in keys], device=self.device)
+        steps = torch.arange(transform.crop, device=self.device)
+        rows = params[:, 0, None] + steps
+        cols = params[:, 1, None] + steps
+        cols = torch.where(params[:, 2, None].bool(), cols.flip(1), cols)
+        n = len(keys)
+        x = x[torch.arange(n, device=self.device)[:, None, None, None],
+              torch.arange(3, device=self.device)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def device_batches(data: DeviceImages, transform: HyperRuleTransform, sampler: StepSampler, start: int,
+                   stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """The engine's batch source for steps start..stop-1, made on the device."""
+    for step in range(start, stop):
+        keys = sampler.batch(step)
+        idx = torch.tensor([i for i, _ in keys], device=data.device)
+        yield data.batch(keys, transform), data.targets[idx], [""] * len(keys)

@@ -1,0 +1,64 @@
+"""Decode a dataset once into one uint8 array: for small sets (CIFAR, VTAB-1k, generated upstream
+data) the per-epoch decode or render cost disappears, and the array can live on a GPU too."""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from .sources import BadImageError, LabelledImages
+
+
+class InMemoryImages(LabelledImages):
+    """Every image of `source` decoded (and, if sizes differ, resized to `size`) into an (N, H, W, 3)
+    uint8 array. Bad images are reported by path when the array is built, not later."""
+
+    def __init__(self, source: LabelledImages, size: int | None = None, workers: int = 1,
+                 progress: bool = False) -> None:
+        self.name, self.classes, self.flip = f"memory:{source.name}", list(source.classes), source.flip
+        self.multi_label, self.targets = source.multi_label, list(source.targets)
+        self._describe = [source.describe(i) for i in range(len(source))] if len(source) <= 100_000 else None
+        chunks = [(source, range(i, min(i + 2048, len(source))), size) for i in range(0, len(source), 2048)]
+        from rich.progress import Progress
+
+        parts = []
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"decoding {source.name} into memory", total=len(source))
+            if workers > 1:
+                with ProcessPoolExecutor(workers) as pool:
+                    for part in pool.map(_decode_chunk, *zip(*chunks, strict=True)):
+                        parts.append(part)
+                        bar.advance(task, len(part))
+            else:
+                for chunk in chunks:
+                    parts.append(_decode_chunk(*chunk))
+                    bar.advance(task, len(parts[-1]))
+        self.images = np.concatenate(parts) if parts else np.zeros((0, 1, 1, 3), np.uint8)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        i = self._check_index(i)
+        return Image.fromarray(self.images[i]), self.targets[i]
+
+    def describe(self, i: int) -> str:
+        return self._describe[i] if self._describe is not None else super().describe(i)
+
+    def size_of(self, i: int) -> tuple[int, int]:
+        return self.images.shape[1], self.images.shape[2]
+
+
+def _decode_chunk(source: LabelledImages, indices: range, size: int | None) -> np.ndarray:
+    out = []
+    for i in indices:
+        try:
+            image = source[i][0]
+        except BadImageError as e:
+            raise BadImageError(e.path, f"{e.reason}; an in-memory copy needs every image readable") from e
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        out.append(np.asarray(image, dtype=np.uint8))
+    try:
+        return np.stack(out)
+    except ValueError as e:
+        raise ValueError(f"{source.name}: images differ in size; pass size= to keep them in memory") from e

@@ -1,0 +1,140 @@
+"""Evaluation protocols of the paper: few-shot sweeps with HyperRule fine-tuning, linear probes, and
+a results table / JSON / plot shared by `bit fewshot`, `bit probe` and `bit demo`.
+
+A result row is ``{"init": str, "examples_per_class": int | None (all), "seed": int, "accuracy": float}``;
+tables report min <- median -> max over seeds, as the authors' release does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from rich.table import Table
+
+from .checkpoints.formats import atomic_path
+from .data import LabelledImages
+from .finetuning import finetune
+
+
+def few_shot_sweep(model: str, train: LabelledImages, test: LabelledImages, out: str | os.PathLike, *,
+                   init: str = "pretrained", pretrained: bool | str | os.PathLike = False,
+                   shots: Sequence[int | None] = (1, 5, 10, None), seeds: Sequence[int] = (0, 1, 2),
+                   full_seeds: Sequence[int] | None = None, device: str | None = None,
+                   on_run: Callable[[dict], None] | None = None, **overrides) -> list[dict]:
+    """Fine-tune `model` for every (examples per class, seed) and evaluate on `test`. `None` in
+    `shots` is the whole training set (run for `full_seeds`, default the first seed only). Every run
+    keeps its own folder under `out`, so an interrupted sweep resumes run by run."""
+    rows = []
+    for k in shots:
+        for seed in seeds if k is not None else (full_seeds or seeds[:1]):
+            name = f"{init}_k{k}_seed{seed}" if k else f"{init}_all_seed{seed}"
+            result = finetune(model, train, test, out=Path(out) / name, pretrained=pretrained, device=device,
+                              progress=False, examples_per_class=k, examples_per_class_seed=seed, seed=seed,
+                              **overrides)
+            row = {"init": init, "examples_per_class": k, "seed": seed, "accuracy": result_accuracy(result)}
+            rows.append(row)
+            if on_run is not None:
+                on_run(row)
+    return rows
+
+
+def result_accuracy(result: dict) -> float:
+    """Top-1 of a fine-tuning result, fresh (eval dict) or loaded from a finished run's summary."""
+    return result["eval"]["top1"] if result.get("eval") else result["top1"]
+
+
+def summarize(rows: Iterable[dict]) -> list[dict]:
+    """min / median / max accuracy and seed count per (init, examples per class)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["init"], r["examples_per_class"]), []).append(r["accuracy"])
+    out = []
+    for (init, k), accs in groups.items():
+        out.append({"init": init, "examples_per_class": k, "min": min(accs), "median": statistics.median(accs),
+                    "max": max(accs), "seeds": len(accs)})
+    return out
+
+
+def _shots(rows: Iterable[dict]) -> list[int | None]:
+    ks = {r["examples_per_class"] for r in rows}
+    return sorted(k for k in ks if k is not None) + ([None] if None in ks else [])
+
+
+def _label(k: int | None) -> str:
+    return "all" if k is None else f"{k}-shot"
+
+
+def results_table(rows: Sequence[dict], title: str) -> Table:
+    """Accuracy (%) as min <- median -> max over seeds; one row per init, one column per k."""
+    stats = {(s["init"], s["examples_per_class"]): s for s in summarize(rows)}
+    inits = list(dict.fromkeys(r["init"] for r in rows))
+    table = Table(title=title)
+    table.add_column("init")
+    for k in _shots(rows):
+        table.add_column(_label(k), justify="center")
+    for init in inits:
+        cells = []
+        for k in _shots(rows):
+            s = stats.get((init, k))
+            cells.append("-" if s is None else _cell(s))
+        table.add_row(init, *cells)
+    return table
+
+
+def _cell(s: dict) -> str:
+    if s["seeds"] == 1:
+        return f"{100 * s['median']:.1f}"
+    return f"{100 * s['min']:.1f} <- {100 * s['median']:.1f} -> {100 * s['max']:.1f}"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    stats = {(s["init"], s["examples_per_class"]): s for s in summarize(rows)}
+    shots = _shots(rows)
+    lines = ["| init | " + " | ".join(_label(k) for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
+    for init in dict.fromkeys(r["init"] for r in rows):
+        cells = [_cell(stats[(init, k)]) if (init, k) in stats else "-" for k in shots]
+        lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[dict], out: str | os.PathLike, title: str, notes: Sequence[str] = ()) -> None:
+    """summary.json, report.md and accuracy.png into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps({"rows": list(rows), "summary": summarize(rows)}, indent=1) + "\n")
+    report = [f"# {title}", "", "Top-1 accuracy (%), min <- median -> max over seeds.", "", markdown_table(rows), ""]
+    report += [f"- {n}" for n in notes]
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(report) + "\n")
+    plot_accuracy(rows, out / "accuracy.png", title)
+
+
+def plot_accuracy(rows: Sequence[dict], path: Path, title: str) -> None:
+    """Median accuracy against examples per class, min-max band over seeds; 'all' at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = _shots(rows)
+    xs = list(range(len(shots)))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    stats = {(s["init"], s["examples_per_class"]): s for s in summarize(rows)}
+    for init in dict.fromkeys(r["init"] for r in rows):
+        pts = [(x, stats[(init, k)]) for x, k in zip(xs, shots, strict=True) if (init, k) in stats]
+        ax.plot([x for x, _ in pts], [100 * s["median"] for _, s in pts], "o-", label=init)
+        ax.fill_between([x for x, _ in pts], [100 * s["min"] for _, s in pts], [100 * s["max"] for _, s in pts],
+                        alpha=0.2)
+    ax.set_xticks(xs, [_label(k) for k in shots])
+    ax.set(xlabel="training examples per class", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

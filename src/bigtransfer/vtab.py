@@ -1,0 +1,139 @@
+"""VTAB-1k (Zhai et al. 2019) as the BiT paper runs it, on task folders the user has on disk.
+
+A task folder holds ``train/`` and ``test/`` image folders (class sub-folders) and optionally a
+``task.json`` (``{"group": "natural" | "specialized" | "structured", "flip": bool, "crop": bool}``);
+the 19 VTAB task names get their group and flip/crop switches from `KNOWN_TASKS`. Each task trains
+on 1,000 examples (drawn with the seed when ``train/`` has more). By default the BiT-HyperRule is
+used as is; ``search=N`` runs "BiT-HyperParam": N random trials over lr, steps, MixUp and resolution
+on an 800/200 split of the 1,000, then retrains the best on all 1,000 and tests it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from .checkpoints.formats import atomic_path
+from .data import open_dataset
+from .finetuning import finetune
+from .protocols import result_accuracy
+
+log = logging.getLogger("bigtransfer")
+TRAIN_EXAMPLES, SEARCH_TRAIN = 1000, 800
+GROUPS = ("natural", "specialized", "structured")
+NO_FLIP = {"dsprites_orientation", "dsprites_location", "smallnorb_azimuth", "svhn"}
+NO_CROP = {"clevr_count", "clevr_distance", "dmlab", "kitti_distance"}
+KNOWN_TASKS = {
+    **{t: "natural" for t in ("caltech101", "cifar100", "dtd", "flowers102", "pets", "sun397", "svhn")},
+    **{t: "specialized" for t in ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy")},
+    **{t: "structured" for t in ("clevr_count", "clevr_distance", "dmlab", "kitti_distance", "dsprites_location",
+                                 "dsprites_orientation", "smallnorb_azimuth", "smallnorb_elevation")},
+}
+SEARCH_SPACE = {  # BiT-HyperParam's axes
+    "base_lr": (0.001, 0.003, 0.01, 0.03),
+    "steps": (500, 1000, 2500),
+    "mixup_alpha": (0.0, 0.1),
+    "resolution": ((160, 128), (448, 384)),
+}
+
+
+def task_settings(folder: Path) -> dict:
+    """Group and augmentation switches: task.json, else the known VTAB task table, else natural/on/on."""
+    name = folder.name
+    settings = {"group": KNOWN_TASKS.get(name), "flip": name not in NO_FLIP, "crop": name not in NO_CROP}
+    if (folder / "task.json").is_file():
+        settings |= json.loads((folder / "task.json").read_text())
+    return settings
+
+
+def split_train(n: int, seed: int, train_examples: int = TRAIN_EXAMPLES,
+                search_train: int = SEARCH_TRAIN) -> tuple[list[int], list[int], list[int]]:
+    """(the 1,000, their first 800 for search training, the other 200 for search validation)."""
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(n, size=train_examples, replace=False).tolist()) if n > train_examples else list(
+        range(n))
+    order = rng.permutation(len(chosen))
+    cut = round(len(chosen) * search_train / train_examples)
+    return chosen, sorted(chosen[i] for i in order[:cut]), sorted(chosen[i] for i in order[cut:])
+
+
+def draw_trials(n: int, seed: int, space: dict | None = None) -> list[dict]:
+    """N random points of the search space, reproducible from the seed."""
+    space = space or SEARCH_SPACE
+    rng = np.random.default_rng([seed, 1])
+    return [{k: values[int(rng.integers(len(values)))] for k, values in space.items()} for _ in range(n)]
+
+
+def run_task(model: str, folder: str | os.PathLike, out: str | os.PathLike, *, pretrained=False, search: int = 0,
+             seed: int = 0, space: dict | None = None, train_examples: int = TRAIN_EXAMPLES,
+             search_train: int = SEARCH_TRAIN, device: str | None = None, **overrides) -> dict:
+    """One task: optional search on 800/200, then train on the 1,000 and test. Every run has its own
+    folder under `out`, so an interrupted task resumes where it stopped; the bookkeeping goes to
+    OUT/result.json."""
+    folder, out = Path(folder), Path(out)
+    settings = task_settings(folder)
+    train_all, test = open_dataset(str(folder), "train"), open_dataset(str(folder), "test")
+    chosen, search_train_idx, search_val_idx = split_train(len(train_all), seed, train_examples, search_train)
+    aug = {"flip": settings["flip"] and train_all.flip, "random_crop": settings["crop"]}
+    common = dict(pretrained=pretrained, device=device, seed=seed, progress=False, **aug)
+    trials = []
+    best = {}
+    if search:
+        for i, params in enumerate(draw_trials(search, seed, space)):
+            r = finetune(model, train_all.subset(search_train_idx), train_all.subset(search_val_idx),
+                         out=out / f"trial{i:02d}", **common, **(overrides | params))
+            trials.append({"trial": i, "params": params, "val_accuracy": result_accuracy(r)})
+            log.info("%s trial %d %s: val %.2f%%", folder.name, i, params, 100 * trials[-1]["val_accuracy"])
+        best = max(trials, key=lambda t: t["val_accuracy"])["params"]
+    final = finetune(model, train_all.subset(chosen), test, out=out / "final", **common, **(overrides | best))
+    result = {"task": folder.name, **settings, "train_examples": len(chosen), "search_trials": trials,
+              "best_params": best, "test_accuracy": result_accuracy(final), "test_examples": len(test)}
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "result.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1, default=list) + "\n")
+    return result
+
+
+def run_vtab(model: str, root: str | os.PathLike, out: str | os.PathLike, tasks: Sequence[str] | None = None,
+             **kwargs) -> list[dict]:
+    """Every task folder under `root` (or the named ones), then the grouped table in OUT/vtab.json."""
+    root = Path(root)
+    names = tasks or sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
+    if not names:
+        raise FileNotFoundError(f"{root}: no task folders with train/ and test/ inside")
+    results = [run_task(model, root / name, Path(out) / name, **kwargs) for name in names]
+    with atomic_path(Path(out) / "vtab.json") as tmp:
+        tmp.write_text(json.dumps({"tasks": results, "groups": group_means(results)}, indent=1, default=list))
+    return results
+
+
+def group_means(results: Sequence[dict]) -> dict[str, float]:
+    """Mean test accuracy per group (tagged tasks only) and over all tasks, as VTAB reports."""
+    means = {}
+    for group in GROUPS:
+        accs = [r["test_accuracy"] for r in results if r.get("group") == group]
+        if accs:
+            means[group] = statistics.mean(accs)
+    means["mean"] = statistics.mean(r["test_accuracy"] for r in results)
+    return means
+
+
+def vtab_table(results: Sequence[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("group", "task", "top-1 %", "trials", "best params"):
+        table.add_column(col)
+    order = {g: i for i, g in enumerate(GROUPS)}
+    for r in sorted(results, key=lambda r: (order.get(r.get("group"), 9), r["task"])):
+        table.add_row(r.get("group") or "-", r["task"], f"{100 * r['test_accuracy']:.1f}", str(len(r["search_trials"])),
+                      json.dumps(r["best_params"], default=list) if r["best_params"] else "HyperRule")
+    for group, mean in group_means(results).items():
+        table.add_row(f"[bold]{group}[/bold]", "mean", f"[bold]{100 * mean:.1f}[/bold]", "", "")
+    return table
+

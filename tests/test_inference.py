@@ -1,0 +1,79 @@
+"""predict / embed / export, through the command line where users meet them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+import bigtransfer as bt
+from bigtransfer.cli import main
+from bigtransfer.finetuning import finetune
+from bigtransfer.inference import fold_weight_standardization, load_model
+from images import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    make_image_folder(root / "shapes", classes=3, per_class=8, size=32)
+    finetune("BiT-R14x0.25", str(root / "shapes"), out=root / "run", steps=20, batch_size=12, base_lr=0.05,
+             resolution=(36, 32), progress=False)
+    return root
+
+
+def run_cli(capsys, *args):
+    assert main([str(a) for a in args]) == 0
+    return capsys.readouterr().out
+
+
+def test_predict_names_the_classes(trained, capsys):
+    files = sorted((trained / "shapes" / "class1").glob("*.png"))[:3]
+    out = json.loads(run_cli(capsys, "predict", *files, "--model", trained / "run" / "model.safetensors",
+                             "--top-k", "2"))
+    assert [r["file"] for r in out] == [str(f) for f in files]
+    for r in out:
+        assert len(r["top"]) == 2 and {t["label"] for t in r["top"]} <= {"class0", "class1", "class2"}
+        assert r["top"][0]["probability"] >= r["top"][1]["probability"] and r["top"][0]["probability"] <= 1
+
+
+def test_embed_matches_forward_features(trained, capsys, tmp_path):
+    files = sorted((trained / "shapes" / "class0").glob("*.png"))[:4]
+    ckpt = trained / "run" / "model.safetensors"
+    run_cli(capsys, "embed", *files, "--model", ckpt, "--out", tmp_path / "f.npy")
+    run_cli(capsys, "embed", *files, "--model", ckpt, "--out", tmp_path / "f.safetensors")
+    features = np.load(tmp_path / "f.npy", allow_pickle=False)
+    assert features.shape == (4, 512)
+    np.testing.assert_array_equal(load_file(str(tmp_path / "f.safetensors"))["features"], features)
+    model, _, resolution = load_model(ckpt)
+    assert resolution == 32
+    from bigtransfer.data import HyperRuleTransform, decode_image, to_model_input
+
+    x = torch.stack([HyperRuleTransform(32, 32, train=False)(decode_image(f), 0) for f in files])
+    with torch.no_grad():
+        np.testing.assert_allclose(model.forward_features(to_model_input(x)).numpy(), features, rtol=1e-5, atol=1e-6)
+
+
+def test_folding_weight_standardization_is_exact():
+    model = bt.create_model("BiT-R14x0.25", num_classes=5, zero_head=False).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_weight_standardization(model)(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch(trained, capsys, tmp_path, fmt):
+    ckpt = trained / "run" / "model.safetensors"
+    out = tmp_path / f"model.{fmt}"
+    run_cli(capsys, "export", "--model", ckpt, "--format", fmt, "--out", out, "--resolution", "32")
+    model, _, _ = load_model(ckpt)
+    x = torch.randn(3, 3, 32, 32)  # another batch size than the export's example: the batch axis is dynamic
+    with torch.no_grad():
+        reference = model(x).numpy()
+    if fmt == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    else:
+        got = torch.jit.load(str(out))(x).detach().numpy()
+    assert np.abs(got - reference).max() <= 1e-4 * np.abs(reference).max()

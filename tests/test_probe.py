@@ -1,0 +1,38 @@
+"""The linear probe against a hand-made separable problem and scikit-learn's Ridge."""
+
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge
+
+import bigtransfer as bt
+from bigtransfer.data import open_dataset
+from bigtransfer.probe import linear_probe, ridge_accuracy, ridge_fit
+from bigtransfer.runtime import setup
+
+
+def test_exact_on_a_separable_problem():
+    rng = np.random.default_rng(0)
+    centres = np.eye(5) * 10
+    y = rng.integers(0, 5, 200)
+    x = centres[y] + rng.normal(0, 0.5, (200, 5))
+    assert ridge_accuracy((x[:100], y[:100]), (x[100:], y[100:]), 5) == 1.0
+
+
+@pytest.mark.parametrize("n,c,l2", [(200, 16, 1024.0), (12, 64, 1024.0), (50, 30, 0.5)])
+def test_matches_scikit_learn_ridge(n, c, l2):
+    """Both the primal (n >= c) and the dual (n < c) solve equal Ridge(fit_intercept=True) on +-1 targets."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(n, c)) * rng.uniform(0.1, 3, c), rng.integers(0, 4, n)
+    y[:4] = np.arange(4)
+    weights, intercept = ridge_fit(x, y, 4, l2)
+    ref = Ridge(alpha=l2, fit_intercept=True).fit(x, 2.0 * np.eye(4)[y] - 1.0)
+    np.testing.assert_allclose(weights, ref.coef_.T, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-7, atol=1e-10)
+
+
+def test_probe_rows_for_shots_and_seeds():
+    model = bt.create_model("BiT-R14x0.25", num_classes=0)
+    train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
+    rows = linear_probe(model, train, test, 32, setup("cpu"), shots=(1, 5, None), seeds=(0, 1))
+    assert [(r["examples_per_class"], r["seed"]) for r in rows] == [(1, 0), (1, 1), (5, 0), (5, 1), (None, 0)]
+    assert rows[-1]["accuracy"] > 0.5  # even random GN+WS features separate digits with all 1,000 examples
