@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import bigtransfer as bt
+import bigtransfer.inference  # noqa: F401  (bt.inference in the cache test)
 from bigtransfer.models import get_model_spec, group_norm_groups
 from bigtransfer.models.resnetv2 import StdConv2d
 
@@ -131,3 +132,33 @@ def test_new_head_is_logged_when_sizes_differ(tmp_path, caplog):
     assert torch.equal(model.root.conv.weight, source.root.conv.weight)
     same = bt.create_model("BiT-R14x0.25", pretrained=tmp_path / "w.safetensors")  # keeps the checkpoint's head
     assert torch.equal(same.head.weight, source.head.weight)
+
+
+def test_standardized_kernels_are_cached_for_inference_and_invalidated_by_updates(tmp_path):
+    model = bt.create_model("BiT-R14x0.25", num_classes=3, zero_head=False)
+    conv = model.stages[0][0].conv2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        first = model.eval()(x)
+        cached = conv._cache[1]
+        assert torch.equal(model(x), first) and conv._cache[1] is cached  # reused, not recomputed
+    torch.testing.assert_close(cached, standardize_by_hand(conv.weight.detach()))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).sum().backward()  # training never uses the cache
+    opt.step()
+    with torch.no_grad():
+        after = model.eval()(x)
+        assert not torch.equal(after, first)
+        torch.testing.assert_close(conv._cache[1], standardize_by_hand(conv.weight))
+        torch.testing.assert_close(after, bt.inference.fold_weight_standardization(model)(x))
+    bt.save_weights(bt.create_model("BiT-R14x0.25", num_classes=3, zero_head=False), tmp_path / "w.safetensors")
+    bt.load_weights(model, tmp_path / "w.safetensors")  # copy_ into the parameters: the cache must notice
+    with torch.no_grad():
+        torch.testing.assert_close(conv.standardized_weight(), standardize_by_hand(conv.weight))
+
+
+def standardize_by_hand(w):
+    flat = w.reshape(w.shape[0], -1).double()
+    mean, var = flat.mean(1, keepdim=True), flat.var(1, unbiased=False, keepdim=True)
+    return ((flat - mean) / torch.sqrt(var + 1e-10)).reshape_as(w).float()

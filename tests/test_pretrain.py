@@ -149,11 +149,12 @@ def test_torchrun_two_processes_over_shards(shards, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "bigtransfer", "pretrain", "--model", TINY, "--data", str(shards / "shards"), "--out", str(run),
            "--epochs", "8", "--batch", "16", "--resolution", "32", "--lr", "0.05", "--checkpoint-every", "8",
-           "--sample-log", "--no-progress"]
+           "--log-every", "1", "--sample-log", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=bit_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
+    first_epoch, last_epoch = sum(losses[:4]) / 4, sum(losses[-4:]) / 4  # measured: 1.36 -> 0.58
+    assert len(losses) == 32 and last_epoch < 0.7 * first_epoch
     assert sorted(p.name for p in run.glob("*.pt")) == ["checkpoint.pt"] and len(list(run.glob("*.tmp"))) == 0
     assert (run / "config.json").exists() and json.loads((run / "config.json").read_text())["world_size"] == 2
     seen = {}

@@ -122,8 +122,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         results = finetune(args.model, source, eval_source, out=args.out, pretrained=args.pretrained,
                            device=args.device, workers=args.workers, eval_every=args.eval_every,
-                           checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-                           in_memory=args.in_memory, device_data=args.device_data, **overrides)
+                           checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                           progress=not args.no_progress, in_memory=args.in_memory, device_data=args.device_data,
+                           **overrides)
     except TrainingInterrupted as e:
         print(f"bit finetune: {e}", file=sys.stderr)
         return 128 + e.signum
@@ -161,7 +162,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         results = pretrain(args.model, args.data, args.eval_data, out=args.out, probe_data=args.probe_data,
                            probe_shots=args.probe_shots, pretrained=args.pretrained, device=args.device,
                            workers=args.workers, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                           progress=not args.no_progress, sample_log=args.sample_log, recipe=args.recipe,
+                           log_every=args.log_every, progress=not args.no_progress, sample_log=args.sample_log,
+                           recipe=args.recipe,
                            in_memory=args.in_memory, **overrides)
     except TrainingInterrupted as e:
         print(f"bit pretrain: {e}", file=sys.stderr)
@@ -366,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help="write the resume checkpoint every STEPS steps (default: every 10 minutes)")
     p.add_argument("--in-memory", action="store_true", help="decode the training images once into RAM")
+    p.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="metrics line every STEPS steps")
     p.add_argument("--device-data", action="store_true", help="keep the training images on the GPU and "
                                                               "resize/crop/flip there in batch (small data sets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -498,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="resume checkpoint every STEPS steps")
     p.add_argument("--in-memory", action="store_true", help="decode/render the data once into RAM (small sets, "
                                                             "generated data)")
+    p.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="metrics line every STEPS steps")
     p.add_argument("--sample-log", action="store_true", help="record which samples every step saw "
                                                             "(samples.rankN.jsonl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

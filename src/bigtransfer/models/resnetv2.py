@@ -42,22 +42,48 @@ def group_norm_groups(channels: int, groups: int = GN_GROUPS) -> int:
 
 
 def standardize(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
-    """Weight Standardization: per output channel, zero mean and unit (biased) variance over (in, kh, kw)."""
-    var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, correction=0)
-    return (weight - mean) * torch.rsqrt(var + eps)
+    """Weight Standardization: per output channel, zero mean and unit (biased) variance over (in, kh, kw).
+
+    Computed as a batch norm over a (1, out, in*kh*kw) view: exactly the same arithmetic as mean/var,
+    but one fused kernel forward and one backward instead of five elementwise passes over the weights.
+    """
+    flat = weight.reshape(1, weight.shape[0], -1)
+    return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=eps).reshape_as(weight)
 
 
 class StdConv2d(nn.Conv2d):
-    """Conv2d whose kernel is weight-standardised on every call (no bias, as in BiT)."""
+    """Conv2d whose kernel is weight-standardised on every call (no bias, as in BiT).
+
+    Without gradients (evaluation, inference) the standardised kernel is computed once and reused
+    until the weight changes (an optimiser step or a load bumps the tensor's version counter)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  eps: float = WS_EPS) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=kernel_size // 2, bias=False)
         self.eps = eps
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            self._cache = None
+            return standardize(w, self.eps)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride())
+        if self._cache is None or self._cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
+                self._cache = (key, standardize(w, self.eps))
+        return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, standardize(self.weight, self.eps), None, self.stride, self.padding)
+        return F.conv2d(x, self.standardized_weight(), None, self.stride, self.padding)
+
+
+def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
+    """On CPUs, channels_last activations let oneDNN convolve without reordering and GroupNorm use its
+    NHWC kernel (measured: inference +25%, training even); convolutions then keep the layout. On CUDA,
+    GroupNorm returns NCHW whatever it is given, so the input is left as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.dim() == 4 else x
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -102,7 +128,7 @@ class PreActBottleneck(nn.Module):
         out = self.conv1(a)
         out = self.conv2(self.norm2(out))
         out = self.conv3(self.norm3(out))
-        return out + shortcut
+        return out.add_(shortcut)  # in place: the conv output is not needed by any backward
 
 
 @dataclass(frozen=True)
@@ -217,7 +243,7 @@ class ResNetV2(nn.Module):
         ``root`` and ``stage1..3`` are raw pre-activation outputs (the next unit normalises them);
         ``stage4`` is passed through the head norm + ReLU, the only activated output the net has.
         """
-        feats = {"root": self.root(x)}
+        feats = {"root": self.root(_cpu_layout(x))}
         x = feats["root"]
         for i, stage in enumerate(self.stages):
             x = self._run_stage(stage, x)
@@ -238,7 +264,7 @@ class ResNetV2(nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.root(x)
+        x = self.root(_cpu_layout(x))
         for stage in self.stages:
             x = self._run_stage(stage, x)
         return self.norm(x).mean(dim=(2, 3))
