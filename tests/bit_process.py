@@ -22,3 +22,24 @@ def bit(*args, env=None, check=True, timeout=300) -> subprocess.CompletedProcess
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def kill_after_checkpoint(args, out, min_step: int, max_step: int, timeout: float = 180) -> None:
+    """Start `bit ARGS --out OUT` and SIGKILL it as soon as its resume checkpoint is at a step in
+    [min_step, max_step): a crash mid-run, with nothing written after the checkpoint."""
+    import signal
+    import time
+    from pathlib import Path
+
+    import torch
+
+    proc = subprocess.Popen(bit_command(*args, "--out", out), env=bit_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    ckpt = Path(out) / "checkpoint.pt"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists() and min_step <= torch.load(ckpt, weights_only=True)["step"] < max_step:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"

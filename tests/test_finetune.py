@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from bigtransfer.data import open_dataset, sample_per_class
 from bigtransfer.evaluate import metrics_from_confusion
 from bigtransfer.finetuning import finetune
-from bit_process import bit, bit_command, bit_env
+from bit_process import bit, bit_command, bit_env, kill_after_checkpoint
 
 TINY = "BiT-R14x0.25"
 FAST = {"resolution": (40, 32), "progress": False}  # 32 px crops keep CPU runs to seconds
@@ -118,16 +118,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     bit(*args, "--out", tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(bit_command(*args, "--out", killed), env=bit_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        ckpt = killed / "checkpoint.pt"
-        if ckpt.exists() and 8 <= torch.load(ckpt, weights_only=True)["step"] < 40:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_checkpoint(args, killed, 8, 40)
     assert not (killed / "model.safetensors").exists()
     resumed = bit(*args, "--out", killed)
     assert "resuming" in resumed.stderr

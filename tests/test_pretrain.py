@@ -2,10 +2,8 @@
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
@@ -23,7 +21,7 @@ from bigtransfer.pretraining import (
     pretrain,
     sigmoid_cross_entropy,
 )
-from bit_process import bit, bit_command, bit_env
+from bit_process import bit, bit_env, kill_after_checkpoint
 from images import make_image_folder
 
 TINY = "BiT-R14x0.25"
@@ -173,16 +171,7 @@ def test_killed_pretraining_resumes_to_the_same_weights(shards, tmp_path):
             "--resolution", "48", "--lr", "0.05", "--checkpoint-every", "3", "--workers", "2", "--no-progress"]
     bit(*args, "--out", tmp_path / "straight")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(bit_command(*args, "--out", killed), env=bit_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        ckpt = killed / "checkpoint.pt"
-        if ckpt.exists() and 5 <= torch.load(ckpt, weights_only=True)["step"] < 40:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_checkpoint(args, killed, 5, 40)
     bit(*args, "--out", killed)
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     for k in a:

@@ -3,11 +3,10 @@ data) the per-epoch decode or render cost disappears, and the array can live on 
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
-
 import numpy as np
 from PIL import Image
 
+from .parallel import map_with_progress
 from .sources import BadImageError, LabelledImages
 
 
@@ -21,20 +20,8 @@ class InMemoryImages(LabelledImages):
         self.multi_label, self.targets = source.multi_label, list(source.targets)
         self._describe = [source.describe(i) for i in range(len(source))] if len(source) <= 100_000 else None
         chunks = [(source, range(i, min(i + 2048, len(source))), size) for i in range(0, len(source), 2048)]
-        from rich.progress import Progress
-
-        parts = []
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"decoding {source.name} into memory", total=len(source))
-            if workers > 1:
-                with ProcessPoolExecutor(workers) as pool:
-                    for part in pool.map(_decode_chunk, *zip(*chunks, strict=True)):
-                        parts.append(part)
-                        bar.advance(task, len(part))
-            else:
-                for chunk in chunks:
-                    parts.append(_decode_chunk(*chunk))
-                    bar.advance(task, len(parts[-1]))
+        parts = map_with_progress(_decode_chunk, chunks, workers=workers, description=f"decoding {source.name} "
+                                  "into memory", total=len(source), size=len, progress=progress, transient=True)
         self.images = np.concatenate(parts) if parts else np.zeros((0, 1, 1, 3), np.uint8)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:

@@ -21,7 +21,6 @@ import logging
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..checkpoints.formats import atomic_path
 from .loader import target_tensor
+from .parallel import map_with_progress
 from .sources import BadImageError, LabelledImages, decode_image
 
 log = logging.getLogger("bigtransfer")
@@ -50,20 +50,8 @@ def write_shards(source: LabelledImages, out_dir: str | os.PathLike, shard_size:
     out.mkdir(parents=True, exist_ok=True)
     groups = [list(range(i, min(i + shard_size, len(source)))) for i in range(0, len(source), shard_size)]
     jobs = [(source, idx, out / f"shard-{k:06d}.tar", max_side, quality) for k, idx in enumerate(groups)]
-    from rich.progress import Progress
-
-    results = []
-    with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"writing {len(jobs)} shards", total=len(source))
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                for r in pool.map(_write_shard, *zip(*jobs, strict=True)):
-                    results.append(r)
-                    bar.advance(task, r["count"] + len(r["bad"]))
-        else:
-            for job in jobs:
-                results.append(_write_shard(*job))
-                bar.advance(task, results[-1]["count"] + len(results[-1]["bad"]))
+    results = map_with_progress(_write_shard, jobs, workers=workers, description=f"writing {len(jobs)} shards",
+                                total=len(source), size=lambda r: r["count"] + len(r["bad"]), progress=progress)
     bad = [b for r in results for b in r.pop("bad")]
     for b in bad:
         log.warning("bad image left out of the shards: %s", b)
