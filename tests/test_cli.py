@@ -1,6 +1,7 @@
 """The `bit` command line, run as users run it (real processes), and registry downloads end to end."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,16 @@ def test_registered_checkpoint_with_checksum(tmp_path, monkeypatch):
             bt.create_model("test-tiny-bad-sum", pretrained=True)
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
+
+
+def test_fewshot_and_probe_commands(tmp_path, capsys):
+    common = ["--model", "BiT-R14x0.25", "--data", "digits", "--shots", "2", "--seeds", "2"]
+    run_main(capsys, "fewshot", *common, "--steps", "4", "--batch", "16", "--resolution", "36", "32",
+             "--out", tmp_path / "fs")
+    rows = json.loads((tmp_path / "fs" / "summary.json").read_text())["rows"]
+    assert [(r["init"], r["examples_per_class"], r["seed"]) for r in rows] == [("scratch", 2, 0), ("scratch", 2, 1)]
+    assert (tmp_path / "fs" / "runs" / "scratch_k2_seed1" / "model.safetensors").exists()
+    _, out, _ = run_main(capsys, "probe", *common, "--full", "--resolution", "32", "32", "--out", tmp_path / "pr")
+    rows = json.loads((tmp_path / "pr" / "summary.json").read_text())["rows"]
+    assert [r["examples_per_class"] for r in rows] == [2, 2, None] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert (tmp_path / "pr" / "accuracy.png").exists() and "linear probe" in out

@@ -184,3 +184,15 @@ def test_pretrain_on_an_image_folder_with_eval_and_probe(tmp_path):
                  probe_data="digits", probe_shots=2, epochs=4, batch_size=8, crop=32, progress=False)
     assert r["eval"]["examples"] == 8 and 0 <= r["eval"]["probe_2shot"] <= 1
     assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_multi_label_pretraining_reports_map_and_starts_from_bias_minus_ten(tmp_path):
+    make_image_folder(tmp_path / "img", classes=3, per_class=6)
+    rows = ["path,label"] + [f"img/class{c}/{i:03d}.png,{f'c{c};any' if i % 2 else f'c{c}'}"
+                             for c in range(3) for i in range(6)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    r = pretrain(TINY, str(tmp_path / "labels.csv"), str(tmp_path / "labels.csv"), out=tmp_path / "run", epochs=2,
+                 batch_size=6, crop=32, progress=False)
+    assert r["plan"]["loss"] == "sigmoid" and 0 < r["eval"]["mAP"] <= 1
+    bias = load_file(str(tmp_path / "run" / "model.safetensors"))["head.bias"]
+    assert bias.shape == (4,) and (bias < -9).all()  # six small steps barely move it from -10

@@ -78,10 +78,9 @@ class FinetunePlan:
         return hyperrule.Schedule(self.warmup_steps, tuple(self.decay_steps), self.steps)
 
 
-# Overrides that change what is trained (compared on resume) vs. how it runs (free to change).
+# Overrides that change what is trained (compared on resume); how it runs (device, workers...) is free.
 PLAN_KEYS = {f.name for f in dataclasses.fields(FinetunePlan)} - {"model", "data", "n_examples", "num_classes",
                                                                      "image_size", "overridden"}
-RUN_KEYS = {"device", "workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "progress"}
 
 
 def make_plan(model: str, data: LabelledImages, **overrides) -> FinetunePlan:
