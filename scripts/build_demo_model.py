@@ -1,6 +1,6 @@
 """Rebuild the embedded default model, BiT-R14x0.25-glyphs, and record how it was made.
 
-    python scripts/build_demo_model.py            # about 6-7 minutes on 2 CPU cores
+    python scripts/build_demo_model.py            # about 7-10 minutes on 2 CPU cores
 
 Runs the recorded `bit pretrain` command on generated glyphs (a finished run in runs/ is reused, as
 `bit pretrain` does for any finished run folder), copies the final weights into
