@@ -306,6 +306,19 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """How a training run runs (not what it trains), shared by `bit finetune` and `bit pretrain`."""
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--eval-every", type=int, metavar="STEPS", help="evaluate every STEPS steps (and at the end)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="write the resume checkpoint every STEPS steps (default: every 10 minutes)")
+    p.add_argument("--in-memory", action="store_true", help="decode (or render) the training images once into RAM "
+                                                            "(small sets, generated data)")
+    p.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="metrics line every STEPS steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bit", description="Big Transfer (BiT): ResNet-v2 GN+WS models, checkpoints and the BiT-HyperRule.")
@@ -362,16 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="CKPT",
                    help="start from the registry's released weights (flag alone) or from a checkpoint file")
     p.add_argument("--out", help="run folder (default: runs/MODEL_DATA[_kKsS]_seedN)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
-    p.add_argument("--eval-every", type=int, metavar="STEPS", help="evaluate every STEPS steps (and at the end)")
-    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
-                   help="write the resume checkpoint every STEPS steps (default: every 10 minutes)")
-    p.add_argument("--in-memory", action="store_true", help="decode the training images once into RAM")
-    p.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="metrics line every STEPS steps")
+    add_run_arguments(p)
     p.add_argument("--device-data", action="store_true", help="keep the training images on the GPU and "
                                                               "resize/crop/flip there in batch (small data sets)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("demo", help="the BiT story offline in minutes: glyph-pretrained vs. scratch on real digits",
@@ -379,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "random init with the (CPU-scaled) BiT-HyperRule on scikit-learn's handwritten "
                                    "digits at 1, 5 and 10 examples per class and on all training images; print the "
                                    "table (min <- median -> max over seeds) and write summary.json, report.md and "
-                                   "accuracy.png. About 3-4 minutes on 2 CPU cores.")
+                                   "accuracy.png. About 2 minutes on 2 CPU cores.")
     p.add_argument("--out", default="bit-demo", help="output folder (default bit-demo)")
     p.add_argument("--seeds", type=int, default=3, help="few-shot draws per k (default 3)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="examples per class (default 1 5 10)")
@@ -495,16 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute units in the backward pass")
     g.add_argument("--seed", type=int, help="seed (default 0)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
-    p.add_argument("--eval-every", type=int, metavar="STEPS", help="evaluate every STEPS steps (and at the end)")
-    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="resume checkpoint every STEPS steps")
-    p.add_argument("--in-memory", action="store_true", help="decode/render the data once into RAM (small sets, "
-                                                            "generated data)")
-    p.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="metrics line every STEPS steps")
+    add_run_arguments(p)
     p.add_argument("--sample-log", action="store_true", help="record which samples every step saw "
                                                             "(samples.rankN.jsonl)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
     return parser
 

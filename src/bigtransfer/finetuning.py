@@ -197,7 +197,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
     handler = run.log_to_file()
     try:
-        done = _previous_run(run, plan)
+        done = run.previous_results(dataclasses.asdict(plan))
         if done is not None:
             return done
         if runtime.is_main and progress:
@@ -243,23 +243,6 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
         if handler is not None:
             logging.getLogger("bigtransfer").removeHandler(handler)
             handler.close()
-
-
-def _previous_run(run: RunDir, plan: FinetunePlan) -> dict | None:
-    """A finished run returns its results; a different plan in the same folder is an error."""
-    saved = run.read_json("config.json")
-    if saved is None:
-        return None
-    before, now = saved["plan"], json.loads(json.dumps(dataclasses.asdict(plan)))
-    changed = [k for k in sorted(now) if k != "overridden" and before.get(k) != now[k]]
-    if changed:
-        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"{run.path} holds a run with other settings ({diffs}); "
-                         "pass another output folder (--out) to start a new run")
-    summary = run.read_json("summary.json")
-    if summary is not None:
-        log.info("%s is already complete; its results are returned as they are", run.path)
-    return summary
 
 
 def _build_model(model_or_name: nn.Module | str, plan: FinetunePlan, pretrained: bool | str | os.PathLike) -> ResNetV2:

@@ -217,16 +217,14 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     run = RunDir(out, writer=runtime.is_main)
     handler = run.log_to_file()
     try:
+        done = run.previous_results(dataclasses.asdict(plan), ignore=())
+        if done is not None:
+            return done
         saved = run.read_json("config.json")
-        if saved is not None and saved["plan"] != json.loads(json.dumps(dataclasses.asdict(plan))):
-            raise ValueError(f"{run.path} holds a pre-training run with other settings; pass another --out")
         if saved is not None and shards is not None and saved["world_size"] != runtime.world_size:
             log.warning("resuming with %d processes, the run started with %d: the shard order of the current "
                         "epoch changes, so that epoch may see some samples twice and others not at all",
                         runtime.world_size, saved["world_size"])
-        if run.read_json("summary.json") is not None:
-            log.info("%s is already complete", run.path)
-            return run.read_json("summary.json")
         torch.manual_seed(plan.seed)
         model = create_model(model_name, num_classes=plan.num_classes, pretrained=pretrained)
         if multi and pretrained is False:

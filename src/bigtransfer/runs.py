@@ -45,6 +45,23 @@ class RunDir:
         p = self / name
         return json.loads(p.read_text()) if p.exists() else None
 
+    def previous_results(self, plan: dict, ignore: tuple[str, ...] = ("overridden",)) -> dict | None:
+        """For a folder that already holds a run: refuse another plan (naming what differs), return the
+        saved results of a finished run, None for an interrupted one (the caller resumes it)."""
+        saved = self.read_json("config.json")
+        if saved is None:
+            return None
+        now = json.loads(json.dumps(plan))
+        changed = [k for k in sorted(now) if k not in ignore and saved["plan"].get(k) != now[k]]
+        if changed:
+            diffs = "; ".join(f"{k}: {saved['plan'].get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(f"{self.path} holds a run with other settings ({diffs}); "
+                             "pass another output folder (--out) to start a new run")
+        summary = self.read_json("summary.json")
+        if summary is not None:
+            log.info("%s is already complete; its results are returned as they are", self.path)
+        return summary
+
     def metrics(self) -> list[dict]:
         p = self / "metrics.jsonl"
         if not p.exists():
