@@ -4,14 +4,22 @@ side by side in one run: same batch, threads, precision and input; alternating r
     python benchmarks/bench_models.py                       # CPU: R50x1, 128 px train, 224 px infer, batch 16
     python benchmarks/bench_models.py --device cuda --batch 128 --precision bf16 --models R50x1 R101x1 R50x3
 
-Prints img/s, the ratio to timm, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) and the
-fraction of this machine's measured matrix-multiply rate (the ceiling), and peak memory where known.
+Each implementation runs in its own worker process, so that each gets what its users get by default
+(importing bigtransfer changes the process's allocator, see `bigtransfer.keep_freed_memory`); the
+workers take turns, one at a time. `timm+heap` is timm in a process with our allocator setting: it shows
+how much of the difference is the allocator and how much the model code.
+Prints img/s, the ratio to timm, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter), the
+fraction of this machine's measured matrix-multiply rate (the ceiling), and peak memory (CPU: the
+worker's peak RSS; CUDA: peak allocated).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing as mp
+import os
+import resource
 import statistics
 import time
 
@@ -28,7 +36,7 @@ def build(impl: str, name: str, device: torch.device, channels_last: bool) -> to
     depth, width = DEPTH_WIDTH[name]
     if impl == "ours":
         model = bt.create_model(f"BiT-M-{name}", num_classes=1000, zero_head=False)
-    elif impl == "timm":
+    elif impl.startswith("timm"):
         import timm
 
         model = timm.create_model(f"resnetv2_{depth}x{width}_bit", num_classes=1000)
@@ -106,6 +114,46 @@ def matmul_rate(device: torch.device, precision: str) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def worker(conn, impl: str, name: str, mode: str, res: int, args: argparse.Namespace) -> None:
+    """One implementation in its own process: build, count FLOPs, warm up, then time `iters` steps
+    whenever the parent asks, until it sends None."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, res, res, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    model = build(impl, name, device, args.channels_last)
+    flops = count_flops(model, mode, x, y)
+    run = step_fn(model, mode, x, y, args.precision)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run()
+    run()
+    sync(device)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    conn.send((flops, peak))
+    while (iters := conn.recv()) is not None:
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            run()
+        sync(device)
+        conn.send((time.perf_counter() - t) / iters)
+
+
+def start_worker(ctx, impl: str, *args) -> tuple:
+    """Peers run with the system allocator even though this module imports bigtransfer, timm+heap with
+    ours (a spawned child inherits the environment at start, and imports bigtransfer first)."""
+    os.environ["BIGTRANSFER_MALLOC"] = "default" if impl in ("ours", "timm+heap") else "system"
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=worker, args=(child, impl, *args), daemon=True)
+    proc.start()
+    return proc, parent
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -118,7 +166,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the median is reported")
     p.add_argument("--iters", type=int, default=3, help="timed steps per round")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--impls", nargs="+", default=["ours", "timm", "hf"])
+    p.add_argument("--impls", nargs="+", default=["ours", "timm", "timm+heap", "hf"],
+                   choices=("ours", "timm", "timm+heap", "hf"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -126,42 +175,29 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'}), "
           f"torch {torch.__version__}, precision {args.precision}, batch {args.batch}; "
           f"matrix-multiply ceiling {ceiling / 1e9:.0f} GFLOP/s")
-    print(f"{'model':8} {'mode':6} {'res':>4} {'impl':5} {'img/s':>9} {'vs timm':>8} {'GFLOP/s':>9} "
-          f"{'of ceiling':>10} {'peak MiB':>9}")
+    print(f"{'model':8} {'mode':6} {'res':>4} {'impl':9} {'img/s':>9} {'vs timm':>8} {'GFLOP/s':>9} "
+          f"{'of ceiling':>10} {'peak MiB':>9}", flush=True)
+    ctx = mp.get_context("spawn")
     for name in args.models:
         for mode, res in (("train", args.train_res), ("infer", args.infer_res)):
             impls = [i for i in args.impls if not (i == "hf" and mode == "train")]
-            x = torch.randn(args.batch, 3, res, res, device=device)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.randint(0, 1000, (args.batch,), device=device)
-            models = {i: build(i, name, device, args.channels_last) for i in impls}
-            flops = {i: count_flops(m, mode, x, y) for i, m in models.items()}
-            runs = {i: step_fn(m, mode, x, y, args.precision) for i, m in models.items()}
+            workers = {i: start_worker(ctx, i, name, mode, res, args) for i in impls}
+            ready = {i: conn.recv() for i, (_, conn) in workers.items()}  # (flops, peak MiB)
             times: dict[str, list[float]] = {i: [] for i in impls}
-            peak: dict[str, float] = {}
-            for i in impls:  # warm up (and the peak memory of one step on GPU)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                runs[i]()
-                runs[i]()
-                sync(device)
-                if device.type == "cuda":
-                    peak[i] = torch.cuda.max_memory_allocated() / 2**20
             for _ in range(args.repeats):
-                for i in impls:  # alternate, so that a noisy moment hits everyone alike
-                    sync(device)
-                    t = time.perf_counter()
-                    for _ in range(args.iters):
-                        runs[i]()
-                    sync(device)
-                    times[i].append((time.perf_counter() - t) / args.iters)
+                for i, (_, conn) in workers.items():  # alternate, so that a noisy moment hits everyone alike
+                    conn.send(args.iters)
+                    times[i].append(conn.recv())
+            for proc, conn in workers.values():
+                conn.send(None)
+                proc.join()
             speed = {i: args.batch / statistics.median(times[i]) for i in impls}
             for i in impls:
-                rate = flops[i] / statistics.median(times[i])
-                print(f"{name:8} {mode:6} {res:4} {i:5} {speed[i]:9.1f} {speed[i] / speed['timm']:7.2f}x "
-                      f"{rate / 1e9:9.1f} {rate / ceiling:9.0%} {peak.get(i, float('nan')):9.0f}")
-            del models, runs
+                flops, peak = ready[i]
+                rate = flops / statistics.median(times[i])
+                ratio = f"{speed[i] / speed['timm']:7.2f}x" if "timm" in speed else f"{'-':>8}"
+                print(f"{name:8} {mode:6} {res:4} {i:9} {speed[i]:9.1f} {ratio} "
+                      f"{rate / 1e9:9.1f} {rate / ceiling:9.0%} {peak:9.0f}", flush=True)
 
 
 if __name__ == "__main__":

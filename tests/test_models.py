@@ -1,6 +1,10 @@
 """The architecture against REFERENCE.md section 2 and independent references (torchvision, torch's FLOP counter)."""
 
 import logging
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -142,7 +146,7 @@ def test_standardized_kernels_are_cached_for_inference_and_invalidated_by_update
         first = model.eval()(x)
         cached = conv._cache[1]
         assert torch.equal(model(x), first) and conv._cache[1] is cached  # reused, not recomputed
-    torch.testing.assert_close(cached, standardize_by_hand(conv.weight.detach()))
+    torch.testing.assert_close(dense(cached), standardize_by_hand(conv.weight.detach()))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model(x).sum().backward()  # training never uses the cache
@@ -150,7 +154,7 @@ def test_standardized_kernels_are_cached_for_inference_and_invalidated_by_update
     with torch.no_grad():
         after = model.eval()(x)
         assert not torch.equal(after, first)
-        torch.testing.assert_close(conv._cache[1], standardize_by_hand(conv.weight))
+        torch.testing.assert_close(dense(conv._cache[1]), standardize_by_hand(conv.weight))
         torch.testing.assert_close(after, bt.inference.fold_weight_standardization(model)(x))
     bt.save_weights(bt.create_model("BiT-R14x0.25", num_classes=3, zero_head=False), tmp_path / "w.safetensors")
     bt.load_weights(model, tmp_path / "w.safetensors")  # copy_ into the parameters: the cache must notice
@@ -158,7 +162,67 @@ def test_standardized_kernels_are_cached_for_inference_and_invalidated_by_update
         torch.testing.assert_close(conv.standardized_weight(), standardize_by_hand(conv.weight))
 
 
+def dense(kernel):
+    """CPU inference keeps the kernel in oneDNN's blocked layout; compare its values."""
+    return kernel.to_dense() if kernel.is_mkldnn else kernel
+
+
+@pytest.mark.parametrize("res", [64, 67])
+def test_inference_path_equals_the_training_path(res):
+    """No-grad CPU inference runs oneDNN's fused conv(+residual) with packed kernels and a pool without a
+    padded copy; it must compute what the plain autograd path computes, at even and odd sizes."""
+    model = bt.create_model("BiT-R26x0.5", num_classes=5, zero_head=False).eval()
+    x = torch.randn(3, 3, res, res)
+    reference = model(x)  # gradients on: F.conv2d, out-of-place kernels
+    with torch.inference_mode():
+        fast = model(x)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (9, 7), (7, 10)])
+def test_zero_padded_max_pool_equals_pad_then_pool(size):
+    from bigtransfer.models.resnetv2 import zero_padded_max_pool
+
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    ours = zero_padded_max_pool(x)
+    ref = F.max_pool2d(F.pad(x_ref, (1, 1, 1, 1)), kernel_size=3, stride=2)
+    assert torch.equal(ours, ref) and ((ref == 0) & (x_ref > 0).any()).any()  # the zero border does win somewhere
+    grad = torch.randn_like(ref)
+    ours.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
 def standardize_by_hand(w):
     flat = w.reshape(w.shape[0], -1).double()
     mean, var = flat.mean(1, keepdim=True), flat.var(1, unbiased=False, keepdim=True)
     return ((flat - mean) / torch.sqrt(var + 1e-10)).reshape_as(w).float()
+
+
+PAGE_FAULTS = """
+import resource, torch, bigtransfer as bt
+torch.set_num_threads(1)
+model = bt.create_model("BiT-R14x0.25", num_classes=10).eval()
+x = torch.randn(32, 3, 224, 224)  # activations of 6-26 MB
+with torch.inference_mode():
+    for _ in range(3):  # the heap grows to its working size
+        model(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        model(x)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
+def test_importing_bigtransfer_stops_page_faults_on_every_forward():
+    """With glibc's defaults every large activation is mmapped afresh and faulted in page by page;
+    after `import bigtransfer` the freed heap is reused (BIGTRANSFER_MALLOC=system keeps the default)."""
+    def faults(**env):
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env})
+        return int(out.stdout.split()[-1])
+
+    default, tuned = faults(BIGTRANSFER_MALLOC="system"), faults()
+    assert default > 10_000 and tuned < default / 20, (default, tuned)

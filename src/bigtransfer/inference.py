@@ -84,6 +84,14 @@ def save_embeddings(features: np.ndarray, files: Sequence[str], path: str | os.P
     return path
 
 
+class FoldedConv2d(nn.Conv2d):
+    """A plain convolution holding a standardised kernel; takes the unit's residual like `StdConv2d`."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(x)
+        return out if residual is None else out + residual
+
+
 def fold_weight_standardization(model: ResNetV2) -> ResNetV2:
     """A copy whose weight-standardised convolutions are plain Conv2d with the standardised kernels:
     identical outputs, no standardisation at run time, nothing exotic for exporters."""
@@ -93,8 +101,8 @@ def fold_weight_standardization(model: ResNetV2) -> ResNetV2:
     for module in list(folded.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, StdConv2d):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 child.padding, bias=False)
+                conv = FoldedConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                    child.padding, bias=False)
                 with torch.no_grad():
                     conv.weight.copy_(standardize(child.weight, child.eps))
                 setattr(module, name, conv)
