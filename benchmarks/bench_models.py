@@ -100,18 +100,22 @@ def count_flops(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Ten
 
 
 def matmul_rate(device: torch.device, precision: str) -> float:
-    """The machine's ceiling: FLOP/s of a large square matrix multiply in this precision."""
+    """The machine's ceiling: FLOP/s of a large square matrix multiply in this precision, the best of
+    several rounds (a busy moment must not lower the ceiling and inflate the fractions)."""
     n = 4096 if device.type == "cuda" else 1536
     dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    sync(device)
-    reps, t = 10, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    best, reps = 0.0, 5
+    for _ in range(7):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
 
 
 def worker(conn, impl: str, name: str, mode: str, res: int, args: argparse.Namespace) -> None:
@@ -165,6 +169,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the median is reported")
     p.add_argument("--iters", type=int, default=3, help="timed steps per round")
+    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--impls", nargs="+", default=["ours", "timm", "timm+heap", "hf"],
                    choices=("ours", "timm", "timm+heap", "hf"))
@@ -179,7 +184,8 @@ def main() -> None:
           f"{'of ceiling':>10} {'peak MiB':>9}", flush=True)
     ctx = mp.get_context("spawn")
     for name in args.models:
-        for mode, res in (("train", args.train_res), ("infer", args.infer_res)):
+        for mode in args.modes:
+            res = args.train_res if mode == "train" else args.infer_res
             impls = [i for i in args.impls if not (i == "hf" and mode == "train")]
             workers = {i: start_worker(ctx, i, name, mode, res, args) for i in impls}
             ready = {i: conn.recv() for i, (_, conn) in workers.items()}  # (flops, peak MiB)

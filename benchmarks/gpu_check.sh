@@ -11,10 +11,9 @@ PY=${PY:-python3}
   $PY benchmarks/gpu_facts.py
 } 2>&1 | tee "$OUT/facts.txt"
 
-timeout 150 $PY benchmarks/bench_models.py --device cuda --batch 128 --precision bf16 --threads 16 \
-  --models R50x1 R101x1 R50x3 --repeats 5 --iters 5 2>&1 | tee "$OUT/bench_bf16.txt"
-timeout 80 $PY benchmarks/bench_models.py --device cuda --batch 128 --precision bf16 --threads 16 \
-  --models R50x1 --channels-last --repeats 5 --iters 5 2>&1 | tee "$OUT/bench_bf16_cl.txt"
+# each implementation in its own worker process (CUDA start-up: a few seconds each); NCHW on CUDA (facts.txt)
+timeout 240 $PY benchmarks/bench_models.py --device cuda --batch 128 --precision bf16 --threads 16 \
+  --models R50x1 R101x1 R50x3 --impls ours timm hf --repeats 5 --iters 5 2>&1 | tee "$OUT/bench_bf16.txt"
 
 # end to end: the whole fine-tuning loop (data included) on a generated CIFAR-sized set, 128 px crops
 for variant in "loader:" "device_data:--device-data" "device_data_compiled:--device-data --compile"; do

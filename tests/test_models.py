@@ -179,15 +179,26 @@ def test_inference_path_equals_the_training_path(res):
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_evaluation_traces_the_plain_path_in_one_graph():
+    """Under torch.compile the oneDNN inference op is skipped (Inductor does its own fusion); a graph
+    break per convolution would recompile each of them and fall back to eager."""
+    model = bt.create_model("BiT-R14x0.25", num_classes=5, zero_head=False).eval()
+    x = torch.randn(2, 3, 48, 48)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("size", [(8, 8), (9, 7), (7, 10)])
 def test_zero_padded_max_pool_equals_pad_then_pool(size):
     from bigtransfer.models.resnetv2 import zero_padded_max_pool
 
-    x = torch.randn(2, 3, *size, requires_grad=True)
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, *size) - 1.5).requires_grad_()  # mostly negative: the zero border wins often
     x_ref = x.detach().clone().requires_grad_()
     ours = zero_padded_max_pool(x)
     ref = F.max_pool2d(F.pad(x_ref, (1, 1, 1, 1)), kernel_size=3, stride=2)
-    assert torch.equal(ours, ref) and ((ref == 0) & (x_ref > 0).any()).any()  # the zero border does win somewhere
+    assert torch.equal(ours, ref) and (ref == 0).sum() >= 4
     grad = torch.randn_like(ref)
     ours.backward(grad)
     ref.backward(grad)
@@ -204,7 +215,7 @@ PAGE_FAULTS = """
 import resource, torch, bigtransfer as bt
 torch.set_num_threads(1)
 model = bt.create_model("BiT-R14x0.25", num_classes=10).eval()
-x = torch.randn(32, 3, 224, 224)  # activations of 6-26 MB
+x = torch.randn(64, 3, 224, 224)  # the largest activations are 51 MB: above any threshold glibc adapts to
 with torch.inference_mode():
     for _ in range(3):  # the heap grows to its working size
         model(x)
@@ -225,4 +236,4 @@ def test_importing_bigtransfer_stops_page_faults_on_every_forward():
         return int(out.stdout.split()[-1])
 
     default, tuned = faults(BIGTRANSFER_MALLOC="system"), faults()
-    assert default > 10_000 and tuned < default / 20, (default, tuned)
+    assert default > 10_000 and tuned < default / 10, (default, tuned)

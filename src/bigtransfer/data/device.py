@@ -41,11 +41,11 @@ class DeviceImages:
         side = transform.resize if transform.cropping else transform.crop
         if x.shape[-2:] != (side, side):
             x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        params = torch.tensor([transform.params(seed) for _, seed in keys], device=self.device)
+        top, left, flip = (torch.from_numpy(a).to(self.device) for a in transform.batch_params([s for _, s in keys]))
         steps = torch.arange(transform.crop, device=self.device)
-        rows = params[:, 0, None] + steps
-        cols = params[:, 1, None] + steps
-        cols = torch.where(params[:, 2, None].bool(), cols.flip(1), cols)
+        rows = top[:, None] + steps
+        cols = left[:, None] + steps
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
         n = len(keys)
         x = x[torch.arange(n, device=self.device)[:, None, None, None],
               torch.arange(3, device=self.device)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]

@@ -8,8 +8,10 @@ scaling to [-1, 1] happens on the device, where it is cheap and moves 4x fewer b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
@@ -31,14 +33,18 @@ class HyperRuleTransform:
         return self.train and self.random_crop
 
     def params(self, seed: int) -> tuple[int, int, bool]:
-        """(top, left, flip) of the sample with this seed: shared by the PIL path and the batched
-        on-device path, so both see the same crops and flips."""
-        top = left = 0
-        if self.cropping:
-            top, left = torch.randint(0, self.resize - self.crop + 1, (2,),
-                                      generator=torch.Generator().manual_seed(seed)).tolist()
-        flip = self.train and self.flip and bool(torch.rand((), generator=torch.Generator().manual_seed(seed + 1))
-                                                 < 0.5)
+        """(top, left, flip) of the sample with this seed (the PIL path)."""
+        top, left, flip = self.batch_params([seed])
+        return int(top[0]), int(left[0]), bool(flip[0])
+
+    def batch_params(self, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(top, left, flip) arrays for many seeds in one vectorised call (the on-device path draws a
+        whole batch at once); the same numbers as `params`, so both paths see the same crops and flips."""
+        seeds = np.asarray(seeds, dtype=np.uint64)
+        span = self.resize - self.crop + 1 if self.cropping else 1
+        top = (uniform(seeds, 0) * span).astype(np.int64)
+        left = (uniform(seeds, 1) * span).astype(np.int64)
+        flip = (uniform(seeds, 2) < 0.5) & (self.train and self.flip)
         return top, left, flip
 
     def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
@@ -50,6 +56,16 @@ class HyperRuleTransform:
         if flip:
             image = TF.horizontal_flip(image)
         return TF.pil_to_tensor(image)
+
+
+def uniform(seeds: np.ndarray, stream: int) -> np.ndarray:
+    """Counter-based uniform numbers in [0, 1): SplitMix64 of (seed, stream), vectorised over uint64
+    seeds. A pure function of its inputs, so a sample's draws do not depend on what else is drawn."""
+    z = seeds * np.uint64(4) + np.uint64(stream) + np.uint64(0x9E3779B97F4A7C15)  # wraps modulo 2**64
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

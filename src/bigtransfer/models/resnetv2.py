@@ -59,9 +59,9 @@ def _onednn_inference(x: torch.Tensor) -> bool:
     """Whether this convolution may run as oneDNN's fused inference op with a pre-packed kernel:
     fp32 on a CPU, no gradients, nothing intercepting the call (autocast, torch.compile, a dispatch
     mode such as the FLOP counter) -- everywhere else the plain `F.conv2d` runs."""
-    return (_HAS_ONEDNN_OPS and torch.backends.mkldnn.enabled and x.device.type == "cpu"
-            and x.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
+    return (not torch.compiler.is_compiling() and _HAS_ONEDNN_OPS and torch.backends.mkldnn.enabled
+            and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and _get_current_dispatch_mode() is None)
 
 
 class StdConv2d(nn.Conv2d):
