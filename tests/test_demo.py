@@ -19,7 +19,7 @@ def test_embedded_model_is_registered_and_bundled():
 
 
 def test_reduced_demo_pretrained_beats_scratch(tmp_path):
-    """1 example per class, seeds 0 and 1 (measured here: pretrained 74.0/60.1%, scratch 58.5/52.6%)."""
+    """1 example per class, seeds 0 and 1 (measured here: pretrained 74.8/60.2%, scratch 51.3/60.5%)."""
     rows = demo(tmp_path, seeds=2, shots=(1,), all_data=False, progress=False)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rows"] == rows and len(rows) == 4
