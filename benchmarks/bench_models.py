@@ -3,6 +3,7 @@ side by side in one run: same batch, threads, precision and input; alternating r
 
     python benchmarks/bench_models.py                       # CPU: R50x1, 128 px train, 224 px infer, batch 16
     python benchmarks/bench_models.py --device cuda --batch 128 --precision bf16 --models R50x1 R101x1 R50x3
+    python benchmarks/bench_models.py --modes infer --impls ours timm --compile   # Inductor for everyone
 
 Each implementation runs in its own worker process, so that each gets what its users get by default
 (importing bigtransfer changes the process's allocator, see `bigtransfer.keep_freed_memory`); the
@@ -130,6 +131,8 @@ def worker(conn, impl: str, name: str, mode: str, res: int, args: argparse.Names
     y = torch.randint(0, 1000, (args.batch,), device=device)
     model = build(impl, name, device, args.channels_last)
     flops = count_flops(model, mode, x, y)
+    if args.compile:  # the same for every implementation; the warm-up below compiles
+        model = torch.compile(model)
     run = step_fn(model, mode, x, y, args.precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -171,6 +174,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3, help="timed steps per round")
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
     p.add_argument("--impls", nargs="+", default=["ours", "timm", "timm+heap", "hf"],
                    choices=("ours", "timm", "timm+heap", "hf"))
     args = p.parse_args()
