@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import platform
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +23,20 @@ def keep_freed_memory() -> bool:
     Called once when `bigtransfer` is imported; ``BIGTRANSFER_MALLOC=system`` leaves the allocator
     alone. Returns whether the setting was applied.
     """
-    if os.environ.get("BIGTRANSFER_MALLOC", "").lower() == "system" or platform.libc_ver()[0] != "glibc":
+    if os.environ.get("BIGTRANSFER_MALLOC", "").lower() == "system" or not _running_on_glibc():
         return False
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def _running_on_glibc() -> bool:
+    """Ask the loaded C library itself (`platform.libc_ver` would scan the Python executable, which is
+    tens of MB for statically linked builds, on every import)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows) or no such name (musl, macOS)
+        return False
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
