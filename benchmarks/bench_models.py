@@ -8,7 +8,8 @@ side by side in one run: same batch, threads, precision and input; alternating r
 Each implementation runs in its own worker process, so that each gets what its users get by default
 (importing bigtransfer changes the process's allocator, see `bigtransfer.keep_freed_memory`); the
 workers take turns, one at a time. `timm+heap` is timm in a process with our allocator setting: it shows
-how much of the difference is the allocator and how much the model code.
+how much of the difference is the allocator and how much the model code. `ours-unfused` is ours without
+the fused GroupNorm+ReLU kernels of CUDA (`BIGTRANSFER_FUSED_NORM=0`).
 Prints img/s, the ratio to timm, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter), the
 fraction of this machine's measured matrix-multiply rate (the ceiling), and peak memory (CPU: the
 worker's peak RSS; CUDA: peak allocated).
@@ -35,7 +36,7 @@ DEPTH_WIDTH = {"R50x1": (50, 1), "R101x1": (101, 1), "R50x3": (50, 3), "R152x2":
 
 def build(impl: str, name: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
     depth, width = DEPTH_WIDTH[name]
-    if impl == "ours":
+    if impl.startswith("ours"):
         model = bt.create_model(f"BiT-M-{name}", num_classes=1000, zero_head=False)
     elif impl.startswith("timm"):
         import timm
@@ -154,7 +155,8 @@ def worker(conn, impl: str, name: str, mode: str, res: int, args: argparse.Names
 def start_worker(ctx, impl: str, *args) -> tuple:
     """Peers run with the system allocator even though this module imports bigtransfer, timm+heap with
     ours (a spawned child inherits the environment at start, and imports bigtransfer first)."""
-    os.environ["BIGTRANSFER_MALLOC"] = "default" if impl in ("ours", "timm+heap") else "system"
+    os.environ["BIGTRANSFER_MALLOC"] = "default" if impl in ("ours", "ours-unfused", "timm+heap") else "system"
+    os.environ["BIGTRANSFER_FUSED_NORM"] = "0" if impl == "ours-unfused" else "1"
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=worker, args=(child, impl, *args), daemon=True)
     proc.start()
@@ -176,7 +178,7 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
     p.add_argument("--impls", nargs="+", default=["ours", "timm", "timm+heap", "hf"],
-                   choices=("ours", "timm", "timm+heap", "hf"))
+                   choices=("ours", "ours-unfused", "timm", "timm+heap", "hf"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -184,7 +186,7 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'}), "
           f"torch {torch.__version__}, precision {args.precision}, batch {args.batch}; "
           f"matrix-multiply ceiling {ceiling / 1e9:.0f} GFLOP/s")
-    print(f"{'model':8} {'mode':6} {'res':>4} {'impl':9} {'img/s':>9} {'vs timm':>8} {'GFLOP/s':>9} "
+    print(f"{'model':8} {'mode':6} {'res':>4} {'impl':12} {'img/s':>9} {'vs timm':>8} {'GFLOP/s':>9} "
           f"{'of ceiling':>10} {'peak MiB':>9}", flush=True)
     ctx = mp.get_context("spawn")
     for name in args.models:
@@ -206,7 +208,7 @@ def main() -> None:
                 flops, peak = ready[i]
                 rate = flops / statistics.median(times[i])
                 ratio = f"{speed[i] / speed['timm']:7.2f}x" if "timm" in speed else f"{'-':>8}"
-                print(f"{name:8} {mode:6} {res:4} {i:9} {speed[i]:9.1f} {ratio} "
+                print(f"{name:8} {mode:6} {res:4} {i:12} {speed[i]:9.1f} {ratio} "
                       f"{rate / 1e9:9.1f} {rate / ceiling:9.0%} {peak:9.0f}", flush=True)
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -91,6 +93,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
         net = DistributedDataParallel(model, device_ids=ids)
     if config.compile:
         net = torch.compile(net)
+    model.train()
+    graphed = _capture_cuda_graphs(model, config, runtime, local_batch) if split == 1 else None
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
 
     def run_eval() -> dict | None:
@@ -104,7 +108,6 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
     last_loss, speed = math.nan, 0.0
     last_save = time.monotonic()
     done = start
-    model.train()
     with _signals() as stop, _progress(config.progress and runtime.is_main, total, start) as bar:
         t0 = started = time.perf_counter()
         for step, (images, labels, reports) in zip(range(start, total), batches(start), strict=False):
@@ -119,7 +122,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
                         log.warning("bad image left out of training: %s", r)
                 bad_count += int((~keep).sum())
                 images, labels = images[keep], labels[keep]
-            loss = _update(net, optimizer, scaler, images, labels, loss_fn, split, step, config, runtime)
+            loss = _update(net, graphed, optimizer, scaler, images, labels, loss_fn, split, step, config, runtime)
             done = step + 1
             now = time.perf_counter()  # images/s of the whole loop, data loading included
             rate, t0 = config.global_batch / (now - t0), now
@@ -158,9 +161,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
             "bad_images": bad_count, "eval": final, "run_dir": str(run.path)}
 
 
-def _update(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: torch.Tensor,
-            labels: torch.Tensor, loss_fn: LossFn, split: int, step: int, config: EngineConfig,
-            runtime: Runtime) -> torch.Tensor:
+def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, images: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn, split: int,
+            step: int, config: EngineConfig, runtime: Runtime) -> torch.Tensor:
     """One SGD update over this process's share of the global batch, in `split` micro-batches."""
     n = len(labels)
     if n == 0:
@@ -183,8 +186,11 @@ def _update(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.
                 x = lam * x + (1 - lam) * to_model_input(images[perm[idx]])
             if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(runtime.device, config.precision):
-                logits = net(x)
+            if graphed is not None and x.shape == graphed.input_shape:
+                logits = graphed.forward(x)
+            else:
+                with autocast(runtime.device, config.precision):
+                    logits = net(x)
             per_example = loss_fn(logits, labels[idx])
             if perm is not None:
                 per_example = lam * per_example + (1 - lam) * loss_fn(logits, labels[perm[idx]])
@@ -194,6 +200,46 @@ def _update(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.
     scaler.step(optimizer)
     scaler.update()
     return total_loss
+
+
+@dataclass
+class _GraphedForward:
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    input_shape: torch.Size
+
+
+def _capture_cuda_graphs(model: nn.Module, config: EngineConfig, runtime: Runtime,
+                         micro_batch: int) -> _GraphedForward | None:
+    """The training forward and backward of one batch shape, captured as CUDA graphs.
+
+    Why: at BiT's fine-tuning sizes the GPU finishes a GroupNorm or a 1x1 conv faster than Python can
+    launch the next kernel; a replay launches the ~1,000 kernels of an R50 step at once (measured on an
+    H100, R50x1 at 128 px: see benchmarks/RESULTS.md). Only where it is exact and simple: one CUDA
+    process (DDP's gradient hooks have their own way), no torch.compile (Inductor has its own), no
+    activation checkpointing (it reads the RNG state, which a capture forbids), and one micro-batch per
+    step (the replayed backward hands out the same gradient buffers every time, which accumulation over
+    micro-batches would alias). Batches of another shape -- shortened by bad images -- run the ordinary
+    forward. The model keeps its own `forward`: the graphed one is returned.
+    ``BIGTRANSFER_CUDA_GRAPHS=0`` turns it off."""
+    if (runtime.device.type != "cuda" or runtime.distributed or config.compile
+            or getattr(model, "grad_checkpointing", False) or os.environ.get("BIGTRANSFER_CUDA_GRAPHS", "1") == "0"):
+        return None
+    x = torch.zeros(micro_batch, 3, config.input_size, config.input_size, device=runtime.device)
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:  # autocast must not cache cast weights across the capture (the cache would outlive the graph)
+        with autocast(runtime.device, config.precision, cache_enabled=False), warnings.catch_warnings():
+            # the capture's side stream meets gradient accumulators made on the default stream: one sync
+            warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
+            torch.cuda.make_graphed_callables(model, (x,), allow_unused_input=True)
+        log.info("CUDA graphs: the training step is captured for batches of %d", micro_batch)
+        return _GraphedForward(model.forward, x.shape)
+    except RuntimeError as e:  # out of memory, or an op that cannot be captured
+        log.warning("training without CUDA graphs: capturing them failed (%s)", str(e).splitlines()[0])
+        torch.cuda.empty_cache()
+        return None
+    finally:
+        model.__dict__.pop("forward", None)  # make_graphed_callables replaced it on the instance
 
 
 def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, run: RunDir, runtime: Runtime) -> int:

@@ -75,14 +75,14 @@ def setup(device: str | None = None) -> Runtime:
     return Runtime(dev, rank, world, local)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision by name; fp32 is a no-op. (GroupNorm runs in fp32 under autocast anyway.)"""
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision by name; fp32 is a no-op. (GroupNorm's statistics stay fp32 under autocast.)"""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def all_reduce_sum(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
