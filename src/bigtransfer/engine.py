@@ -31,7 +31,7 @@ from .checkpoints import save_weights
 from .data import to_model_input
 from .hyperrule import Schedule, learning_rate
 from .runs import RunDir
-from .runtime import Runtime, all_reduce_sum, autocast
+from .runtime import Runtime, all_reduce_sum, autocast, upload
 
 log = logging.getLogger("bigtransfer")
 
@@ -174,7 +174,7 @@ def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.op
     if config.mixup_alpha > 0:  # one lambda per batch, partners from a permutation of the same batch
         rng = np.random.default_rng([config.seed, step, runtime.rank])
         lam = float(rng.beta(config.mixup_alpha, config.mixup_alpha))
-        perm = torch.from_numpy(rng.permutation(n)).to(runtime.device)
+        perm = upload(rng.permutation(n), runtime.device)
     optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=runtime.device)
     chunks = torch.arange(n, device=runtime.device).tensor_split(split)

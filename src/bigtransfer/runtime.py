@@ -7,6 +7,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -83,6 +84,18 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True) -
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+def upload(values: np.ndarray | list, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without making the CPU wait for the GPU.
+
+    A copy from ordinary (pageable) memory waits for everything already queued on the stream, so the CPU
+    could not prepare the next batch while the GPU trains on this one; a copy from pinned memory is queued
+    like a kernel (PyTorch's pinned-memory cache keeps the buffer until the copy is done)."""
+    tensor = torch.as_tensor(values)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def all_reduce_sum(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:

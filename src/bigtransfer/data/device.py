@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..runtime import upload
 from .loader import StepSampler
 from .memory import InMemoryImages
 from .sources import LabelledImages
@@ -36,12 +37,11 @@ class DeviceImages:
 
     def batch(self, keys: list[tuple[int, int]], transform: HyperRuleTransform) -> torch.Tensor:
         """uint8 (n, 3, crop, crop) images of the (item, seed) keys, transformed as `transform` would."""
-        idx = torch.tensor([i for i, _ in keys], device=self.device)
-        x = self.images[idx].float()
+        x = self.images[upload([i for i, _ in keys], self.device)].float()
         side = transform.resize if transform.cropping else transform.crop
         if x.shape[-2:] != (side, side):
             x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        top, left, flip = (torch.from_numpy(a).to(self.device) for a in transform.batch_params([s for _, s in keys]))
+        top, left, flip = (upload(a, self.device) for a in transform.batch_params([s for _, s in keys]))
         steps = torch.arange(transform.crop, device=self.device)
         rows = top[:, None] + steps
         cols = left[:, None] + steps
@@ -57,5 +57,4 @@ def device_batches(data: DeviceImages, transform: HyperRuleTransform, sampler: S
     """The engine's batch source for steps start..stop-1, made on the device."""
     for step in range(start, stop):
         keys = sampler.batch(step)
-        idx = torch.tensor([i for i, _ in keys], device=data.device)
-        yield data.batch(keys, transform), data.targets[idx], [""] * len(keys)
+        yield data.batch(keys, transform), data.targets[upload([i for i, _ in keys], data.device)], [""] * len(keys)
