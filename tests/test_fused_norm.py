@@ -24,10 +24,14 @@ SCRIPT = textwrap.dedent("""
         ((2, 24, 6, 6), 8, torch.bfloat16, True, True),     # 3 channels per group: a padded tile
         ((1, 4, 48, 48), 2, torch.float32, True, False),    # 2,304 positions: the kernels loop over tiles
         ((3, 64, 9, 9), 32, torch.bfloat16, False, True),
+        ((2, 8, 5, 1), 4, torch.float32, None, False),      # width 1, its stride not the dense one
     ]
     for shape, groups, dtype, channels_last, grad_channels_last in cases:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = (torch.randn(shape) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+        if channels_last is None:
+            x = x.reshape(*shape[:2], 1, shape[2]).transpose(2, 3)
+            assert x.is_contiguous() and x.stride(3) != 1
         w, b = torch.randn(shape[1]), torch.randn(shape[1])
         dy = torch.randn(shape).to(dtype)
         dy = dy.contiguous(memory_format=torch.channels_last if grad_channels_last else torch.contiguous_format)

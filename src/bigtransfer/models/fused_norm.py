@@ -45,6 +45,11 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _spatial_stride(x: torch.Tensor) -> int:
+    """The stride of the flattened H*W index (for a width of 1 the W stride is arbitrary: take H's)."""
+    return x.stride(3) if x.shape[3] > 1 else x.stride(2)
+
+
 def _launch_shape(x: torch.Tensor, groups: int) -> tuple[tuple[int], dict]:
     n, c, h, w = x.shape
     group_channels = c // groups
@@ -62,7 +67,7 @@ class _GroupNormReLU(torch.autograd.Function):
         mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         grid, meta = _launch_shape(x, groups)
-        _forward_kernel[grid](x, y, weight, bias, mean, rstd, c, h * w, x.stride(0), x.stride(1), x.stride(3),
+        _forward_kernel[grid](x, y, weight, bias, mean, rstd, c, h * w, x.stride(0), x.stride(1), _spatial_stride(x),
                               c // groups, eps, **meta)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups = groups
@@ -78,7 +83,7 @@ class _GroupNormReLU(torch.autograd.Function):
         partial = torch.empty(2, n, c, device=x.device, dtype=torch.float32)  # per sample: d weight, d bias
         grid, meta = _launch_shape(x, ctx.groups)
         _backward_kernel[grid](x, dy, dx, weight, bias, mean, rstd, partial, n * c, c, h * w,
-                               x.stride(0), x.stride(1), x.stride(3), c // ctx.groups, **meta)
+                               x.stride(0), x.stride(1), _spatial_stride(x), c // ctx.groups, **meta)
         d_weight, d_bias = partial.sum(dim=1).to(weight.dtype)
         return dx, d_weight, d_bias, None, None
 
