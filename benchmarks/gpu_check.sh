@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check in one call (device tool), about 8 minutes on an H100 for all sections; results go to
-# $OUT (default ./gpu_out), one file per section (the device tool brings back at most 8).
-#   bash benchmarks/gpu_check.sh                   # every section
-#   bash benchmarks/gpu_check.sh e2e sizes         # some of them
+# The GPU checks (device tool); results go to $OUT (default ./gpu_out), one file per section (the device
+# tool brings back at most 8). All sections take about 9 minutes on an H100: on a 10-minute limit per
+# call, run them as two calls (measured 2026-11-26: about 5 and 4 minutes).
+#   bash benchmarks/gpu_check.sh facts fused bench bench512
+#   bash benchmarks/gpu_check.sh e2e sizes compiled
 # facts     what GroupNorm does on this torch + GPU (layout, autocast dtype)
 # fused     the fused GroupNorm+ReLU kernels: correctness against torch, time per R50x1 layer
 # bench     R50x1 against timm/HF, bf16, batch 128 (NCHW and channels_last)
