@@ -140,6 +140,16 @@ if triton is not None:
             tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _input_and_relu_grad(x_ptr, dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, scale,
+                             shift, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One tile of the input and of the gradient through the ReLU (zero where the output was clipped)."""
+        ptrs, mask = _tile(x_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        dptrs, _ = _tile(dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
+        dy = tl.load(dptrs, mask=mask, other=0.0).to(tl.float32)
+        return x, tl.where(x * scale + shift > 0.0, dy, 0.0), mask
+
+    @triton.jit
     def _backward_kernel(x_ptr, dy_ptr, dx_ptr, weight, bias, mean_ptr, rstd_ptr, partial_ptr, NC, C, S,
                          stride_n, stride_c, stride_s, group_channels,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -157,11 +167,8 @@ if triton is not None:
         sum_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         sum_dy_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
-            ptrs, mask = _tile(x_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
-            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            dptrs, _ = _tile(dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
-            dy = tl.load(dptrs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.where(x * scale + shift > 0.0, dy, 0.0)
+            x, dy, _ = _input_and_relu_grad(x_ptr, dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s,
+                                            group_channels, scale, shift, BLOCK_C, BLOCK_S)
             sum_dy += dy
             sum_dy_xhat += dy * (x - mean) * rstd
         channel_dy = tl.sum(sum_dy, axis=1)
@@ -172,11 +179,8 @@ if triton is not None:
         mean_g = tl.sum(channel_dy * gamma, axis=0) / count
         mean_g_xhat = tl.sum(channel_dy_xhat * gamma, axis=0) / count
         for s0 in range(0, S, BLOCK_S):
-            ptrs, mask = _tile(x_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
-            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            dptrs, _ = _tile(dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
-            dy = tl.load(dptrs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.where(x * scale + shift > 0.0, dy, 0.0)
+            x, dy, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s,
+                                               group_channels, scale, shift, BLOCK_C, BLOCK_S)
             xhat = (x - mean) * rstd
             dx = rstd * (dy * gamma[:, None] - mean_g - xhat * mean_g_xhat)
             out, _ = _tile(dx_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
