@@ -9,7 +9,7 @@ Each implementation runs in its own worker process, so that each gets what its u
 (importing bigtransfer changes the process's allocator, see `bigtransfer.keep_freed_memory`); the
 workers take turns, one at a time. `timm+heap` is timm in a process with our allocator setting: it shows
 how much of the difference is the allocator and how much the model code. `ours-unfused` is ours without
-the fused GroupNorm+ReLU kernels of CUDA (`BIGTRANSFER_FUSED_NORM=0`).
+the fused GroupNorm+ReLU kernels (`BIGTRANSFER_FUSED_NORM=0`: Triton on CUDA, C on CPUs).
 Prints img/s, the ratio to timm, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter), the
 fraction of this machine's measured matrix-multiply rate (the ceiling), and peak memory (CPU: the
 worker's peak RSS; CUDA: peak allocated).

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
-from . import fused_norm
+from . import fused_norm, fused_norm_cpu
 
 WS_EPS = 1e-10  # the authors' release; timm / HF transformers use 1e-8
 GN_EPS = 1e-5
@@ -126,8 +126,9 @@ def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 class GroupNormAct(nn.GroupNorm):
-    """GroupNorm followed by ReLU: every norm in a pre-activation ResNet is followed by one. On CUDA both run
-    as one Triton kernel each way (`fused_norm`), in the activations' dtype."""
+    """GroupNorm followed by ReLU: every norm in a pre-activation ResNet is followed by one. Both run as one
+    kernel each way: Triton on CUDA (`fused_norm`, in the activations' dtype), C on CPUs (`fused_norm_cpu`,
+    fp32 channels_last); elsewhere, torch's two ops."""
 
     def __init__(self, channels: int) -> None:
         super().__init__(group_norm_groups(channels), channels, eps=GN_EPS)
@@ -135,6 +136,8 @@ class GroupNormAct(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_norm.usable(x):
             return fused_norm.group_norm_relu(x, self.num_groups, self.weight, self.bias, self.eps)
+        if fused_norm_cpu.usable(x):
+            return fused_norm_cpu.group_norm_relu(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.relu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps), inplace=True)
 
 

@@ -1,0 +1,153 @@
+/* GroupNorm + ReLU for channels_last fp32 tensors on CPUs, forward and backward (see fused_norm_cpu.py).
+ *
+ * One task per sample: its statistics, then its output, so that the second read of the sample comes from
+ * cache. Whole rows of C channels are read (tiling channels measured slower: strided reads defeat the
+ * prefetchers). Sums run in float over blocks of rows, then in double; they are shifted by the sample's first
+ * pixel, so a large mean does not cancel the variance away. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ROW_BLOCK 64
+
+typedef struct {
+  const float *x, *y, *dy, *gamma, *beta;
+  float *out, *mean, *rstd, *dgamma, *dbeta;
+  int64_t n, c, hw, groups;
+  double eps;
+} Args;
+
+/* Per channel of sample x (hw rows of c floats): sums of (x - shift) and of w * (x - shift), where
+ * w = (x - shift) for the forward and w = dy where y > 0 (the gradient through the ReLU) for the backward. */
+static void channel_sums(const Args *a, const float *restrict x, const float *restrict y, const float *restrict dy,
+                         double *restrict sum, double *restrict sum_w, float *restrict block, float *restrict block_w) {
+  const int64_t C = a->c, HW = a->hw;
+  const float *restrict shift = x;
+  for (int64_t c = 0; c < C; c++) sum[c] = sum_w[c] = 0.0;
+  for (int64_t r0 = 0; r0 < HW; r0 += ROW_BLOCK) {
+    const int64_t r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;
+    for (int64_t c = 0; c < C; c++) block[c] = block_w[c] = 0.f;
+    for (int64_t r = r0; r < r1; r++) {
+      const float *restrict p = x + r * C;
+      if (dy == NULL) {
+        for (int64_t c = 0; c < C; c++) {
+          const float d = p[c] - shift[c];
+          block[c] += d;
+          block_w[c] += d * d;
+        }
+      } else {
+        const float *restrict q = y + r * C, *restrict g = dy + r * C;
+        for (int64_t c = 0; c < C; c++) {
+          const float gm = q[c] > 0.f ? g[c] : 0.f;
+          block[c] += gm;
+          block_w[c] += gm * (p[c] - shift[c]);
+        }
+      }
+    }
+    for (int64_t c = 0; c < C; c++) {
+      sum[c] += block[c];
+      sum_w[c] += block_w[c];
+    }
+  }
+}
+
+static void forward_sample(const Args *a, int64_t n, void *scratch) {
+  const int64_t C = a->c, HW = a->hw, G = a->groups, cg = C / G;
+  const float *restrict x = a->x + n * HW * C;
+  float *restrict out = a->out + n * HW * C;
+  double *sum = scratch, *sum_sq = sum + C;
+  float *restrict scale = (float *)(sum_sq + C), *restrict shift_out = scale + C;
+  channel_sums(a, x, NULL, NULL, sum, sum_sq, scale, shift_out);
+  for (int64_t g = 0; g < G; g++) {
+    double mean = 0.0, m2 = 0.0;
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) mean += x[c] + sum[c] / HW;
+    mean /= cg;
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) {  /* Chan et al.: channel moments into the group's */
+      const double dev = x[c] + sum[c] / HW - mean;
+      m2 += sum_sq[c] - sum[c] * sum[c] / HW + HW * dev * dev;
+    }
+    const double rstd = 1.0 / sqrt(m2 / (HW * cg) + a->eps);
+    a->mean[n * G + g] = (float)mean;
+    a->rstd[n * G + g] = (float)rstd;
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+      scale[c] = (float)(a->gamma[c] * rstd);
+      shift_out[c] = (float)(a->beta[c] - mean * a->gamma[c] * rstd);
+    }
+  }
+  for (int64_t r = 0; r < HW; r++) {
+    const float *restrict p = x + r * C;
+    float *restrict q = out + r * C;
+    for (int64_t c = 0; c < C; c++) {
+      const float v = p[c] * scale[c] + shift_out[c];
+      q[c] = v > 0.f ? v : 0.f;
+    }
+  }
+}
+
+/* With xhat = (x - mean) * rstd and g = dy * relu'(y) * gamma:
+ * dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) = A_c * dy * relu'(y) + B_g * x + C_g per channel c of
+ * group g; this sample's shares of d gamma (sums of dy * relu' * xhat) and d beta (sums of dy * relu') go to
+ * row n of dgamma / dbeta. */
+static void backward_sample(const Args *a, int64_t n, void *scratch) {
+  const int64_t C = a->c, HW = a->hw, G = a->groups, cg = C / G;
+  const float *restrict x = a->x + n * HW * C, *restrict y = a->y + n * HW * C, *restrict dy = a->dy + n * HW * C;
+  float *restrict dx = a->out + n * HW * C;
+  double *sum_dy = scratch, *sum_dy_x = sum_dy + C;
+  float *restrict coef_dy = (float *)(sum_dy_x + C), *restrict coef_x = coef_dy + C, *restrict coef = coef_x + C;
+  channel_sums(a, x, y, dy, sum_dy, sum_dy_x, coef_dy, coef_x);
+  for (int64_t g = 0; g < G; g++) {
+    const double mean = a->mean[n * G + g], rstd = a->rstd[n * G + g];
+    double mean_g = 0.0, mean_g_xhat = 0.0;
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+      const double dy_xhat = rstd * (sum_dy_x[c] - (mean - x[c]) * sum_dy[c]);  /* x[c]: the shift */
+      a->dgamma[n * C + c] = (float)dy_xhat;
+      a->dbeta[n * C + c] = (float)sum_dy[c];
+      mean_g += a->gamma[c] * sum_dy[c];
+      mean_g_xhat += a->gamma[c] * dy_xhat;
+    }
+    mean_g /= HW * cg;
+    mean_g_xhat /= HW * cg;
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+      coef_dy[c] = (float)(rstd * a->gamma[c]);
+      coef_x[c] = (float)(-rstd * rstd * mean_g_xhat);
+      coef[c] = (float)(rstd * (rstd * mean * mean_g_xhat - mean_g));
+    }
+  }
+  for (int64_t r = 0; r < HW; r++) {
+    const float *restrict p = x + r * C, *restrict q = y + r * C, *restrict g = dy + r * C;
+    float *restrict o = dx + r * C;
+    for (int64_t c = 0; c < C; c++) o[c] = coef_dy[c] * (q[c] > 0.f ? g[c] : 0.f) + coef_x[c] * p[c] + coef[c];
+  }
+}
+
+/* Runs task(args, n) for every sample n on `threads` OpenMP threads. Built with -fopenmp, this library
+ * binds to the libgomp that torch has already loaded (same soname), so the tasks run in torch's own thread
+ * pool: a second pool would fight torch's threads, which spin for a while after each of its ops (measured:
+ * with per-call pthreads the fused model was no faster than torch's ops). Nonzero if memory ran out. */
+static int run(const Args *args, void (*task)(const Args *, int64_t, void *), int threads) {
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    void *scratch = malloc(args->c * (2 * sizeof(double) + 3 * sizeof(float)));
+    failed = scratch == NULL;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n = 0; n < args->n; n++)
+      if (scratch != NULL) task(args, n, scratch);
+    free(scratch);
+  }
+  return failed;
+}
+
+int bit_group_norm_relu_forward(const float *x, const float *gamma, const float *beta, float *out, float *mean,
+                                float *rstd, int64_t n, int64_t c, int64_t hw, int64_t groups, double eps,
+                                int threads) {
+  const Args args = {x, NULL, NULL, gamma, beta, out, mean, rstd, NULL, NULL, n, c, hw, groups, eps};
+  return run(&args, forward_sample, threads);
+}
+
+int bit_group_norm_relu_backward(const float *x, const float *y, const float *dy, const float *gamma,
+                                 const float *mean, const float *rstd, float *dx, float *dgamma, float *dbeta,
+                                 int64_t n, int64_t c, int64_t hw, int64_t groups, int threads) {
+  const Args args = {x, y, dy, gamma, NULL, dx, (float *)mean, (float *)rstd, dgamma, dbeta, n, c, hw, groups, 0.0};
+  return run(&args, backward_sample, threads);
+}

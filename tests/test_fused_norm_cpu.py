@@ -1,0 +1,152 @@
+"""The fused GroupNorm+ReLU C kernels (the CPU default for channels_last fp32): values and the three gradients
+against torch's GroupNorm + ReLU in float64, when they apply, and what happens without a C compiler."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bigtransfer.models import fused_norm_cpu
+from bigtransfer.models.resnetv2 import GroupNormAct
+
+pytestmark = pytest.mark.skipif(fused_norm_cpu.library() is None, reason="no working C compiler")
+
+
+def _relative_errors(x64, groups, mean_shift=0.0, seed=0):
+    """Relative L2 errors of (output, d input, d weight, d bias) in fp32, fused and torch's, against torch in
+    float64."""
+    torch.manual_seed(seed)
+    c = x64.shape[1]
+    w64, b64 = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    dy64 = torch.randn_like(x64)
+
+    def run(fn, dtype):
+        x = (x64 + mean_shift).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w, b = (t.to(dtype).clone().requires_grad_() for t in (w64, b64))
+        y = fn(x, groups, w, b, 1e-5)
+        y.backward(dy64.to(dtype))
+        return y, x.grad, w.grad, b.grad
+
+    def torch_ops(x, groups, w, b, eps):
+        return F.relu(F.group_norm(x, groups, w, b, eps))
+
+    reference = run(torch_ops, torch.float64)
+    errors = {}
+    for name, fn in (("fused", fused_norm_cpu.group_norm_relu), ("torch fp32", torch_ops)):
+        results = run(fn, torch.float32)
+        errors[name] = [((r.double() - ref).norm() / ref.norm()).item()
+                        for r, ref in zip(results, reference, strict=True)]
+        if name == "fused":
+            assert results[0].is_contiguous(memory_format=torch.channels_last)
+            assert results[1].is_contiguous(memory_format=torch.channels_last)
+    return errors
+
+
+@pytest.mark.parametrize(("shape", "groups"), [
+    ((4, 64, 9, 7), 32),    # more samples than threads, odd sizes
+    ((1, 256, 5, 5), 32),   # one sample
+    ((3, 6, 4, 1), 3),      # width 1
+    ((2, 24, 3, 3), 24),    # one channel per group
+    ((2, 96, 70, 3), 32),   # 210 rows: more than one block of row sums
+])
+def test_matches_float64(shape, groups):
+    x = torch.randn(shape, dtype=torch.float64) * 2
+    errors = _relative_errors(x, groups)
+    assert max(errors["fused"]) < 1e-5, errors
+
+
+def test_large_mean_does_not_cancel():
+    """Sums shifted by each sample's first pixel: at a mean 500x the spread, the fused kernels stay accurate
+    where torch's fp32 GroupNorm loses digits."""
+    x = torch.randn(3, 64, 6, 6, dtype=torch.float64)
+    errors = _relative_errors(x, 32, mean_shift=500.0)
+    assert max(errors["fused"]) < 1e-4, errors
+    assert max(errors["fused"]) < max(errors["torch fp32"]), errors
+
+
+def test_relu_mask_in_backward():
+    """Where the output was clipped, no gradient flows: with every output clipped, all gradients are zero."""
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.ones(32, requires_grad=True), torch.full((32,), -100.0, requires_grad=True)
+    y = fused_norm_cpu.group_norm_relu(x, 8, w, b, 1e-5)
+    y.sum().backward()
+    assert y.abs().max() == 0 and x.grad.abs().max() == 0 and w.grad.abs().max() == 0 and b.grad.abs().max() == 0
+
+
+def test_which_inputs_use_it():
+    x = torch.randn(2, 32, 4, 4)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert fused_norm_cpu.usable(channels_last)
+    assert not fused_norm_cpu.usable(x)                   # NCHW: torch's kernel
+    assert not fused_norm_cpu.usable(channels_last.double())
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):
+        assert not fused_norm_cpu.usable(channels_last)   # dispatch modes see torch's ops
+
+
+def test_model_layer_uses_it_in_inference_and_training():
+    """GroupNormAct (what every norm in the model is) gives torch's result through the fused path."""
+    layer = GroupNormAct(64)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(3, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    expected = F.relu(F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps))
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    y = layer(x.requires_grad_())
+    assert y.grad_fn is not None and "GroupNormReLU" in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+FALLBACK = textwrap.dedent("""
+    import logging, torch, torch.nn.functional as F
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from bigtransfer.models import fused_norm_cpu
+    from bigtransfer.models.resnetv2 import GroupNormAct
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    layer = GroupNormAct(32)
+    expected = F.relu(F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    print("usable", fused_norm_cpu.usable(x))
+    try:  # the OpenMP runtimes in the process
+        print("openmp", sorted({line.split()[-1] for line in open("/proc/self/maps") if "gomp" in line}))
+    except OSError:
+        pass
+""")
+
+
+def _run(env_overrides: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), **env_overrides}
+    return subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_compiled_once_into_the_cache_and_torch_ops_without_a_compiler(tmp_path):
+    without_compiler = _run({"BIT_HOME": str(tmp_path / "empty"), "CC": str(tmp_path / "no-such-cc")})
+    assert without_compiler.returncode == 0, without_compiler.stderr
+    assert "usable False" in without_compiler.stdout
+    assert "fused CPU GroupNorm unavailable" in without_compiler.stderr and "no-such-cc" in without_compiler.stderr
+
+    broken_compiler = _run({"BIT_HOME": str(tmp_path / "broken"), "CC": "false"})
+    assert "usable False" in broken_compiler.stdout and "false -O3" in broken_compiler.stderr
+
+    built = _run({"BIT_HOME": str(tmp_path / "home")})
+    assert "usable True" in built.stdout, built.stderr
+    if "openmp" in built.stdout:  # built with -fopenmp, the kernels bind to the runtime torch loaded (same
+        # soname) and run in torch's own thread pool, not in a second one that would fight it for the cores
+        runtimes = ast.literal_eval(built.stdout.split("openmp", 1)[1].strip())
+        assert len(runtimes) == 1, runtimes
+    (library,) = (tmp_path / "home" / "kernels").glob("fused_norm_cpu-*.so")
+    assert not [p for p in library.parent.iterdir() if p != library]  # no half-built leftovers
+    cached = _run({"BIT_HOME": str(tmp_path / "home"), "CC": str(tmp_path / "no-such-cc")})
+    assert "usable True" in cached.stdout, cached.stderr  # the cached build needs no compiler
+
