@@ -10,9 +10,10 @@ Each implementation runs in its own worker process, so that each gets what its u
 workers take turns, one at a time. `timm+heap` is timm in a process with our allocator setting: it shows
 how much of the difference is the allocator and how much the model code. `ours-unfused` is ours without
 the fused GroupNorm+ReLU kernels (`BIGTRANSFER_FUSED_NORM=0`: Triton on CUDA, C on CPUs).
-Prints img/s, the ratio to timm, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter), the
-fraction of this machine's measured matrix-multiply rate (the ceiling), and peak memory (CPU: the
-worker's peak RSS; CUDA: peak allocated).
+Prints img/s, the ratio to timm (the median of per-round ratios, each against timm's time in the same
+round, with their quartiles: robust to the drift of a noisy machine), achieved GFLOP/s (FLOPs counted by
+torch.utils.flop_counter), the fraction of this machine's measured matrix-multiply rate (the ceiling), and
+peak memory (CPU: the worker's peak RSS; CUDA: peak allocated).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'}), "
           f"torch {torch.__version__}, precision {args.precision}, batch {args.batch}; "
           f"matrix-multiply ceiling {ceiling / 1e9:.0f} GFLOP/s")
-    print(f"{'model':8} {'mode':6} {'res':>4} {'impl':12} {'img/s':>9} {'vs timm':>8} {'GFLOP/s':>9} "
+    print(f"{'model':8} {'mode':6} {'res':>4} {'impl':12} {'img/s':>9} {'vs timm':>8} {'quartiles':>11} {'GFLOP/s':>9} "
           f"{'of ceiling':>10} {'peak MiB':>9}", flush=True)
     ctx = mp.get_context("spawn")
     for name in args.models:
@@ -196,8 +197,9 @@ def main() -> None:
             workers = {i: start_worker(ctx, i, name, mode, res, args) for i in impls}
             ready = {i: conn.recv() for i, (_, conn) in workers.items()}  # (flops, peak MiB)
             times: dict[str, list[float]] = {i: [] for i in impls}
-            for _ in range(args.repeats):
-                for i, (_, conn) in workers.items():  # alternate, so that a noisy moment hits everyone alike
+            for round_ in range(args.repeats):  # alternate, so that a noisy moment hits everyone alike,
+                for i in impls[round_ % len(impls):] + impls[:round_ % len(impls)]:  # and rotate who goes first
+                    conn = workers[i][1]
                     conn.send(args.iters)
                     times[i].append(conn.recv())
             for proc, conn in workers.values():
@@ -207,8 +209,12 @@ def main() -> None:
             for i in impls:
                 flops, peak = ready[i]
                 rate = flops / statistics.median(times[i])
-                ratio = f"{speed[i] / speed['timm']:7.2f}x" if "timm" in speed else f"{'-':>8}"
-                print(f"{name:8} {mode:6} {res:4} {i:12} {speed[i]:9.1f} {ratio} "
+                ratio, spread = f"{'-':>8}", ""
+                if "timm" in speed:  # per round, against timm's time in the same round: robust to drift
+                    quartiles = statistics.quantiles([t / o for t, o in zip(times["timm"], times[i], strict=True)],
+                                                     n=4, method="inclusive")
+                    ratio, spread = f"{quartiles[1]:7.2f}x", f"{quartiles[0]:.2f}-{quartiles[2]:.2f}"
+                print(f"{name:8} {mode:6} {res:4} {i:12} {speed[i]:9.1f} {ratio} {spread:>11} "
                       f"{rate / 1e9:9.1f} {rate / ceiling:9.0%} {peak:9.0f}", flush=True)
 
 
