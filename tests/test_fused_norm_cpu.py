@@ -150,3 +150,22 @@ def test_compiled_once_into_the_cache_and_torch_ops_without_a_compiler(tmp_path)
     cached = _run({"BIT_HOME": str(tmp_path / "home"), "CC": str(tmp_path / "no-such-cc")})
     assert "usable True" in cached.stdout, cached.stderr  # the cached build needs no compiler
 
+
+
+def test_same_bits_whatever_the_thread_count():
+    """Each sample is one task with a fixed order of summation, so results do not depend on the threads
+    (torch's reductions split differently with the thread count)."""
+    x = torch.randn(5, 64, 7, 9).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64), torch.randn(64)
+    dy = torch.randn_like(x)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            leaf, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
+            y = fused_norm_cpu.group_norm_relu(leaf, 16, wl, bl, 1e-5)
+            results.append([y, *torch.autograd.grad(y, (leaf, wl, bl), dy)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
