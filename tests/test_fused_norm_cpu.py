@@ -93,6 +93,20 @@ def test_which_inputs_use_it():
         assert not fused_norm_cpu.usable(channels_last)   # dispatch modes see torch's ops
 
 
+def test_torch_func_transforms_see_torchs_ops():
+    """Under torch.func.grad the layer falls back to torch's ops (an autograd Function would need
+    setup_context), and the gradient matches the ordinary autograd one through the fused kernels."""
+    from torch.func import functional_call, grad
+
+    layer = GroupNormAct(32)
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    params = dict(layer.named_parameters())
+    by_func = grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(by_func["weight"], layer.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_func["bias"], layer.bias.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_model_layer_uses_it_in_inference_and_training():
     """GroupNormAct (what every norm in the model is) gives torch's result through the fused path."""
     layer = GroupNormAct(64)

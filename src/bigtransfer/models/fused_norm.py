@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
     import triton
@@ -26,10 +27,15 @@ ENABLED = triton is not None and os.environ.get("BIGTRANSFER_FUSED_NORM", "1") !
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether `x` (the norm's input) goes through the fused kernels: not while compiling, tracing or
-    exporting, which need the plain ops."""
-    return (ENABLED and x.is_cuda and x.dim() == 4 and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing())
+    """Whether `x` (the norm's input) goes through the fused kernels."""
+    return ENABLED and x.is_cuda and x.dim() == 4 and plain_eager()
+
+
+def plain_eager() -> bool:
+    """Not compiling, tracing or exporting, under no dispatch mode (fake tensors, the FLOP counter) and no
+    torch.func transform: those need to see the plain ops, which the fused kernels' autograd Functions hide."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def group_norm_relu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,

@@ -32,6 +32,8 @@ import threading
 
 import torch
 
+from .fused_norm import plain_eager
+
 logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("fused_norm_cpu.c")
@@ -43,15 +45,11 @@ _failed = False
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether `x` (the norm's input) can go through the C kernels: a real fp32 channels_last CPU tensor, not
-    while compiling, tracing, exporting or under a dispatch mode (fake tensors, the FLOP counter), which need
-    the plain ops."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
+    """Whether `x` (the norm's input) can go through the C kernels: an fp32 channels_last CPU tensor, in
+    plain eager mode (`fused_norm.plain_eager`)."""
     return (ENABLED and not _failed and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last) and type(x) is torch.Tensor
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and _get_current_dispatch_mode() is None and library() is not None)
+            and type(x) is torch.Tensor and plain_eager() and x.is_contiguous(memory_format=torch.channels_last)
+            and library() is not None)
 
 
 def group_norm_relu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
@@ -132,6 +130,7 @@ class _GroupNormReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
         n, c, h, w = x.shape
+        ctx.weight_dtype = weight.dtype
         weight, bias = weight.detach().float().contiguous(), bias.detach().float().contiguous()
         y = torch.empty_like(x, memory_format=torch.channels_last)
         mean = torch.empty(n, groups, dtype=torch.float32)
@@ -151,5 +150,5 @@ class _GroupNormReLU(torch.autograd.Function):
         partial = torch.empty(2, n, c, dtype=torch.float32)  # per sample: d weight, d bias
         _check(library().bit_group_norm_relu_backward(*_pointers(x, y, dy, weight, mean, rstd, dx, *partial),
                                                       n, c, h * w, ctx.groups, torch.get_num_threads()), "backward")
-        d_weight, d_bias = partial.sum(dim=1)
+        d_weight, d_bias = partial.sum(dim=1).to(ctx.weight_dtype)
         return dx, d_weight, d_bias, None, None
