@@ -87,6 +87,9 @@ def test_which_inputs_use_it():
     assert fused_norm_cpu.usable(channels_last)
     assert not fused_norm_cpu.usable(x)                   # NCHW: torch's kernel
     assert not fused_norm_cpu.usable(channels_last.double())
+    assert not fused_norm_cpu.usable(channels_last[:0])
+    with pytest.raises(ValueError, match="32 channels, 5 groups"):
+        fused_norm_cpu.group_norm_relu(channels_last, 5, torch.ones(32), torch.zeros(32), 1e-5)
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False):

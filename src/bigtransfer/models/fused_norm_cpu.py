@@ -48,13 +48,16 @@ def usable(x: torch.Tensor) -> bool:
     """Whether `x` (the norm's input) can go through the C kernels: an fp32 channels_last CPU tensor, in
     plain eager mode (`fused_norm.plain_eager`)."""
     return (ENABLED and not _failed and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and type(x) is torch.Tensor and plain_eager() and x.is_contiguous(memory_format=torch.channels_last)
-            and library() is not None)
+            and x.numel() > 0 and type(x) is torch.Tensor and plain_eager()
+            and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
 
 
 def group_norm_relu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
                     eps: float) -> torch.Tensor:
     """``relu(group_norm(x, groups, weight, bias, eps))`` for `x` that passes `usable`, in channels_last."""
+    if x.shape[1] % groups or weight.shape != (x.shape[1],) or bias.shape != (x.shape[1],):
+        raise ValueError(f"group_norm_relu: {x.shape[1]} channels, {groups} groups, weight {tuple(weight.shape)}, "
+                         f"bias {tuple(bias.shape)}: the groups must divide the channels, one weight and bias each")
     return _GroupNormReLU.apply(x, weight, bias, groups, eps)
 
 
