@@ -186,3 +186,24 @@ def test_same_bits_whatever_the_thread_count():
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+def test_double_backward_goes_through_torchs_ops(monkeypatch):
+    """With create_graph=True (a gradient penalty) the backward runs through torch's differentiable ops: the
+    second-order gradients equal those of the plain layer, the first-order ones those of the C kernels."""
+    layer = GroupNormAct(32)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(2, 32, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def grads(fused: bool):
+        monkeypatch.setattr(fused_norm_cpu, "ENABLED", fused)
+        y = layer(x)
+        assert ("GroupNormReLU" in type(y.grad_fn).__name__) == fused
+        (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        (plain_dx,) = torch.autograd.grad(layer(x).square().sum(), x)
+        return [plain_dx, dx, *torch.autograd.grad(dx.square().sum(), (x, layer.weight, layer.bias))]
+
+    for ours, reference in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)

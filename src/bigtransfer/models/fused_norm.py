@@ -7,7 +7,9 @@ statistics are fp32, the activations stay in the input's dtype and layout (NCHW 
 kernels take strides), and the backward pass recomputes the ReLU mask from the saved input instead of
 keeping an fp32 copy. Measured on an H100 (bf16, R50x1, batch 128, benchmarks/RESULTS.md): training went
 from 0.92x to 1.14x timm's img/s with half its peak memory, inference from 1.04x to 2.0x. Not used under
-``torch.compile`` (Inductor fuses the plain ops itself) or on CPUs. ``BIGTRANSFER_FUSED_NORM=0`` turns it off.
+``torch.compile`` (Inductor fuses the plain ops itself) or on CPUs (`fused_norm_cpu` has C kernels for them).
+A backward with ``create_graph=True`` (gradient penalties) runs through torch's differentiable ops instead.
+``BIGTRANSFER_FUSED_NORM=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
@@ -42,6 +45,18 @@ def group_norm_relu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: to
                     eps: float) -> torch.Tensor:
     """``relu(group_norm(x, groups, weight, bias, eps))`` in x's dtype and memory layout."""
     return _GroupNormReLU.apply(x, weight, bias, groups, eps)
+
+
+def differentiable_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                            dy: torch.Tensor, needs_input_grad: tuple[bool, ...]) -> tuple:
+    """The backward of GroupNorm + ReLU through torch's ops, for ``create_graph=True`` (gradient penalties, double
+    backward): the fused backward kernels are not themselves differentiable. Returns the gradients of an autograd
+    Function whose forward takes (x, weight, bias, groups, eps)."""
+    inputs = [t for t, needed in zip((x, weight, bias), needs_input_grad, strict=False) if needed]
+    with torch.enable_grad():
+        y = F.relu(F.group_norm(x.float(), groups, weight.float(), bias.float(), eps)).to(x.dtype)
+    grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
+    return tuple(next(grads) if needed else None for needed in needs_input_grad[:3]) + (None, None)
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -76,12 +91,14 @@ class _GroupNormReLU(torch.autograd.Function):
         _forward_kernel[grid](x, y, weight, bias, mean, rstd, c, h * w, x.stride(0), x.stride(1), _spatial_stride(x),
                               c // groups, eps, **meta)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.groups = groups
+        ctx.groups, ctx.eps = groups, eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return differentiable_backward(x, weight, bias, ctx.groups, ctx.eps, dy, ctx.needs_input_grad)
         if dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
         n, c, h, w = x.shape
