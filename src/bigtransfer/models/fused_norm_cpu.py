@@ -49,7 +49,7 @@ def usable(x: torch.Tensor) -> bool:
     """Whether `x` (the norm's input) can go through the C kernels: an fp32 channels_last CPU tensor, in
     plain eager mode (`fused_norm.plain_eager`)."""
     return (ENABLED and not _failed and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.numel() > 0 and type(x) is torch.Tensor and plain_eager()
+            and type(x) is torch.Tensor and plain_eager() and x.numel() > 0  # numel after: a tracer records it
             and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
 
 
