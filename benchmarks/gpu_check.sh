@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks (device tool); results go to $OUT (default ./gpu_out), one file per section (the device
-# tool brings back at most 8). All sections take about 9 minutes on an H100: on a 10-minute limit per
-# call, run them as two calls (measured 2026-11-26: about 5 and 4 minutes).
-#   bash benchmarks/gpu_check.sh facts fused bench bench512
-#   bash benchmarks/gpu_check.sh e2e sizes compiled
+# tool brings back at most 8). On a 10-minute limit per call, run them as two calls, the first first:
+#   bash benchmarks/gpu_check.sh fused profile e2e512          # where the time goes; the open levers (~6 min)
+#   bash benchmarks/gpu_check.sh facts bench bench512 sizes    # the side-by-side tables again (~5 min)
+# (e2e and compiled, measured 2026-11-26, take about 2 and 1.5 minutes more.)
 # facts     what GroupNorm does on this torch + GPU (layout, autocast dtype)
-# fused     the fused GroupNorm+ReLU kernels: correctness against torch, time per R50x1 layer
+# fused     the fused GroupNorm+ReLU kernels: correctness against torch, GPU time per R50x1 layer at batch 512
+# profile   kernel time per category of a training step, batch 512, NCHW and channels_last
 # bench     R50x1 against timm/HF, bf16, batch 128 (NCHW and channels_last)
 # bench512  R50x1 against timm, training at batch 512 (the HyperRule's batch)
 # sizes     R101x1 and R50x3 against timm, batch 128
 # e2e       the whole fine-tuning loop (data included), with and without CUDA graphs, batch 512 and 128
+# e2e512    the whole fine-tuning loop at batch 512 with CUDA graphs: NCHW or channels_last, cuDNN autotuned or not
 # compiled  R50x1 and timm both under torch.compile
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -17,7 +19,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 BENCH="$PY benchmarks/bench_models.py --device cuda --precision bf16 --threads 16 --repeats 5 --iters 10"
-sections=${*:-facts fused bench bench512 sizes e2e compiled}
+sections=${*:-facts fused profile bench bench512 sizes e2e e2e512 compiled}
 
 facts() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -25,7 +27,7 @@ facts() {
   timeout 60 $PY benchmarks/gpu_facts.py
 }
 
-fused() { timeout 120 $PY benchmarks/gpu_fused_norm.py; }
+fused() { timeout 180 $PY benchmarks/gpu_fused_norm.py; }
 
 bench() {  # each implementation in its own worker; ours-unfused = ours with BIGTRANSFER_FUSED_NORM=0
   timeout 150 $BENCH --batch 128 --models R50x1 --impls ours ours-unfused timm hf
@@ -36,15 +38,27 @@ bench512() { timeout 120 $BENCH --batch 512 --models R50x1 --impls ours timm --m
 
 sizes() { timeout 200 $BENCH --batch 128 --models R101x1 R50x3 --impls ours timm; }
 
-e2e() {  # a generated CIFAR-sized set, 128 px crops, on-device batches; same seed: same losses expected
+finetune() {  # NAME BATCH GRAPHS [FLAGS...]: `bit finetune` on a generated CIFAR-sized set, 128 px crops,
+  # on-device batches, 60 steps; prints the metrics and the img/s between steps 20 and 60 (data included)
+  local name=$1 batch=$2 graphs=$3
+  shift 3
+  echo "== $name: batch $batch, BIGTRANSFER_CUDA_GRAPHS=$graphs $*"
+  BIGTRANSFER_CUDA_GRAPHS=$graphs timeout 150 $PY -m bigtransfer finetune --model BiT-M-R50x1 \
+    --data fractals:10 --in-memory --device-data --eval-data none --steps 60 --batch "$batch" \
+    --precision bf16 --batch-split auto --no-progress --out "/tmp/e2e_$name" "$@" 2>&1 | grep -v fontManager | tail -4
+  cat "/tmp/e2e_$name/metrics.jsonl"
+  $PY - "/tmp/e2e_$name/metrics.jsonl" "$batch" <<'EOF'
+import json, sys
+rows = {r["step"]: r for r in map(json.loads, open(sys.argv[1])) if "elapsed_s" in r}
+rate = 40 * int(sys.argv[2]) / (rows[60]["elapsed_s"] - rows[20]["elapsed_s"])
+print(f"img/s, steps 20-60: {rate:,.0f}; the HyperRule CIFAR-10 schedule (5.12M images) at it: {5.12e6 / rate / 60:.1f} min")
+EOF
+}
+
+e2e() {  # same seed: same losses expected with and without graphs
   for batch in 512 128; do
     for graphs in 0 1; do
-      name="b${batch}_graphs${graphs}"
-      echo "== batch $batch, BIGTRANSFER_CUDA_GRAPHS=$graphs"
-      BIGTRANSFER_CUDA_GRAPHS=$graphs timeout 120 $PY -m bigtransfer finetune --model BiT-M-R50x1 \
-        --data fractals:10 --in-memory --device-data --eval-data none --steps 40 --batch $batch \
-        --precision bf16 --batch-split auto --no-progress --out "/tmp/e2e_$name" 2>&1 | grep -v fontManager | tail -4
-      cat "/tmp/e2e_$name/metrics.jsonl"
+      finetune "b${batch}_graphs${graphs}" "$batch" "$graphs"
     done
     $PY - "$batch" <<'EOF'
 import sys
@@ -56,6 +70,15 @@ print(f"final weights, graphs vs eager: relative L2 distance {(num / den) ** 0.5
 EOF
   done
 }
+
+e2e512() {  # cuDNN autotuning (BIGTRANSFER_CUDNN_AUTOTUNE) and the layout, each on and off
+  finetune b512_graphs1 512 1
+  BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_heuristics 512 1
+  finetune b512_graphs1_cl 512 1 --channels-last
+  BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_cl_heuristics 512 1 --channels-last
+}
+
+profile() { timeout 150 $PY benchmarks/gpu_profile.py --batch 512 --layouts nchw channels_last; }
 
 compiled() { timeout 200 $BENCH --batch 128 --models R50x1 --impls ours timm --channels-last --compile --modes train; }
 

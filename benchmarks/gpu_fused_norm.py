@@ -1,16 +1,20 @@
 """The fused GroupNorm+ReLU kernels on a GPU: correctness against torch, then forward+backward time per
-norm layer of R50x1 (batch 128, 128 px) against what autocast runs (fp32 GroupNorm, ReLU, bf16 cast).
+norm layer of R50x1 (the HyperRule's batch 512, 128 px) against what autocast runs (fp32 GroupNorm, ReLU,
+bf16 cast). Times are GPU times of CUDA-graph replays (`triton.testing.do_bench_cudagraph`): launched one by
+one from Python, these layers take longer to launch than to run, and the times would measure Python.
 
-    python benchmarks/gpu_fused_norm.py
+    python benchmarks/gpu_fused_norm.py [--batch 128]
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
 
 import bigtransfer as bt
 from bigtransfer.models import fused_norm
@@ -23,7 +27,7 @@ def reference(x, groups, w, b):
 
 def check() -> None:
     torch.manual_seed(0)
-    for shape, groups in [((8, 256, 32, 32), 32), ((4, 96, 15, 15), 32), ((2, 2048, 4, 4), 32)]:
+    for shape, groups in [((8, 256, 32, 32), 32), ((8, 64, 32, 32), 32), ((4, 96, 15, 15), 32), ((2, 2048, 4, 4), 32)]:
         for dtype in (torch.float32, torch.bfloat16):
             for layout in (torch.contiguous_format, torch.channels_last):
                 x = (torch.randn(shape, device="cuda") * 2 + 0.5).to(dtype).contiguous(memory_format=layout)
@@ -53,36 +57,77 @@ def layer_shapes(batch: int, res: int) -> collections.Counter:
     return collections.Counter({(batch, *k): v for k, v in shapes.items()})
 
 
-def timing(batch: int = 128, res: int = 128) -> None:
-    print(f"\nforward+backward per layer, bf16 input, R50x1 batch {batch} at {res} px (us)")
-    print(f"{'shape (N,C,H,W)':22} {'count':>5} {'autocast':>9} {'fused NCHW':>11} {'fused NHWC':>11}")
+def gpu_time_us(fn) -> tuple[float, str]:
+    """GPU time of `fn` replayed as a CUDA graph, or (where capturing fails) of plain calls."""
+    try:
+        return do_bench_cudagraph(fn, rep=40) * 1000, "graph"
+    except RuntimeError:
+        return do_bench(fn, warmup=10, rep=40) * 1000, "eager"
+
+
+def one_group_per_program(x: torch.Tensor, groups: int) -> tuple[tuple[int], dict]:
+    """The kernels' launch before groups were blocked for channels_last (for the A/B column)."""
+    grid, meta = LAUNCH(x, groups)
+    if meta["GROUP_BLOCK"] == 1:
+        return grid, meta
+    n, c, h, w = x.shape
+    block_c = triton.next_power_of_2(c // groups)
+    block_s = min(triton.next_power_of_2(h * w), max(16, 4096 // block_c))
+    return (n * groups,), {**meta, "GROUP_BLOCK": 1, "BLOCK_C": block_c, "BLOCK_S": block_s}
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second read plus written by a 1 GiB device-to-device copy."""
+    big = torch.empty(1 << 30, device="cuda", dtype=torch.uint8)
+    return 2 * big.numel() / (do_bench(big.clone, rep=100) / 1000)
+
+
+LAUNCH = fused_norm._launch_shape
+COLUMNS = ("autocast", "fused NCHW", "fused NHWC", "NHWC 1 group", "floor")
+
+
+def timing(batch: int, res: int = 128) -> None:
+    """`floor`: the time to move the bytes the fused kernels must move (read x, write y; read x and dy, write
+    dx) at the bandwidth of a large device-to-device copy measured here."""
+    bandwidth = copy_bandwidth()
+    print(f"\nforward+backward per layer, bf16 input, R50x1 batch {batch} at {res} px (us of GPU time); "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"{'shape (N,C,H,W)':22} {'count':>5} " + " ".join(f"{k:>12}" for k in COLUMNS))
     totals = collections.Counter()
+    methods = set()
     for (n, groups, c, h, w), count in sorted(layer_shapes(batch, res).items()):
         weight = torch.ones(c, device="cuda", requires_grad=True)
         bias = torch.zeros(c, device="cuda", requires_grad=True)
-        row = {}
-        for name, layout in [("autocast", torch.contiguous_format), ("fused NCHW", torch.contiguous_format),
-                             ("fused NHWC", torch.channels_last)]:
+        row = {"floor": 5 * n * c * h * w * 2 / bandwidth * 1e6}
+        for name in COLUMNS[:-1]:
+            layout = torch.contiguous_format if name in ("autocast", "fused NCHW") else torch.channels_last
             x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=layout)
             x.requires_grad_()
             dy = torch.randn_like(x)
-            fused = name.startswith("fused")
 
-            def step(x=x, dy=dy, fused=fused, groups=groups, weight=weight, bias=bias):
+            def step(x=x, dy=dy, fused=name != "autocast", groups=groups, weight=weight, bias=bias):
                 if fused:
                     y = fused_norm.group_norm_relu(x, groups, weight, bias, 1e-5)
                 else:  # what autocast runs: fp32 GroupNorm and ReLU, then the next conv's cast to bf16
                     y = reference(x, groups, weight, bias).bfloat16()
-                y.backward(dy)
+                torch.autograd.grad(y, (x, weight, bias), dy)  # no .grad accumulation: replayable
 
-            row[name] = do_bench(step, warmup=10, rep=40) * 1000
-            totals[name] += row[name] * count
-        print(f"{str((n, c, h, w)):22} {count:5} " + " ".join(f"{row[k]:{len(k) if len(k) > 9 else 9}.0f}"
-                                                            for k in ("autocast", "fused NCHW", "fused NHWC")))
-    print(f"{'total per step (ms)':28} " + " ".join(f"{totals[k] / 1000:{max(len(k), 9)}.2f}"
-                                                    for k in ("autocast", "fused NCHW", "fused NHWC")))
+            fused_norm._launch_shape = one_group_per_program if name == "NHWC 1 group" else LAUNCH
+            try:
+                row[name], how = gpu_time_us(step)
+            finally:
+                fused_norm._launch_shape = LAUNCH
+            methods.add(how)
+        for k in COLUMNS:
+            totals[k] += row[k] * count
+        print(f"{str((n, c, h, w)):22} {count:5} " + " ".join(f"{row[k]:12.0f}" for k in COLUMNS))
+    print(f"{'total per step (ms)':28} " + " ".join(f"{totals[k] / 1000:12.2f}" for k in COLUMNS))
+    print("timed as:", ", ".join(sorted(methods)))
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=512)
+    args = parser.parse_args()
     check()
-    timing()
+    timing(args.batch)

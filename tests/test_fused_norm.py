@@ -25,6 +25,9 @@ SCRIPT = textwrap.dedent("""
         ((1, 4, 48, 48), 2, torch.float32, True, False),    # 2,304 positions: the kernels loop over tiles
         ((3, 64, 9, 9), 32, torch.bfloat16, False, True),
         ((2, 8, 5, 1), 4, torch.float32, None, False),      # width 1, its stride not the dense one
+        ((2, 64, 5, 5), 32, torch.bfloat16, True, True),    # channels_last: one program takes all 32 groups
+        ((2, 256, 3, 3), 32, torch.float32, True, False),   # 8 groups of 8 channels per program, 4 per sample
+        ((3, 128, 1, 1), 32, torch.float32, False, False),  # 1x1 maps: channels adjacent in NCHW too
     ]
     for shape, groups, dtype, channels_last, grad_channels_last in cases:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -71,3 +74,56 @@ def test_fused_group_norm_relu_matches_torch_in_float64(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def _compile_for_hopper(kernel, args: dict, meta: dict) -> str:
+    """PTX of `kernel` compiled for sm_90 (no GPU needed: Triton ships ptxas), specialised on the argument
+    values as Triton's launcher does (an int equal to 1 becomes a constant, pointers and multiples of 16
+    are marked 16-divisible: what lets the compiler vectorise)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constants, attrs = {}, {k: v for k, v in meta.items() if k != "num_warps"}, {}
+    for i, (name, value) in enumerate(args.items()):
+        if isinstance(value, str):  # a pointer, given as its type
+            signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    signature.update({k: "constexpr" for k in meta if k != "num_warps"})
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": meta["num_warps"]}).asm["ptx"]
+
+
+@pytest.mark.parametrize("shape,channels_last", [((512, 64, 32, 32), True), ((512, 256, 32, 32), True),
+                                                 ((512, 2048, 4, 4), True), ((512, 64, 32, 32), False)])
+def test_kernels_compile_for_hopper_with_vector_loads(shape, channels_last):
+    """The kernels compile for an H100 (the interpreter above does not run Triton's GPU compiler), and the bf16
+    activations move in vector loads and stores: in channels_last a group of 2-8 channels is 4-16 bytes of
+    each row, which one program per group read 2 bytes at a time (ld.global.b16); blocks of 16 channels,
+    32-byte rows, whose channel count the compiler knows, are read 16 bytes at a time (ld.global.v4.b32)."""
+    import torch
+
+    from bigtransfer.models import fused_norm
+
+    x = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    n, c, h, w = shape
+    sizes = {"C": c, "S": h * w, "stride_n": x.stride(0), "stride_c": x.stride(1),
+             "stride_s": fused_norm._spatial_stride(x)}
+    stats = {"weight": "*fp32", "bias": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
+    _, meta = fused_norm._launch_shape(x, 32)
+    forward = _compile_for_hopper(fused_norm._forward_kernel,
+                                  {"x_ptr": "*bf16", "y_ptr": "*bf16", **stats, **sizes, "eps": 1e-5}, meta)
+    backward = _compile_for_hopper(fused_norm._backward_kernel,
+                                   {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", **stats,
+                                    "partial_ptr": "*fp32", "NC": n * c, **sizes}, meta)
+    for ptx in (forward, backward):
+        assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx
+        assert "ld.global.v" in ptx and "st.global.v" in ptx

@@ -71,9 +71,23 @@ def setup(device: str | None = None) -> Runtime:
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
+        autotune_convolutions(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Runtime(dev, rank, world, local)
+
+
+def autotune_convolutions(device: torch.device) -> bool:
+    """Let cuDNN time its algorithms for each convolution shape once and keep the fastest
+    (``torch.backends.cudnn.benchmark``), as timm's and torchvision's training scripts do: training and
+    evaluation run a few fixed shapes for thousands of steps, so the one-off timing pays for itself, and
+    without it cuDNN picks by heuristics. Not where deterministic algorithms were asked for (the choice
+    can differ between runs) or with ``BIGTRANSFER_CUDNN_AUTOTUNE=0``. Returns whether it was turned on."""
+    if (device.type != "cuda" or os.environ.get("BIGTRANSFER_CUDNN_AUTOTUNE", "1") == "0"
+            or torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic):
+        return False
+    torch.backends.cudnn.benchmark = True
+    return True
 
 
 def autocast(device: torch.device, precision: str, cache_enabled: bool = True) -> contextlib.AbstractContextManager:

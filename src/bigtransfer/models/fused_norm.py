@@ -72,11 +72,23 @@ def _spatial_stride(x: torch.Tensor) -> int:
 
 
 def _launch_shape(x: torch.Tensor, groups: int) -> tuple[tuple[int], dict]:
+    """One program per (sample, block of groups). Where neighbouring channels are neighbours in memory
+    (channels_last, or 1x1 maps), a program takes enough whole groups to fill 32-byte sectors (16 channels in
+    bf16): with one group of 2-8 channels, each row of a tile was 4-16 bytes and the loads went 2 bytes at a
+    time. No more than that: a program re-reads its block in its later passes, and the blocks of all resident
+    programs should stay in L2 (16 channels x 32x32 positions is 32 KiB)."""
     n, c, h, w = x.shape
     group_channels = c // groups
-    block_c = triton.next_power_of_2(group_channels)
+    group_block = 1
+    if x.stride(1) == 1 and group_channels & (group_channels - 1) == 0:  # power-of-2 groups tile exactly
+        group_block = max(1, 32 // x.element_size() // group_channels)
+        while groups % group_block:
+            group_block //= 2
+    block_c = triton.next_power_of_2(group_channels * group_block)
     block_s = min(triton.next_power_of_2(h * w), max(16, 4096 // block_c))
-    return (n * groups,), {"BLOCK_C": block_c, "BLOCK_S": block_s, "num_warps": 8 if block_c * block_s >= 4096 else 4}
+    return (n * (groups // group_block),), {"GROUP_CHANNELS": group_channels, "GROUP_BLOCK": group_block,
+                                            "BLOCK_C": block_c, "BLOCK_S": block_s,
+                                            "num_warps": 8 if block_c * block_s >= 4096 else 4}
 
 
 class _GroupNormReLU(torch.autograd.Function):
@@ -89,7 +101,7 @@ class _GroupNormReLU(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         grid, meta = _launch_shape(x, groups)
         _forward_kernel[grid](x, y, weight, bias, mean, rstd, c, h * w, x.stride(0), x.stride(1), _spatial_stride(x),
-                              c // groups, eps, **meta)
+                              eps, **meta)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups, ctx.eps = groups, eps
         return y
@@ -106,7 +118,7 @@ class _GroupNormReLU(torch.autograd.Function):
         partial = torch.empty(2, n, c, device=x.device, dtype=torch.float32)  # per sample: d weight, d bias
         grid, meta = _launch_shape(x, ctx.groups)
         _backward_kernel[grid](x, dy, dx, weight, bias, mean, rstd, partial, n * c, c, h * w,
-                               x.stride(0), x.stride(1), _spatial_stride(x), c // ctx.groups, **meta)
+                               x.stride(0), x.stride(1), _spatial_stride(x), **meta)
         d_weight, d_bias = partial.sum(dim=1).to(weight.dtype)
         return dx, d_weight, d_bias, None, None
 
@@ -114,97 +126,110 @@ class _GroupNormReLU(torch.autograd.Function):
 if triton is not None:
 
     @triton.jit
-    def _tile(ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels,
-              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Addresses and mask of one [BLOCK_C, BLOCK_S] tile of sample n's group g, from position s0."""
-        c = g * group_channels + tl.arange(0, BLOCK_C)
+    def _tile(ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr,
+              BLOCK_S: tl.constexpr):
+        """Addresses and mask of one [BLOCK_C, BLOCK_S] tile of sample n: `channels` channels from c0, positions
+        from s0."""
+        c = c0 + tl.arange(0, BLOCK_C)
         s = s0 + tl.arange(0, BLOCK_S)
-        mask = (tl.arange(0, BLOCK_C) < group_channels)[:, None] & (s < S)[None, :]
+        mask = (tl.arange(0, BLOCK_C) < channels)[:, None] & (s < S)[None, :]
         return ptr + n * stride_n + c[:, None] * stride_c + s[None, :] * stride_s, mask
 
     @triton.jit
-    def _channel_params(weight, bias, g, group_channels, BLOCK_C: tl.constexpr):
-        c = g * group_channels + tl.arange(0, BLOCK_C)
-        cmask = tl.arange(0, BLOCK_C) < group_channels
-        gamma = tl.load(weight + c, mask=cmask, other=0.0).to(tl.float32)
-        beta = tl.load(bias + c, mask=cmask, other=0.0).to(tl.float32)
-        return c, cmask, gamma, beta
+    def _per_group(per_channel, GROUP_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Sums a [BLOCK_C] vector over each group's channels and hands every channel its group's sum."""
+        sums = tl.sum(tl.reshape(per_channel, [GROUP_BLOCK, BLOCK_C // GROUP_BLOCK]), axis=1)
+        return tl.reshape(tl.broadcast_to(sums[:, None], [GROUP_BLOCK, BLOCK_C // GROUP_BLOCK]), [BLOCK_C])
+
+    @triton.jit
+    def _program(C, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's sample, first channel, channel count, and for each tile row its channel, its
+        validity and its (sample, group) index into the statistics."""
+        groups = C // GROUP_CHANNELS
+        blocks = groups // GROUP_BLOCK
+        pid = tl.program_id(0)
+        n = (pid // blocks).to(tl.int64)  # int64: n * stride_n passes 2**31 on big batches
+        channels = GROUP_CHANNELS * GROUP_BLOCK
+        c0 = (pid % blocks) * channels
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = tl.arange(0, BLOCK_C) < channels
+        return n, c0, channels, c, cmask, n * groups + c // GROUP_CHANNELS
 
     @triton.jit
     def _forward_kernel(x_ptr, y_ptr, weight, bias, mean_ptr, rstd_ptr, C, S, stride_n, stride_c, stride_s,
-                        group_channels, eps, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        """One program per (sample, group): mean, then the centred variance (exact, no E[x^2] - E[x]^2
-        cancellation; the re-reads come from L2), then normalise, scale, shift and ReLU."""
-        pid = tl.program_id(0)
-        groups = C // group_channels
-        n, g = (pid // groups).to(tl.int64), pid % groups  # int64: n * stride_n passes 2**31 on big batches
-        count = group_channels * S
+                        eps, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+        """Per group: the mean, then the centred variance (exact, no E[x^2] - E[x]^2 cancellation; the
+        re-reads come from L2), then normalise, scale, shift and ReLU."""
+        n, c0, channels, c, cmask, stat = _program(C, GROUP_CHANNELS, GROUP_BLOCK, BLOCK_C)
+        count = GROUP_CHANNELS * S
         total = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
-            ptrs, mask = _tile(x_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
+            ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
             total += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
+        mean = _per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count
         total = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
-            ptrs, mask = _tile(x_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
-            centred = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+            ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+            centred = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean[:, None], 0.0)
             total += centred * centred
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(total, axis=1), axis=0) / count + eps)
-        tl.store(mean_ptr + pid, mean)
-        tl.store(rstd_ptr + pid, rstd)
-        c, cmask, gamma, beta = _channel_params(weight, bias, g, group_channels, BLOCK_C)
+        rstd = 1.0 / tl.sqrt(_per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count + eps)
+        first = cmask & (c % GROUP_CHANNELS == 0)  # one row per group stores its statistics
+        tl.store(mean_ptr + stat, mean, mask=first)
+        tl.store(rstd_ptr + stat, rstd, mask=first)
+        gamma = tl.load(weight + c, mask=cmask, other=0.0).to(tl.float32)
+        beta = tl.load(bias + c, mask=cmask, other=0.0).to(tl.float32)
         scale = (gamma * rstd)[:, None]
         shift = (beta - mean * gamma * rstd)[:, None]
         for s0 in range(0, S, BLOCK_S):
-            ptrs, mask = _tile(x_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
+            ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
             x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
             y = tl.maximum(x * scale + shift, 0.0)
-            out, _ = _tile(y_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
+            out, _ = _tile(y_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
             tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _input_and_relu_grad(x_ptr, dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, scale,
-                             shift, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, scale, shift,
+                             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """One tile of the input and of the gradient through the ReLU (zero where the output was clipped)."""
-        ptrs, mask = _tile(x_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
+        ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        dptrs, _ = _tile(dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
+        dptrs, _ = _tile(dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
         dy = tl.load(dptrs, mask=mask, other=0.0).to(tl.float32)
         return x, tl.where(x * scale + shift > 0.0, dy, 0.0), mask
 
     @triton.jit
     def _backward_kernel(x_ptr, dy_ptr, dx_ptr, weight, bias, mean_ptr, rstd_ptr, partial_ptr, NC, C, S,
-                         stride_n, stride_c, stride_s, group_channels,
+                         stride_n, stride_c, stride_s, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        """One program per (sample, group). With xhat the normalised input and g = dy * relu'(y) * gamma:
+        """With xhat the normalised input and g = dy * relu'(y) * gamma, per group:
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); the per-channel sums of dy*relu' and
         dy*relu'*xhat of this sample are stored for d bias and d weight (summed over samples outside)."""
-        pid = tl.program_id(0)
-        groups = C // group_channels
-        n, g = (pid // groups).to(tl.int64), pid % groups  # int64: n * stride_n passes 2**31 on big batches
-        mean = tl.load(mean_ptr + pid)
-        rstd = tl.load(rstd_ptr + pid)
-        c, cmask, gamma, beta = _channel_params(weight, bias, g, group_channels, BLOCK_C)
+        n, c0, channels, c, cmask, stat = _program(C, GROUP_CHANNELS, GROUP_BLOCK, BLOCK_C)
+        mean = tl.load(mean_ptr + stat, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + stat, mask=cmask, other=0.0)
+        gamma = tl.load(weight + c, mask=cmask, other=0.0).to(tl.float32)
+        beta = tl.load(bias + c, mask=cmask, other=0.0).to(tl.float32)
         scale = (gamma * rstd)[:, None]
         shift = (beta - mean * gamma * rstd)[:, None]
         sum_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         sum_dy_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
-            x, dy, _ = _input_and_relu_grad(x_ptr, dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s,
-                                            group_channels, scale, shift, BLOCK_C, BLOCK_S)
+            x, dy, _ = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s,
+                                            scale, shift, BLOCK_C, BLOCK_S)
             sum_dy += dy
-            sum_dy_xhat += dy * (x - mean) * rstd
+            sum_dy_xhat += dy * (x - mean[:, None]) * rstd[:, None]
         channel_dy = tl.sum(sum_dy, axis=1)
         channel_dy_xhat = tl.sum(sum_dy_xhat, axis=1)
         tl.store(partial_ptr + n * C + c, channel_dy_xhat, mask=cmask)
         tl.store(partial_ptr + NC + n * C + c, channel_dy, mask=cmask)
-        count = group_channels * S
-        mean_g = tl.sum(channel_dy * gamma, axis=0) / count
-        mean_g_xhat = tl.sum(channel_dy_xhat * gamma, axis=0) / count
+        count = GROUP_CHANNELS * S
+        mean_g = (_per_group(channel_dy * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
+        mean_g_xhat = (_per_group(channel_dy_xhat * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
         for s0 in range(0, S, BLOCK_S):
-            x, dy, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s,
-                                               group_channels, scale, shift, BLOCK_C, BLOCK_S)
-            xhat = (x - mean) * rstd
-            dx = rstd * (dy * gamma[:, None] - mean_g - xhat * mean_g_xhat)
-            out, _ = _tile(dx_ptr, n, g, s0, C, S, stride_n, stride_c, stride_s, group_channels, BLOCK_C, BLOCK_S)
+            x, dy, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s,
+                                               scale, shift, BLOCK_C, BLOCK_S)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+            dx = rstd[:, None] * (dy * gamma[:, None] - mean_g - xhat * mean_g_xhat)
+            out, _ = _tile(dx_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
             tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
