@@ -6,7 +6,8 @@ that launch it, for each memory layout, next to the step's wall time (so idle ga
     python benchmarks/gpu_profile.py --impls ours timm --batch 128
     python benchmarks/gpu_profile.py --device cpu --batch 4 --res 64 --precision fp32   # a CPU run of the script
 
-The training step is `bench_models.step_fn` (the plain user loop: autocast, cross-entropy, SGD with momentum).
+The training step is `bench_models.step_fn` (the plain user loop: autocast, cross-entropy, SGD with momentum),
+with cuDNN autotuning on as `bit finetune` sets it (`BIGTRANSFER_CUDNN_AUTOTUNE=0` for cuDNN's heuristics).
 Categories come from kernel names, which differ between cuDNN versions: the top kernels are printed as well,
 so that a kernel filed under "other" can be looked at. On a CPU there are no kernels: the categories are
 those of the aten ops' own time (a smoke test of the script more than a measurement).
@@ -22,6 +23,8 @@ import time
 import torch
 from bench_models import DEPTH_WIDTH, build, step_fn, sync
 from torch.profiler import ProfilerActivity, profile
+
+from bigtransfer.runtime import autotune_convolutions
 
 # first match wins, ignoring case; kernel names (CUDA) or aten op names (CPU)
 CATEGORIES = [
@@ -51,6 +54,7 @@ def category(name: str) -> str:
 
 def profile_step(impl: str, model_name: str, channels_last: bool, args: argparse.Namespace) -> None:
     device = torch.device(args.device)
+    autotune_convolutions(device)
     model = build(impl, model_name, device, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
