@@ -27,7 +27,7 @@ facts() {
   timeout 60 $PY benchmarks/gpu_facts.py
 }
 
-fused() { timeout 180 $PY benchmarks/gpu_fused_norm.py; }
+fused() { timeout 240 $PY benchmarks/gpu_fused_norm.py; }
 
 bench() {  # each implementation in its own worker; ours-unfused = ours with BIGTRANSFER_FUSED_NORM=0
   timeout 150 $BENCH --batch 128 --models R50x1 --impls ours ours-unfused timm hf

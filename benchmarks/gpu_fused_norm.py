@@ -44,6 +44,16 @@ def check() -> None:
                 errs = [((p - q).abs().max() / q.abs().max()).item() for p, q in zip(grads[1], grads[0], strict=True)]
                 print(f"check {str(shape):18} {str(dtype):15} {'NHWC' if layout == torch.channels_last else 'NCHW'}"
                       f"  rel max err y {errs[0]:.1e} dx {errs[1]:.1e} dw {errs[2]:.1e} db {errs[3]:.1e}", flush=True)
+    # create_graph=True (gradient penalties): second-order gradients through torch's ops, against float64
+    x, w, b = torch.randn(4, 64, 8, 8, device="cuda"), torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    second = []
+    for fn, dtype in ((lambda *a: fused_norm.group_norm_relu(*a, 1e-5), torch.float32),
+                      (lambda *a: F.relu(F.group_norm(*a, 1e-5)), torch.float64)):
+        xs, ws, bs = (t.to(dtype).requires_grad_() for t in (x, w, b))
+        (dx,) = torch.autograd.grad(fn(xs, 32, ws, bs).square().sum(), xs, create_graph=True)
+        second.append(torch.autograd.grad(dx.square().sum(), (xs, ws, bs)))
+    errs = [((p.double() - q).abs().max() / q.abs().max()).item() for p, q in zip(*second, strict=True)]
+    print("double backward, rel max err of d/dx, d/dw, d/db:", " ".join(f"{e:.1e}" for e in errs), flush=True)
 
 
 def layer_shapes(batch: int, res: int) -> collections.Counter:
