@@ -62,7 +62,7 @@ class Runtime:
 
 def setup(device: str | None = None) -> Runtime:
     """Pick the device and, under torchrun (RANK/WORLD_SIZE set), join the process group:
-    NCCL on GPUs, gloo on CPUs."""
+    NCCL on GPUs, gloo on CPUs. On CUDA, cuDNN autotunes its convolutions (`autotune_convolutions`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device is None or device == "auto":
