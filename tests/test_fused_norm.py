@@ -25,9 +25,10 @@ SCRIPT = textwrap.dedent("""
         ((1, 4, 48, 48), 2, torch.float32, True, False),    # 2,304 positions: the kernels loop over tiles
         ((3, 64, 9, 9), 32, torch.bfloat16, False, True),
         ((2, 8, 5, 1), 4, torch.float32, None, False),      # width 1, its stride not the dense one
-        ((2, 64, 5, 5), 32, torch.bfloat16, True, True),    # channels_last: one program takes all 32 groups
-        ((2, 256, 3, 3), 32, torch.float32, True, False),   # 8 groups of 8 channels per program, 4 per sample
-        ((3, 128, 1, 1), 32, torch.float32, False, False),  # 1x1 maps: channels adjacent in NCHW too
+        ((2, 64, 5, 5), 32, torch.bfloat16, True, True),    # channels_last, 32-byte rows: 8 groups per program
+        ((2, 64, 3, 3), 32, torch.float32, True, False),    # fp32: 4 groups of 2 channels per program
+        ((2, 256, 3, 3), 32, torch.bfloat16, True, False),  # 2 groups of 8 channels per program, 16 per sample
+        ((3, 128, 1, 1), 32, torch.float32, False, False),  # 1x1 maps: channels adjacent in NCHW too (2 groups)
     ]
     for shape, groups, dtype, channels_last, grad_channels_last in cases:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
