@@ -125,6 +125,7 @@ def worker(conn, impl: str, name: str, mode: str, res: int, args: argparse.Names
     """One implementation in its own process: build, count FLOPs, warm up, then time `iters` steps
     whenever the parent asks, until it sends None."""
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, res, res, device=device)
@@ -178,6 +179,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN times its algorithms for every implementation (as `bit finetune`, timm train.py)")
     p.add_argument("--impls", nargs="+", default=["ours", "timm", "timm+heap", "hf"],
                    choices=("ours", "ours-unfused", "timm", "timm+heap", "hf"))
     args = p.parse_args()

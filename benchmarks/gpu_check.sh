@@ -6,9 +6,11 @@
 # (e2e and compiled, measured 2026-11-26, take about 2 and 1.5 minutes more.)
 # facts     what GroupNorm does on this torch + GPU (layout, autocast dtype)
 # fused     the fused GroupNorm+ReLU kernels: correctness against torch, GPU time per R50x1 layer at batch 512
+# rows      the whole loop at batch 512, the channels_last norm taking $ROWS (32 64 128 512) bytes of each row
 # profile   kernel time per category of a training step, batch 512, NCHW and channels_last
 # bench     R50x1 against timm/HF, bf16, batch 128 (NCHW and channels_last)
 # bench512  R50x1 against timm, training at batch 512 (the HyperRule's batch)
+# bench512tuned  the same with cuDNN autotuning for both
 # sizes     R101x1 and R50x3 against timm, batch 128
 # e2e       the whole fine-tuning loop (data included), with and without CUDA graphs, batch 512 and 128
 # e2e512    the whole fine-tuning loop at batch 512 with CUDA graphs: NCHW or channels_last, cuDNN autotuned or not
@@ -29,12 +31,15 @@ facts() {
 
 fused() { timeout 240 $PY benchmarks/gpu_fused_norm.py; }
 
-bench() {  # each implementation in its own worker; ours-unfused = ours with BIGTRANSFER_FUSED_NORM=0
-  timeout 150 $BENCH --batch 128 --models R50x1 --impls ours ours-unfused timm hf
-  timeout 120 $BENCH --batch 128 --models R50x1 --impls ours timm --channels-last
+bench() {  # each implementation in its own worker, as a user runs it (ours turns to channels_last inside)
+  timeout 150 $BENCH --batch 128 --models R50x1 --impls ours timm hf
 }
 
 bench512() { timeout 120 $BENCH --batch 512 --models R50x1 --impls ours timm --modes train; }
+
+bench512tuned() {  # both with cuDNN autotuning, as `bit finetune` and timm's train.py run them
+  timeout 120 $BENCH --batch 512 --models R50x1 --impls ours timm --modes train --cudnn-benchmark
+}
 
 sizes() { timeout 200 $BENCH --batch 128 --models R101x1 R50x3 --impls ours timm; }
 
@@ -76,6 +81,10 @@ e2e512() {  # cuDNN autotuning (BIGTRANSFER_CUDNN_AUTOTUNE) and the layout, each
   BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_heuristics 512 1
   finetune b512_graphs1_cl 512 1 --channels-last
   BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_cl_heuristics 512 1 --channels-last
+}
+
+rows() {  # channels_last norm: how many bytes of each position's row one program takes (fused_norm.ROW_BYTES)
+  for r in ${ROWS:-32 64 128 512}; do BIGTRANSFER_NORM_ROW_BYTES=$r finetune "b512_rows$r" 512 1; done
 }
 
 profile() { timeout 150 $PY benchmarks/gpu_profile.py --batch 512 --layouts nchw channels_last; }

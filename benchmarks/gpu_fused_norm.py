@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,13 @@ def check() -> None:
                 b = torch.randn(shape[1], device="cuda", requires_grad=True)
                 dy = torch.randn(shape, device="cuda")
                 grads = []
+                # where the pre-ReLU value is within rounding of 0, the two may pick different sides of the
+                # ReLU; such an element's gradient differs by its whole value, and through the group's means
+                # every dx of its group a little: compare dx outside the groups that hold one
+                pre = F.group_norm(x.float(), groups, w, b, 1e-5)
+                edge = pre.abs() < 1e-5 * pre.abs().max()
+                edge_groups = edge.reshape(shape[0], groups, -1).any(-1).repeat_interleave(shape[1] // groups, 1)
+                clear = ~edge_groups[:, :, None, None].expand(shape)
                 for fn in (reference, lambda *a: fused_norm.group_norm_relu(*a, 1e-5)):
                     xx = x.detach().clone().requires_grad_()
                     y = fn(xx, groups, w, b)
@@ -41,8 +49,10 @@ def check() -> None:
                     grads.append((y.float(), xx.grad.float(), w.grad.clone(), b.grad.clone()))
                     w.grad = b.grad = None
                 errs = [((p - q).abs().max() / q.abs().max()).item() for p, q in zip(grads[1], grads[0], strict=True)]
+                dx_clear = ((grads[1][1] - grads[0][1]).abs()[clear].max() / grads[0][1].abs().max()).item()
                 print(f"check {str(shape):18} {str(dtype):15} {'NHWC' if layout == torch.channels_last else 'NCHW'}"
-                      f"  rel max err y {errs[0]:.1e} dx {errs[1]:.1e} dw {errs[2]:.1e} db {errs[3]:.1e}", flush=True)
+                      f"  rel max err y {errs[0]:.1e} dx {errs[1]:.1e} dw {errs[2]:.1e} db {errs[3]:.1e}; "
+                      f"{int(edge.sum())} at the ReLU's edge, dx in the other groups {dx_clear:.1e}", flush=True)
     # create_graph=True (gradient penalties): second-order gradients through torch's ops, against float64
     x, w, b = torch.randn(4, 64, 8, 8, device="cuda"), torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
     second = []
@@ -74,12 +84,6 @@ def gpu_time_us(fn) -> tuple[float, str]:
         return do_bench(fn, warmup=10, rep=40) * 1000, "eager"
 
 
-def one_group_per_program(x: torch.Tensor, groups: int) -> tuple[tuple[int], dict]:
-    """The kernels' launch before groups were blocked for channels_last (for the A/B column): the launch of an
-    NCHW tensor of the same shape, whose channels are not adjacent (maps larger than 1x1), so one group each."""
-    return LAUNCH(torch.empty(x.shape, dtype=x.dtype, device="meta"), groups)
-
-
 def copy_bandwidth() -> float:
     """Bytes per second read plus written by a 1 GiB device-to-device copy."""
     big = torch.empty(1 << 30, device="cuda", dtype=torch.uint8)
@@ -87,7 +91,8 @@ def copy_bandwidth() -> float:
 
 
 LAUNCH = fused_norm._launch_shape
-COLUMNS = ("autocast", "fused NCHW", "fused NHWC", "NHWC 1 group", "floor")
+ROWS = (32, 64, 128, 256, 512)  # channels_last: bytes of each position's row that one program takes
+COLUMNS = ("autocast", "fused NCHW", *(f"NHWC {r}B" for r in ROWS), "floor")
 
 
 def timing(batch: int, res: int = 128) -> None:
@@ -96,7 +101,7 @@ def timing(batch: int, res: int = 128) -> None:
     bandwidth = copy_bandwidth()
     print(f"\nforward+backward per layer, bf16 input, R50x1 batch {batch} at {res} px (us of GPU time); "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"{'shape (N,C,H,W)':22} {'count':>5} " + " ".join(f"{k:>12}" for k in COLUMNS))
+    print(f"{'shape (N,C,H,W)':22} {'count':>5} " + " ".join(f"{k:>10}" for k in COLUMNS) + "  best NHWC")
     totals = collections.Counter()
     methods = set()
     for (n, groups, c, h, w), count in sorted(layer_shapes(batch, res).items()):
@@ -104,7 +109,8 @@ def timing(batch: int, res: int = 128) -> None:
         bias = torch.zeros(c, device="cuda", requires_grad=True)
         row = {"floor": 5 * n * c * h * w * 2 / bandwidth * 1e6}
         for name in COLUMNS[:-1]:
-            layout = torch.contiguous_format if name in ("autocast", "fused NCHW") else torch.channels_last
+            nhwc = name.startswith("NHWC")
+            layout = torch.channels_last if nhwc else torch.contiguous_format
             x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=layout)
             x.requires_grad_()
             dy = torch.randn_like(x)
@@ -116,7 +122,7 @@ def timing(batch: int, res: int = 128) -> None:
                     y = reference(x, groups, weight, bias).bfloat16()
                 torch.autograd.grad(y, (x, weight, bias), dy)  # no .grad accumulation: replayable
 
-            fused_norm._launch_shape = one_group_per_program if name == "NHWC 1 group" else LAUNCH
+            fused_norm._launch_shape = functools.partial(LAUNCH, row_bytes=int(name[5:-1])) if nhwc else LAUNCH
             try:
                 row[name], how = gpu_time_us(step)
             finally:
@@ -124,8 +130,11 @@ def timing(batch: int, res: int = 128) -> None:
             methods.add(how)
         for k in COLUMNS:
             totals[k] += row[k] * count
-        print(f"{str((n, c, h, w)):22} {count:5} " + " ".join(f"{row[k]:12.0f}" for k in COLUMNS))
-    print(f"{'total per step (ms)':28} " + " ".join(f"{totals[k] / 1000:12.2f}" for k in COLUMNS))
+        best = min((k for k in COLUMNS if k.startswith("NHWC")), key=row.get)
+        totals["NHWC best"] += row[best] * count
+        print(f"{str((n, c, h, w)):22} {count:5} " + " ".join(f"{row[k]:10.0f}" for k in COLUMNS) + f"  {best}")
+    print(f"{'total per step (ms)':28} " + " ".join(f"{totals[k] / 1000:10.2f}" for k in COLUMNS)
+          + f"  best per shape {totals['NHWC best'] / 1000:.2f}")
     print("timed as:", ", ".join(sorted(methods)))
 
 

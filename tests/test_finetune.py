@@ -188,6 +188,34 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     assert np.isfinite(r["final_loss"]) and r["plan"]["precision"] == "bf16"
 
 
+def test_layout_defaults_to_channels_last_only_where_the_step_runs_as_cuda_graphs(monkeypatch):
+    """In CUDA graphs channels_last is the faster layout; launched op by op it is the slower one (H100,
+    benchmarks/RESULTS.md). The rule is pure: it reads the device and the settings, no GPU needed."""
+    from bigtransfer.engine import EngineConfig, _graphs_wanted
+    from bigtransfer.hyperrule import Schedule
+    from bigtransfer.runtime import Runtime
+
+    model = torch.nn.Linear(2, 2)
+    config = EngineConfig(Schedule(1, (), 10), 0.1, 8, 32)
+    assert config.channels_last is None  # the engine decides
+    cuda = Runtime(torch.device("cuda"))
+    assert _graphs_wanted(model, config, cuda)
+    assert not _graphs_wanted(model, config, Runtime(torch.device("cpu")))
+    assert not _graphs_wanted(model, config, Runtime(torch.device("cuda"), rank=0, world_size=2))  # DDP
+    assert not _graphs_wanted(model, EngineConfig(Schedule(1, (), 10), 0.1, 8, 32, compile=True), cuda)
+    model.grad_checkpointing = True
+    assert not _graphs_wanted(model, config, cuda)
+    model.grad_checkpointing = False
+    monkeypatch.setenv("BIGTRANSFER_CUDA_GRAPHS", "0")
+    assert not _graphs_wanted(model, config, cuda)
+
+    from bigtransfer.cli import build_parser
+    parse = build_parser().parse_args
+    assert parse(["finetune", "--model", "m", "--data", "d"]).channels_last is None
+    assert parse(["finetune", "--model", "m", "--data", "d", "--no-channels-last"]).channels_last is False
+    assert parse(["finetune", "--model", "m", "--data", "d", "--channels-last"]).channels_last is True
+
+
 def test_on_device_batches_match_the_pil_path():
     """Same crops and flips from the same seeds; resampling differs by at most one grey level."""
     from bigtransfer.data import HyperRuleTransform

@@ -25,12 +25,17 @@ SCRIPT = textwrap.dedent("""
         ((1, 4, 48, 48), 2, torch.float32, True, False),    # 2,304 positions: the kernels loop over tiles
         ((3, 64, 9, 9), 32, torch.bfloat16, False, True),
         ((2, 8, 5, 1), 4, torch.float32, None, False),      # width 1, its stride not the dense one
-        ((2, 64, 5, 5), 32, torch.bfloat16, True, True),    # channels_last, 32-byte rows: 8 groups per program
-        ((2, 64, 3, 3), 32, torch.float32, True, False),    # fp32: 4 groups of 2 channels per program
-        ((2, 256, 3, 3), 32, torch.bfloat16, True, False),  # 2 groups of 8 channels per program, 16 per sample
-        ((3, 128, 1, 1), 32, torch.float32, False, False),  # 1x1 maps: channels adjacent in NCHW too (2 groups)
+        ((2, 64, 5, 5), 32, torch.bfloat16, True, True),    # channels_last: 2-channel groups, 8-32 per program
+        ((2, 64, 3, 3), 32, torch.float32, True, False),    # fp32: 4-16 groups of 2 channels per program
+        ((2, 256, 3, 3), 32, torch.bfloat16, True, False),  # 2-8 groups of 8 channels per program
+        ((3, 128, 1, 1), 32, torch.float32, False, False),  # 1x1 maps: channels adjacent in NCHW too (2-8 groups)
     ]
-    for shape, groups, dtype, channels_last, grad_channels_last in cases:
+    # the bytes of each position's row one program takes where channels are adjacent: 32 and 128 beside the default
+    default_width = fused_norm.ROW_BYTES
+    runs = [(32, case) for case in cases[5:]] + [(default_width, case) for case in cases] + \
+        [(128, case) for case in cases[5:]]
+    for row_bytes, (shape, groups, dtype, channels_last, grad_channels_last) in runs:
+        fused_norm.ROW_BYTES = row_bytes
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = (torch.randn(shape) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
         if channels_last is None:
@@ -53,8 +58,8 @@ SCRIPT = textwrap.dedent("""
         for name, ours, ref in [("y", y, yr), ("dx", xs.grad, xr.grad), ("dw", ws.grad, wr.grad),
                                 ("db", bs.grad, br.grad)]:
             err = ((ours.double() - ref).abs().max() / ref.abs().max()).item()
-            assert err < tol, (shape, dtype, name, err)
-            print(shape, dtype, name, f"{err:.1e}")
+            assert err < tol, (shape, dtype, fused_norm.ROW_BYTES, name, err)
+            print(shape, dtype, fused_norm.ROW_BYTES, name, f"{err:.1e}")
 
     # create_graph=True: the backward runs through torch's ops, so second-order gradients exist and match
     x, w, b = torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(8)
@@ -107,8 +112,9 @@ def _compile_for_hopper(kernel, args: dict, meta: dict) -> str:
 def test_kernels_compile_for_hopper_with_vector_loads(shape, channels_last):
     """The kernels compile for an H100 (the interpreter above does not run Triton's GPU compiler), and the bf16
     activations move in vector loads and stores: in channels_last a group of 2-8 channels is 4-16 bytes of
-    each row, which one program per group read 2 bytes at a time (ld.global.b16); blocks of 16 channels,
-    32-byte rows, whose channel count the compiler knows, are read 16 bytes at a time (ld.global.v4.b32)."""
+    each row, which one program per group read 2 bytes at a time (ld.global.b16); blocks of whole groups
+    (64 bytes of each row by default), whose channel count the compiler knows, are read 16 bytes at a time
+    (ld.global.v4.b32)."""
     import torch
 
     from bigtransfer.models import fused_norm

@@ -99,7 +99,7 @@ def _plan_inputs(args: argparse.Namespace) -> tuple:
                  "mixup_alpha": args.mixup_alpha, "flip": False if args.no_flip else None,
                  "random_crop": False if args.no_crop else None, "examples_per_class": args.examples_per_class,
                  "examples_per_class_seed": args.examples_per_class_seed, "seed": args.seed,
-                 "precision": args.precision, "channels_last": args.channels_last or None,
+                 "precision": args.precision, "channels_last": args.channels_last,
                  "compile": args.compile or None}
     return train_source, eval_source, {k: v for k, v in overrides.items() if v is not None}
 
@@ -155,7 +155,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = {"epochs": args.epochs, "batch_size": args.batch, "base_lr": args.lr, "warmup_steps": args.warmup_steps,
                  "weight_decay": args.weight_decay, "decay_epochs": tuple(args.decay_epochs) if args.decay_epochs
                  else None, "crop": args.resolution, "batch_split": args.batch_split, "precision": args.precision,
-                 "channels_last": args.channels_last or None, "compile": args.compile or None,
+                 "channels_last": args.channels_last, "compile": args.compile or None,
                  "activation_checkpointing": args.activation_checkpointing or None, "seed": args.seed,
                  "flip": False if args.no_flip else None, "min_crop_area": args.min_crop_area}
     try:
@@ -302,7 +302,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--examples-per-class-seed", type=int, metavar="S", help="seed of the few-shot draw (default 0)")
     g.add_argument("--seed", type=int, help="seed of data order, augmentation and MixUp (default 0)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels_last memory layout (default: on a GPU where the step runs as CUDA graphs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
@@ -497,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-crop-area", type=float, help="smallest Inception crop, fraction of the area (default 0.08)")
     g.add_argument("--batch-split", type=_positive_or_auto, help="micro-batches per batch, or 'auto'")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels_last memory layout (default: on a GPU where the step runs as CUDA graphs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute units in the backward pass")
     g.add_argument("--seed", type=int, help="seed (default 0)")

@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class EngineConfig:
     batch_split: int | str = 1  # or "auto": the largest micro-batch that fits in GPU memory
     mixup_alpha: float = 0.0
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: where the step runs as CUDA graphs (`_graphs_wanted`)
     compile: bool = False
     seed: int = 0
     eval_every: int | None = None
@@ -82,6 +82,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
     Returns a summary: steps, last loss, images/s, bad-image count, final evaluation (if any)."""
     total = config.schedule.total_steps
     model.to(runtime.device)
+    if config.channels_last is None:
+        config = replace(config, channels_last=_graphs_wanted(model, config, runtime))
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     start = _resume(model, optimizer, run, runtime)
@@ -208,6 +210,17 @@ class _GraphedForward:
     input_shape: torch.Size
 
 
+def _graphs_wanted(model: nn.Module, config: EngineConfig, runtime: Runtime) -> bool:
+    """Whether the training step will be captured as CUDA graphs (if its micro-batch is the whole batch and
+    the capture succeeds; see `_capture_cuda_graphs`). It also picks the layout where none was asked for:
+    in graphs, channels_last made R50x1's fine-tuning loop 1.22x faster (H100, bf16, batch 512: cuDNN's Hopper
+    convolutions are NHWC kernels, and given NCHW spend 31% of the step's GPU time transposing); launched op by
+    op, it is slower (more CPU time per step than the GPU saves; benchmarks/RESULTS.md)."""
+    return (runtime.device.type == "cuda" and not runtime.distributed and not config.compile
+            and not getattr(model, "grad_checkpointing", False)
+            and os.environ.get("BIGTRANSFER_CUDA_GRAPHS", "1") != "0")
+
+
 def _capture_cuda_graphs(model: nn.Module, config: EngineConfig, runtime: Runtime,
                          micro_batch: int) -> _GraphedForward | None:
     """The training forward and backward of one batch shape, captured as CUDA graphs.
@@ -221,8 +234,7 @@ def _capture_cuda_graphs(model: nn.Module, config: EngineConfig, runtime: Runtim
     micro-batches would alias). Batches of another shape -- shortened by bad images -- run the ordinary
     forward. The model keeps its own `forward`: the graphed one is returned.
     ``BIGTRANSFER_CUDA_GRAPHS=0`` turns it off."""
-    if (runtime.device.type != "cuda" or runtime.distributed or config.compile
-            or getattr(model, "grad_checkpointing", False) or os.environ.get("BIGTRANSFER_CUDA_GRAPHS", "1") == "0"):
+    if not _graphs_wanted(model, config, runtime):
         return None
     x = torch.zeros(micro_batch, 3, config.input_size, config.input_size, device=runtime.device)
     if config.channels_last:

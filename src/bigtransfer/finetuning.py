@@ -69,7 +69,7 @@ class FinetunePlan:
     examples_per_class_seed: int = 0
     seed: int = 0
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: the engine's choice (channels_last where it captures CUDA graphs)
     compile: bool = False
     overridden: list[str] = field(default_factory=list)
 

@@ -63,7 +63,7 @@ class PretrainPlan:
     flip: bool = True
     batch_split: int | str = 1
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: the engine's choice (channels_last where it captures CUDA graphs)
     compile: bool = False
     activation_checkpointing: bool = False
     seed: int = 0

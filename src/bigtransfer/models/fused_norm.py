@@ -71,17 +71,23 @@ def _spatial_stride(x: torch.Tensor) -> int:
     return x.stride(3) if x.shape[3] > 1 else x.stride(2)
 
 
-def _launch_shape(x: torch.Tensor, groups: int) -> tuple[tuple[int], dict]:
+ROW_BYTES = int(os.environ.get("BIGTRANSFER_NORM_ROW_BYTES", "64"))
+
+
+def _launch_shape(x: torch.Tensor, groups: int, row_bytes: int | None = None) -> tuple[tuple[int], dict]:
     """One program per (sample, block of groups). Where neighbouring channels are neighbours in memory
-    (channels_last, or 1x1 maps), a program takes enough whole groups to fill 32-byte sectors (16 channels in
-    bf16): with one group of 2-8 channels, each row of a tile was 4-16 bytes and the loads went 2 bytes at a
-    time. No more than that: a program re-reads its block in its later passes, and the blocks of all resident
-    programs should stay in L2 (16 channels x 32x32 positions is 32 KiB)."""
+    (channels_last, or 1x1 maps), a program takes enough whole groups to fill `row_bytes` of each position's
+    row (at least a 32-byte sector: with one group of 2-8 channels, rows were 4-16 bytes and the loads went
+    2 bytes at a time). Wider rows read memory in longer runs; narrower ones keep a program's block, which
+    its later passes re-read, small enough for the blocks of all resident programs to stay in L2. 64 bytes
+    measured best overall for R50x1 on an H100 (benchmarks/RESULTS.md); ``BIGTRANSFER_NORM_ROW_BYTES`` sets
+    another width."""
+    row_bytes = row_bytes or ROW_BYTES
     n, c, h, w = x.shape
     group_channels = c // groups
     group_block = 1
     if x.stride(1) == 1 and group_channels & (group_channels - 1) == 0:  # power-of-2 groups tile exactly
-        group_block = max(1, 32 // x.element_size() // group_channels)
+        group_block = max(1, row_bytes // x.element_size() // group_channels)
         while groups % group_block:
             group_block //= 2
     block_c = triton.next_power_of_2(group_channels * group_block)
