@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks (device tool); results go to $OUT (default ./gpu_out), one file per section (the device
-# tool brings back at most 8). On a 10-minute limit per call, run them as two calls, the first first:
-#   bash benchmarks/gpu_check.sh fused profile e2e512          # where the time goes; the open levers (~6 min)
-#   bash benchmarks/gpu_check.sh facts bench bench512 sizes    # the side-by-side tables again (~5 min)
-# (e2e and compiled, measured 2026-11-26, take about 2 and 1.5 minutes more.)
+# tool brings back at most 8). Next, in one call (~3 min; measured runs: benchmarks/RESULTS.md):
+#   bash benchmarks/gpu_check.sh fused tiles      # the norm's blocks kept in registers against re-read, per layer
+#                                                 # and in the whole fine-tuning loop
+# then, with the faster default: bash benchmarks/gpu_check.sh profile bench bench512tuned   (~4 min)
 # facts     what GroupNorm does on this torch + GPU (layout, autocast dtype)
 # fused     the fused GroupNorm+ReLU kernels: correctness against torch, GPU time per R50x1 layer at batch 512
+# tiles     the whole loop at batch 512, the norm re-reading its blocks in each pass or keeping them in registers
 # rows      the whole loop at batch 512, the channels_last norm taking $ROWS (32 64 128 512) bytes of each row
 # profile   kernel time per category of a training step, batch 512, NCHW and channels_last
-# bench     R50x1 against timm/HF, bf16, batch 128 (NCHW and channels_last)
+# bench     R50x1 against timm/HF, bf16, batch 128, each as a user's own loop runs it
 # bench512  R50x1 against timm, training at batch 512 (the HyperRule's batch)
 # bench512tuned  the same with cuDNN autotuning for both
 # sizes     R101x1 and R50x3 against timm, batch 128
@@ -63,7 +64,7 @@ EOF
 e2e() {  # same seed: same losses expected with and without graphs
   for batch in 512 128; do
     for graphs in 0 1; do
-      finetune "b${batch}_graphs${graphs}" "$batch" "$graphs"
+      finetune "b${batch}_graphs${graphs}" "$batch" "$graphs" --channels-last  # one layout for both
     done
     $PY - "$batch" <<'EOF'
 import sys
@@ -77,14 +78,18 @@ EOF
 }
 
 e2e512() {  # cuDNN autotuning (BIGTRANSFER_CUDNN_AUTOTUNE) and the layout, each on and off
-  finetune b512_graphs1 512 1
-  BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_heuristics 512 1
+  finetune b512_graphs1 512 1 --no-channels-last
+  BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_heuristics 512 1 --no-channels-last
   finetune b512_graphs1_cl 512 1 --channels-last
   BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_cl_heuristics 512 1 --channels-last
 }
 
 rows() {  # channels_last norm: how many bytes of each position's row one program takes (fused_norm.ROW_BYTES)
   for r in ${ROWS:-32 64 128 512}; do BIGTRANSFER_NORM_ROW_BYTES=$r finetune "b512_rows$r" 512 1; done
+}
+
+tiles() {  # fused_norm.TILE_ELEMENTS: 0 = each pass re-reads the program's block; 16384 = read once, kept
+  for t in 0 16384; do BIGTRANSFER_NORM_TILE_ELEMENTS=$t finetune "b512_tiles$t" 512 1; done
 }
 
 profile() { timeout 150 $PY benchmarks/gpu_profile.py --batch 512 --layouts nchw channels_last; }

@@ -42,17 +42,24 @@ def check() -> None:
                 edge = pre.abs() < 1e-5 * pre.abs().max()
                 edge_groups = edge.reshape(shape[0], groups, -1).any(-1).repeat_interleave(shape[1] // groups, 1)
                 clear = ~edge_groups[:, :, None, None].expand(shape)
-                for fn in (reference, lambda *a: fused_norm.group_norm_relu(*a, 1e-5)):
+                for tile in (None, 0, WHOLE):  # torch, then ours re-reading the block and keeping it whole
                     xx = x.detach().clone().requires_grad_()
-                    y = fn(xx, groups, w, b)
+                    if tile is None:
+                        y = reference(xx, groups, w, b)
+                    else:
+                        fused_norm.TILE_ELEMENTS = tile
+                        y = fused_norm.group_norm_relu(xx, groups, w, b, 1e-5)
                     (y.float() * dy).sum().backward()
                     grads.append((y.float(), xx.grad.float(), w.grad.clone(), b.grad.clone()))
                     w.grad = b.grad = None
-                errs = [((p - q).abs().max() / q.abs().max()).item() for p, q in zip(grads[1], grads[0], strict=True)]
-                dx_clear = ((grads[1][1] - grads[0][1]).abs()[clear].max() / grads[0][1].abs().max()).item()
-                print(f"check {str(shape):18} {str(dtype):15} {'NHWC' if layout == torch.channels_last else 'NCHW'}"
-                      f"  rel max err y {errs[0]:.1e} dx {errs[1]:.1e} dw {errs[2]:.1e} db {errs[3]:.1e}; "
-                      f"{int(edge.sum())} at the ReLU's edge, dx in the other groups {dx_clear:.1e}", flush=True)
+                fused_norm.TILE_ELEMENTS = TILE_ELEMENTS
+                for tile, ours in zip((0, WHOLE), grads[1:], strict=True):
+                    errs = [((p - q).abs().max() / q.abs().max()).item() for p, q in zip(ours, grads[0], strict=True)]
+                    dx_clear = ((ours[1] - grads[0][1]).abs()[clear].max() / grads[0][1].abs().max()).item()
+                    print(f"check {str(shape):18} {str(dtype):15} {'NHWC' if layout == torch.channels_last else 'NCHW'}"
+                          f" {'whole' if tile else 're-read'}  rel max err y {errs[0]:.1e} dx {errs[1]:.1e} "
+                          f"dw {errs[2]:.1e} db {errs[3]:.1e}; {int(edge.sum())} at the ReLU's edge, dx in the other "
+                          f"groups {dx_clear:.1e}", flush=True)
     # create_graph=True (gradient penalties): second-order gradients through torch's ops, against float64
     x, w, b = torch.randn(4, 64, 8, 8, device="cuda"), torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
     second = []
@@ -91,38 +98,42 @@ def copy_bandwidth() -> float:
 
 
 LAUNCH = fused_norm._launch_shape
-ROWS = (32, 64, 128, 256, 512)  # channels_last: bytes of each position's row that one program takes
-COLUMNS = ("autocast", "fused NCHW", *(f"NHWC {r}B" for r in ROWS), "floor")
+TILE_ELEMENTS = fused_norm.TILE_ELEMENTS
+WHOLE = 16384  # the most elements of a block kept in registers (fused_norm.TILE_ELEMENTS) in the "whole" columns
+# column: (channels_last, the launch's row bytes and tile elements); None: what autocast runs
+COLUMNS = {"autocast": None, "NCHW": (False, None, 0), "NCHW whole": (False, None, WHOLE),
+           "NHWC 32B": (True, 32, 0), "NHWC 64B": (True, 64, 0), "NHWC whole": (True, 64, WHOLE), "floor": None}
 
 
 def timing(batch: int, res: int = 128) -> None:
     """`floor`: the time to move the bytes the fused kernels must move (read x, write y; read x and dy, write
-    dx) at the bandwidth of a large device-to-device copy measured here."""
+    dx) at the bandwidth of a large device-to-device copy measured here. `whole`: each program's block read
+    once and kept in registers; the others re-read it in each pass (see `fused_norm._launch_shape`)."""
     bandwidth = copy_bandwidth()
     print(f"\nforward+backward per layer, bf16 input, R50x1 batch {batch} at {res} px (us of GPU time); "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"{'shape (N,C,H,W)':22} {'count':>5} " + " ".join(f"{k:>10}" for k in COLUMNS) + "  best NHWC")
+    print(f"{'shape (N,C,H,W)':22} {'count':>5} " + " ".join(f"{k:>10}" for k in COLUMNS) + "  best")
     totals = collections.Counter()
     methods = set()
     for (n, groups, c, h, w), count in sorted(layer_shapes(batch, res).items()):
         weight = torch.ones(c, device="cuda", requires_grad=True)
         bias = torch.zeros(c, device="cuda", requires_grad=True)
         row = {"floor": 5 * n * c * h * w * 2 / bandwidth * 1e6}
-        for name in COLUMNS[:-1]:
-            nhwc = name.startswith("NHWC")
-            layout = torch.channels_last if nhwc else torch.contiguous_format
+        for name, launch in list(COLUMNS.items())[:-1]:
+            layout = torch.channels_last if launch and launch[0] else torch.contiguous_format
             x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=layout)
             x.requires_grad_()
             dy = torch.randn_like(x)
 
-            def step(x=x, dy=dy, fused=name != "autocast", groups=groups, weight=weight, bias=bias):
+            def step(x=x, dy=dy, fused=launch is not None, groups=groups, weight=weight, bias=bias):
                 if fused:
                     y = fused_norm.group_norm_relu(x, groups, weight, bias, 1e-5)
                 else:  # what autocast runs: fp32 GroupNorm and ReLU, then the next conv's cast to bf16
                     y = reference(x, groups, weight, bias).bfloat16()
                 torch.autograd.grad(y, (x, weight, bias), dy)  # no .grad accumulation: replayable
 
-            fused_norm._launch_shape = functools.partial(LAUNCH, row_bytes=int(name[5:-1])) if nhwc else LAUNCH
+            if launch is not None:
+                fused_norm._launch_shape = functools.partial(LAUNCH, row_bytes=launch[1], tile_elements=launch[2])
             try:
                 row[name], how = gpu_time_us(step)
             finally:
@@ -130,11 +141,9 @@ def timing(batch: int, res: int = 128) -> None:
             methods.add(how)
         for k in COLUMNS:
             totals[k] += row[k] * count
-        best = min((k for k in COLUMNS if k.startswith("NHWC")), key=row.get)
-        totals["NHWC best"] += row[best] * count
+        best = min((k for k, launch in COLUMNS.items() if launch), key=row.get)
         print(f"{str((n, c, h, w)):22} {count:5} " + " ".join(f"{row[k]:10.0f}" for k in COLUMNS) + f"  {best}")
-    print(f"{'total per step (ms)':28} " + " ".join(f"{totals[k] / 1000:10.2f}" for k in COLUMNS)
-          + f"  best per shape {totals['NHWC best'] / 1000:.2f}")
+    print(f"{'total per step (ms)':28} " + " ".join(f"{totals[k] / 1000:10.2f}" for k in COLUMNS))
     print("timed as:", ", ".join(sorted(methods)))
 
 

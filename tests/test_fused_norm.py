@@ -4,6 +4,7 @@ checked against torch's GroupNorm + ReLU in float64: values, the three gradients
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -30,17 +31,22 @@ SCRIPT = textwrap.dedent("""
         ((2, 256, 3, 3), 32, torch.bfloat16, True, False),  # 2-8 groups of 8 channels per program
         ((3, 128, 1, 1), 32, torch.float32, False, False),  # 1x1 maps: channels adjacent in NCHW too (2-8 groups)
     ]
-    # the bytes of each position's row one program takes where channels are adjacent: 32 and 128 beside the default
-    default_width = fused_norm.ROW_BYTES
-    runs = [(32, case) for case in cases[5:]] + [(default_width, case) for case in cases] + \
-        [(128, case) for case in cases[5:]]
-    for row_bytes, (shape, groups, dtype, channels_last, grad_channels_last) in runs:
-        fused_norm.ROW_BYTES = row_bytes
+    # (bytes of each position's row one program takes where channels are adjacent, the most elements a block
+    # may have to be read once and kept: 0 = re-read in each pass); 512 makes some rows narrow to fit
+    width = fused_norm.ROW_BYTES
+    runs = [((32, 0), case) for case in cases[5:]] + [((width, 0), case) for case in cases] + \
+        [((128, 0), case) for case in cases[5:]] + [((width, 16384), case) for case in cases] + \
+        [((width, 512), case) for case in cases[5:]]
+    launches = set()
+    for (fused_norm.ROW_BYTES, fused_norm.TILE_ELEMENTS), (shape, groups, dtype, channels_last, grad_channels_last) \
+            in runs:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = (torch.randn(shape) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
         if channels_last is None:
             x = x.reshape(*shape[:2], 1, shape[2]).transpose(2, 3)
             assert x.is_contiguous() and x.stride(3) != 1
+        meta = fused_norm._launch_shape(x, groups)[1]
+        launches.add((meta["WHOLE"], meta["GROUP_CHANNELS"] * meta["GROUP_BLOCK"] * x.element_size()))
         w, b = torch.randn(shape[1]), torch.randn(shape[1])
         dy = torch.randn(shape).to(dtype)
         dy = dy.contiguous(memory_format=torch.channels_last if grad_channels_last else torch.contiguous_format)
@@ -58,8 +64,10 @@ SCRIPT = textwrap.dedent("""
         for name, ours, ref in [("y", y, yr), ("dx", xs.grad, xr.grad), ("dw", ws.grad, wr.grad),
                                 ("db", bs.grad, br.grad)]:
             err = ((ours.double() - ref).abs().max() / ref.abs().max()).item()
-            assert err < tol, (shape, dtype, fused_norm.ROW_BYTES, name, err)
-            print(shape, dtype, fused_norm.ROW_BYTES, name, f"{err:.1e}")
+            assert err < tol, (shape, dtype, meta, name, err)
+            print(shape, dtype, fused_norm.ROW_BYTES, fused_norm.TILE_ELEMENTS, name, f"{err:.1e}")
+
+    assert {(True, 32), (True, 64), (False, 64), (False, 128)} <= launches, launches  # narrowed to fit: (True, 32)
 
     # create_graph=True: the backward runs through torch's ops, so second-order gradients exist and match
     x, w, b = torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(8)
@@ -107,14 +115,26 @@ def _compile_for_hopper(kernel, args: dict, meta: dict) -> str:
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": meta["num_warps"]}).asm["ptx"]
 
 
+def _registers_and_spills(ptx: str, tmp_path: Path) -> tuple[int, int]:
+    """Registers per thread and bytes spilled to local memory, as ptxas reports them for sm_90a."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    (tmp_path / "k.ptx").write_text(ptx)
+    out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(tmp_path / "k.ptx"), "-o",
+                          str(tmp_path / "k.cubin")], capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"Used (\d+) registers", out)[1]), int(re.search(r"(\d+) bytes spill stores", out)[1])
+
+
+@pytest.mark.parametrize("tile_elements", [0, 16384])
 @pytest.mark.parametrize("shape,channels_last", [((512, 64, 32, 32), True), ((512, 256, 32, 32), True),
                                                  ((512, 2048, 4, 4), True), ((512, 64, 32, 32), False)])
-def test_kernels_compile_for_hopper_with_vector_loads(shape, channels_last):
+def test_kernels_compile_for_hopper_with_vector_loads(shape, channels_last, tile_elements, tmp_path):
     """The kernels compile for an H100 (the interpreter above does not run Triton's GPU compiler), and the bf16
     activations move in vector loads and stores: in channels_last a group of 2-8 channels is 4-16 bytes of
     each row, which one program per group read 2 bytes at a time (ld.global.b16); blocks of whole groups
     (64 bytes of each row by default), whose channel count the compiler knows, are read 16 bytes at a time
-    (ld.global.v4.b32)."""
+    (ld.global.v4.b32). A block kept in registers (`tile_elements`) must not spill: 16,384 bf16 values per
+    program of 16 warps, 32 per thread."""
     import torch
 
     from bigtransfer.models import fused_norm
@@ -125,7 +145,8 @@ def test_kernels_compile_for_hopper_with_vector_loads(shape, channels_last):
     sizes = {"C": c, "S": h * w, "stride_n": x.stride(0), "stride_c": x.stride(1),
              "stride_s": fused_norm._spatial_stride(x)}
     stats = {"weight": "*fp32", "bias": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
-    _, meta = fused_norm._launch_shape(x, 32)
+    _, meta = fused_norm._launch_shape(x, 32, tile_elements=tile_elements)
+    assert meta["WHOLE"] == (tile_elements > 0)  # R50x1's shapes at 128 px all fit
     forward = _compile_for_hopper(fused_norm._forward_kernel,
                                   {"x_ptr": "*bf16", "y_ptr": "*bf16", **stats, **sizes, "eps": 1e-5}, meta)
     backward = _compile_for_hopper(fused_norm._backward_kernel,
@@ -134,3 +155,5 @@ def test_kernels_compile_for_hopper_with_vector_loads(shape, channels_last):
     for ptx in (forward, backward):
         assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx
         assert "ld.global.v" in ptx and "st.global.v" in ptx
+        registers, spilled = _registers_and_spills(ptx, tmp_path)
+        assert spilled == 0 and registers * 32 * meta["num_warps"] <= 65536, (registers, spilled)

@@ -72,29 +72,47 @@ def _spatial_stride(x: torch.Tensor) -> int:
 
 
 ROW_BYTES = int(os.environ.get("BIGTRANSFER_NORM_ROW_BYTES", "64"))
+TILE_ELEMENTS = int(os.environ.get("BIGTRANSFER_NORM_TILE_ELEMENTS", "0"))
 
 
-def _launch_shape(x: torch.Tensor, groups: int, row_bytes: int | None = None) -> tuple[tuple[int], dict]:
-    """One program per (sample, block of groups). Where neighbouring channels are neighbours in memory
-    (channels_last, or 1x1 maps), a program takes enough whole groups to fill `row_bytes` of each position's
-    row (at least a 32-byte sector: with one group of 2-8 channels, rows were 4-16 bytes and the loads went
-    2 bytes at a time). Wider rows read memory in longer runs; narrower ones keep a program's block, which
-    its later passes re-read, small enough for the blocks of all resident programs to stay in L2. 64 bytes
-    measured best overall for R50x1 on an H100 (benchmarks/RESULTS.md); ``BIGTRANSFER_NORM_ROW_BYTES`` sets
-    another width."""
+def _launch_shape(x: torch.Tensor, groups: int, row_bytes: int | None = None,
+                  tile_elements: int | None = None) -> tuple[tuple[int], dict]:
+    """One program per (sample, block of groups).
+
+    Where neighbouring channels are neighbours in memory (channels_last, or 1x1 maps), a program takes enough
+    whole groups to fill `row_bytes` of each position's row (at least a 32-byte sector: with one group of 2-8
+    channels, rows were 4-16 bytes and the loads went 2 bytes at a time); 64 bytes measured best for R50x1 on
+    an H100 (benchmarks/RESULTS.md). The kernels read a program's block once per pass (3 forward, 2 backward),
+    hoping the re-reads hit L2; in channels_last they seem not to (an H100 took as long as moving about 10
+    passes' worth of bytes, not 5). With `tile_elements` > 0, a block of at most that many elements is read once and
+    kept in registers (``WHOLE``), rows narrowing towards 32 bytes where that makes the block fit. Off by default
+    until a GPU has measured it against the re-reads (``BIGTRANSFER_NORM_TILE_ELEMENTS=16384`` turns it on:
+    no spills for R50x1's shapes in the sm_90 build); ``BIGTRANSFER_NORM_ROW_BYTES`` sets another width."""
     row_bytes = row_bytes or ROW_BYTES
+    tile_elements = TILE_ELEMENTS if tile_elements is None else tile_elements
     n, c, h, w = x.shape
     group_channels = c // groups
+    positions = triton.next_power_of_2(h * w)
+
+    def fits(block: int) -> bool:
+        return triton.next_power_of_2(group_channels * block) * positions <= tile_elements
+
     group_block = 1
     if x.stride(1) == 1 and group_channels & (group_channels - 1) == 0:  # power-of-2 groups tile exactly
         group_block = max(1, row_bytes // x.element_size() // group_channels)
         while groups % group_block:
             group_block //= 2
+        narrow = group_block
+        while not fits(narrow) and narrow > 1 and group_channels * (narrow // 2) * x.element_size() >= 32:
+            narrow //= 2
+        group_block = narrow if fits(narrow) else group_block
     block_c = triton.next_power_of_2(group_channels * group_block)
-    block_s = min(triton.next_power_of_2(h * w), max(16, 4096 // block_c))
+    whole = fits(group_block)
+    block_s = positions if whole else min(positions, max(16, 4096 // block_c))
+    tile = block_c * block_s
     return (n * (groups // group_block),), {"GROUP_CHANNELS": group_channels, "GROUP_BLOCK": group_block,
-                                            "BLOCK_C": block_c, "BLOCK_S": block_s,
-                                            "num_warps": 8 if block_c * block_s >= 4096 else 4}
+                                            "BLOCK_C": block_c, "BLOCK_S": block_s, "WHOLE": whole,
+                                            "num_warps": 16 if tile >= 16384 else 8 if tile >= 4096 else 4}
 
 
 class _GroupNormReLU(torch.autograd.Function):
@@ -164,22 +182,30 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(x_ptr, y_ptr, weight, bias, mean_ptr, rstd_ptr, C, S, stride_n, stride_c, stride_s,
                         eps, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
-        """Per group: the mean, then the centred variance (exact, no E[x^2] - E[x]^2 cancellation; the
-        re-reads come from L2), then normalise, scale, shift and ReLU."""
+                        BLOCK_S: tl.constexpr, WHOLE: tl.constexpr):
+        """Per group: the mean, then the centred variance (exact, no E[x^2] - E[x]^2 cancellation), then
+        normalise, scale, shift and ReLU. WHOLE: the block is one tile, read once; else each pass reads it."""
         n, c0, channels, c, cmask, stat = _program(C, GROUP_CHANNELS, GROUP_BLOCK, BLOCK_C)
         count = GROUP_CHANNELS * S
-        total = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-            total += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        mean = _per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count
-        total = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-            centred = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean[:, None], 0.0)
-            total += centred * centred
-        rstd = 1.0 / tl.sqrt(_per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count + eps)
+        if WHOLE:
+            ptrs, mask = _tile(x_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            mean = _per_group(tl.sum(x, axis=1), GROUP_BLOCK, BLOCK_C) / count
+            centred = tl.where(mask, x - mean[:, None], 0.0)
+            variance = _per_group(tl.sum(centred * centred, axis=1), GROUP_BLOCK, BLOCK_C) / count
+        else:
+            total = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+                total += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            mean = _per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count
+            total = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+                centred = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+                total += centred * centred
+            variance = _per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count
+        rstd = 1.0 / tl.sqrt(variance + eps)
         first = cmask & (c % GROUP_CHANNELS == 0)  # one row per group stores its statistics
         tl.store(mean_ptr + stat, mean, mask=first)
         tl.store(rstd_ptr + stat, rstd, mask=first)
@@ -187,12 +213,16 @@ if triton is not None:
         beta = tl.load(bias + c, mask=cmask, other=0.0).to(tl.float32)
         scale = (gamma * rstd)[:, None]
         shift = (beta - mean * gamma * rstd)[:, None]
-        for s0 in range(0, S, BLOCK_S):
-            ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            y = tl.maximum(x * scale + shift, 0.0)
-            out, _ = _tile(y_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-            tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if WHOLE:
+            out, _ = _tile(y_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+            tl.store(out, tl.maximum(x * scale + shift, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            for s0 in range(0, S, BLOCK_S):
+                ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                y = tl.maximum(x * scale + shift, 0.0)
+                out, _ = _tile(y_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+                tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, scale, shift,
@@ -205,12 +235,19 @@ if triton is not None:
         return x, tl.where(x * scale + shift > 0.0, dy, 0.0), mask
 
     @triton.jit
+    def _input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat):
+        """dx of one tile (see `_backward_kernel`)."""
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        return rstd[:, None] * (dy * gamma[:, None] - mean_g - xhat * mean_g_xhat)
+
+    @triton.jit
     def _backward_kernel(x_ptr, dy_ptr, dx_ptr, weight, bias, mean_ptr, rstd_ptr, partial_ptr, NC, C, S,
                          stride_n, stride_c, stride_s, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, WHOLE: tl.constexpr):
         """With xhat the normalised input and g = dy * relu'(y) * gamma, per group:
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); the per-channel sums of dy*relu' and
-        dy*relu'*xhat of this sample are stored for d bias and d weight (summed over samples outside)."""
+        dy*relu'*xhat of this sample are stored for d bias and d weight (summed over samples outside).
+        WHOLE: the block is one tile, read once; else each of the two passes reads it."""
         n, c0, channels, c, cmask, stat = _program(C, GROUP_CHANNELS, GROUP_BLOCK, BLOCK_C)
         mean = tl.load(mean_ptr + stat, mask=cmask, other=0.0)
         rstd = tl.load(rstd_ptr + stat, mask=cmask, other=0.0)
@@ -218,24 +255,34 @@ if triton is not None:
         beta = tl.load(bias + c, mask=cmask, other=0.0).to(tl.float32)
         scale = (gamma * rstd)[:, None]
         shift = (beta - mean * gamma * rstd)[:, None]
-        sum_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        sum_dy_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            x, dy, _ = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s,
-                                            scale, shift, BLOCK_C, BLOCK_S)
-            sum_dy += dy
-            sum_dy_xhat += dy * (x - mean[:, None]) * rstd[:, None]
-        channel_dy = tl.sum(sum_dy, axis=1)
-        channel_dy_xhat = tl.sum(sum_dy_xhat, axis=1)
+        if WHOLE:
+            x, dy, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s,
+                                               scale, shift, BLOCK_C, BLOCK_S)
+            channel_dy = tl.sum(dy, axis=1)
+            channel_dy_xhat = tl.sum(dy * (x - mean[:, None]) * rstd[:, None], axis=1)
+        else:
+            sum_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            sum_dy_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                x, dy, _ = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s,
+                                                scale, shift, BLOCK_C, BLOCK_S)
+                sum_dy += dy
+                sum_dy_xhat += dy * (x - mean[:, None]) * rstd[:, None]
+            channel_dy = tl.sum(sum_dy, axis=1)
+            channel_dy_xhat = tl.sum(sum_dy_xhat, axis=1)
         tl.store(partial_ptr + n * C + c, channel_dy_xhat, mask=cmask)
         tl.store(partial_ptr + NC + n * C + c, channel_dy, mask=cmask)
         count = GROUP_CHANNELS * S
         mean_g = (_per_group(channel_dy * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
         mean_g_xhat = (_per_group(channel_dy_xhat * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
-        for s0 in range(0, S, BLOCK_S):
-            x, dy, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s,
-                                               scale, shift, BLOCK_C, BLOCK_S)
-            xhat = (x - mean[:, None]) * rstd[:, None]
-            dx = rstd[:, None] * (dy * gamma[:, None] - mean_g - xhat * mean_g_xhat)
-            out, _ = _tile(dx_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        if WHOLE:
+            dx = _input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat)
+            out, _ = _tile(dx_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
             tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        else:
+            for s0 in range(0, S, BLOCK_S):
+                x, dy, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c,
+                                                   stride_s, scale, shift, BLOCK_C, BLOCK_S)
+                dx = _input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat)
+                out, _ = _tile(dx_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+                tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
