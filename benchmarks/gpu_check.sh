@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks (device tool); results go to $OUT (default ./gpu_out), one file per section (the device
-# tool brings back at most 8). Next, in one call (~3 min; measured runs: benchmarks/RESULTS.md):
-#   bash benchmarks/gpu_check.sh fused tiles      # the norm's blocks kept in registers against re-read, per layer
-#                                                 # and in the whole fine-tuning loop
-# then, with the faster default: bash benchmarks/gpu_check.sh profile bench bench512tuned   (~4 min)
+# tool brings back at most 8). Next, in one call (~4 min; measured runs: benchmarks/RESULTS.md):
+#   bash benchmarks/gpu_check.sh fused pool levers   # the two prepared levers per kernel, then in the whole loop
+# then, with the faster defaults: bash benchmarks/gpu_check.sh profile bench bench512tuned   (~4 min)
 # facts     what GroupNorm does on this torch + GPU (layout, autocast dtype)
 # fused     the fused GroupNorm+ReLU kernels: correctness against torch, GPU time per R50x1 layer at batch 512
-# tiles     the whole loop at batch 512, the norm re-reading its blocks in each pass or keeping them in registers
+# pool      the stem max-pool's kernels against torch's: correctness, GPU time, batch 512
+# levers    the whole loop at batch 512 with the prepared levers (norm blocks kept in registers, the pool's
+#           kernels) off, each on, and both
 # rows      the whole loop at batch 512, the channels_last norm taking $ROWS (32 64 128 512) bytes of each row
 # profile   kernel time per category of a training step, batch 512, NCHW and channels_last
 # bench     R50x1 against timm/HF, bf16, batch 128, each as a user's own loop runs it
@@ -88,8 +89,13 @@ rows() {  # channels_last norm: how many bytes of each position's row one progra
   for r in ${ROWS:-32 64 128 512}; do BIGTRANSFER_NORM_ROW_BYTES=$r finetune "b512_rows$r" 512 1; done
 }
 
-tiles() {  # fused_norm.TILE_ELEMENTS: 0 = each pass re-reads the program's block; 16384 = read once, kept
-  for t in 0 16384; do BIGTRANSFER_NORM_TILE_ELEMENTS=$t finetune "b512_tiles$t" 512 1; done
+pool() { timeout 90 $PY benchmarks/gpu_fused_pool.py; }
+
+levers() {  # the prepared, unmeasured levers alone and together; the first run is today's default
+  finetune b512_default 512 1
+  BIGTRANSFER_NORM_TILE_ELEMENTS=16384 finetune b512_whole_blocks 512 1   # norm blocks kept in registers
+  BIGTRANSFER_FUSED_POOL=1 finetune b512_fused_pool 512 1                 # the stem max-pool's kernels
+  BIGTRANSFER_NORM_TILE_ELEMENTS=16384 BIGTRANSFER_FUSED_POOL=1 finetune b512_both 512 1
 }
 
 profile() { timeout 150 $PY benchmarks/gpu_profile.py --batch 512 --layouts nchw channels_last; }

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
-from . import fused_norm, fused_norm_cpu
+from . import fused_norm, fused_norm_cpu, fused_pool
 
 WS_EPS = 1e-10  # the authors' release; timm / HF transformers use 1e-8
 GN_EPS = 1e-5
@@ -158,7 +158,9 @@ def zero_padded_max_pool(x: torch.Tensor) -> torch.Tensor:
     """``max_pool2d(pad(x, 1), 3, stride=2)`` without building the padded copy (a fill and a copy of the
     largest activation): pool with the implicit -inf padding, then let the windows that overlap the
     border -- the first row and column, and the last ones when the size is odd -- see the zero too.
-    Out of place, so that exporters and autograd see plain ops."""
+    Out of place, so that exporters and autograd see plain ops. `fused_pool` has CUDA kernels for it."""
+    if fused_pool.usable(x):
+        return fused_pool.zero_padded_max_pool(x)
     y = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     (h, w), (out_h, out_w) = x.shape[-2:], y.shape[-2:]
     rows, cols = torch.arange(out_h, device=x.device), torch.arange(out_w, device=x.device)
