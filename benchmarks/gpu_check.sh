@@ -33,7 +33,7 @@ facts() {
 
 fused() { timeout 240 $PY benchmarks/gpu_fused_norm.py; }
 
-bench() {  # each implementation in its own worker, as a user runs it (ours turns to channels_last inside)
+bench() {  # each implementation in its own worker, as a user's own loop runs it (NCHW, as given)
   timeout 150 $BENCH --batch 128 --models R50x1 --impls ours timm hf
 }
 

@@ -44,10 +44,6 @@ def zero_padded_max_pool(x: torch.Tensor) -> torch.Tensor:
     return _ZeroPaddedMaxPool.apply(x)
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-
-
 def _grid(n: int, c: int, positions: int) -> tuple[int, int, int]:
     return triton.cdiv(positions, BLOCK_P), triton.cdiv(c, BLOCK_C), n
 
@@ -61,7 +57,7 @@ class _ZeroPaddedMaxPool(torch.autograd.Function):
         fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
         y = torch.empty((n, c, out_h, out_w), device=x.device, dtype=x.dtype, memory_format=fmt)
         tap = torch.empty_like(y, dtype=torch.int8)
-        _forward_kernel[_grid(n, c, out_h * out_w)](x, y, tap, c, h, w, out_h, out_w, *_strides(x), *_strides(y),
+        _forward_kernel[_grid(n, c, out_h * out_w)](x, y, tap, c, h, w, out_h, out_w, *x.stride(), *y.stride(),
                                                     BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
         ctx.save_for_backward(x, tap)  # x only for a double backward (torch's max-pool saves it too)
         ctx.input_format = fmt
@@ -78,8 +74,8 @@ class _ZeroPaddedMaxPool(torch.autograd.Function):
         dy = dy.contiguous(memory_format=ctx.input_format)
         n, c, h, w = x.shape
         dx = torch.empty(x.shape, device=dy.device, dtype=dy.dtype, memory_format=ctx.input_format)
-        _backward_kernel[_grid(n, c, h * w)](dy, tap, dx, c, h, w, tap.shape[2], tap.shape[3], *_strides(dy),
-                                             *_strides(dx), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+        _backward_kernel[_grid(n, c, h * w)](dy, tap, dx, c, h, w, tap.shape[2], tap.shape[3], *dy.stride(),
+                                             *dx.stride(), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
         return dx
 
 
