@@ -57,6 +57,31 @@ def test_metrics_by_hand():
     assert m["per_class_accuracy"] == [0.75, 0.5, None]
 
 
+def test_momentum_sgd_is_the_hand_written_update():
+    """BiT's optimiser (torch's fused kernels) against the update written out: buf = 0.9 buf + g + wd p,
+    p -= lr buf, with the learning rate changed between steps and weight decay on one group only."""
+    from bigtransfer.engine import momentum_sgd
+
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    params = [w.clone().requires_grad_() for w in weights]
+    opt = momentum_sgd([{"params": params[:1], "weight_decay": 0.01}, {"params": params[1:]}], lr=0.1)
+    buffers = [torch.zeros_like(w) for w in weights]
+    for lr in (0.1, 0.05, 0.2):
+        grads = [torch.randn_like(w) for w in weights]
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for i, (wd, g) in enumerate(zip((0.01, 0.0), grads, strict=True)):
+            step = g + wd * weights[i]
+            buffers[i] = step if lr == 0.1 else 0.9 * buffers[i] + step  # the first step starts the buffer at g
+            weights[i] = weights[i] - lr * buffers[i]
+    for p, w in zip(params, weights, strict=True):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-12)
+
+
 def test_digits_finetune_beats_chance_by_far(tmp_path):
     """Random-init tiny model, 200 steps of 64 on the 1,000 training digits: measured 93.6% top-1."""
     test = open_dataset("digits", "test")

@@ -35,7 +35,7 @@ from .data import (
 )
 from .data.device import DeviceImages, device_batches
 from .data.memory import InMemoryImages
-from .engine import EngineConfig, train
+from .engine import EngineConfig, momentum_sgd, train
 from .evaluate import evaluate
 from .models import ResNetV2, create_model
 from .runs import RunDir
@@ -208,8 +208,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
             if chosen is not None:
                 run.write_json("examples.json", {"indices": chosen, "files": [source.describe(i) for i in chosen]})
         model = _build_model(model_or_name, plan, pretrained)
-        optimizer = torch.optim.SGD(model.parameters(), lr=plan.base_lr, momentum=hyperrule.MOMENTUM,
-                                    weight_decay=0.0)
+        optimizer = momentum_sgd(model.parameters(), plan.base_lr)
         config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
                               input_size=plan.crop, batch_split=plan.batch_split, mixup_alpha=plan.mixup_alpha,
                               precision=plan.precision, channels_last=plan.channels_last, compile=plan.compile,

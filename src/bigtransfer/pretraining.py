@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from .data import HyperRuleTransform, InceptionCropTransform, LabelledImages, StepSampler, eval_loader, train_loader
 from .data.memory import InMemoryImages
 from .data.shards import MANIFEST, ShardStream, read_manifest
-from .engine import EngineConfig, softmax_cross_entropy, train
+from .engine import EngineConfig, momentum_sgd, softmax_cross_entropy, train
 from .evaluate import evaluate
 from .finetuning import as_source
 from .hyperrule import MOMENTUM, Schedule
@@ -237,7 +237,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
             Console(stderr=True).print(plan_table(plan, memory))
             run.write_json("config.json", {"plan": dataclasses.asdict(plan), "memory": memory,
                                            "world_size": runtime.world_size, "pretrained": str(pretrained)})
-        optimizer = torch.optim.SGD(parameter_groups(model, plan.weight_decay), lr=plan.base_lr, momentum=MOMENTUM)
+        optimizer = momentum_sgd(parameter_groups(model, plan.weight_decay), plan.base_lr)
         config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
                               input_size=plan.crop, batch_split=plan.batch_split, precision=plan.precision,
                               channels_last=plan.channels_last, compile=plan.compile, seed=plan.seed,

@@ -82,12 +82,13 @@ def _launch_shape(x: torch.Tensor, groups: int, row_bytes: int | None = None,
     Where neighbouring channels are neighbours in memory (channels_last, or 1x1 maps), a program takes enough
     whole groups to fill `row_bytes` of each position's row (at least a 32-byte sector: with one group of 2-8
     channels, rows were 4-16 bytes and the loads went 2 bytes at a time); 64 bytes measured best for R50x1 on
-    an H100 (benchmarks/RESULTS.md). The kernels read a program's block once per pass (3 forward, 2 backward),
-    hoping the re-reads hit L2; in channels_last they seem not to (an H100 took as long as moving about 10
-    passes' worth of bytes, not 5). With `tile_elements` > 0, a block of at most that many elements is read once and
-    kept in registers (``WHOLE``), rows narrowing towards 32 bytes where that makes the block fit. Off by default
-    until a GPU has measured it against the re-reads (``BIGTRANSFER_NORM_TILE_ELEMENTS=16384`` turns it on:
-    no spills for R50x1's shapes in the sm_90 build); ``BIGTRANSFER_NORM_ROW_BYTES`` sets another width."""
+    an H100 (benchmarks/RESULTS.md). The kernels read a program's block twice each way (statistics, then
+    output), hoping the re-read hits L2; in channels_last it seems not to (an H100 took as long as moving about
+    10 passes' worth of bytes, not 5, when the forward still read it three times). With `tile_elements` > 0, a
+    block of at most that many elements is read once and kept in registers (``WHOLE``), rows narrowing towards
+    32 bytes where that makes the block fit. Off by default until a GPU has measured it against the re-reads
+    (``BIGTRANSFER_NORM_TILE_ELEMENTS=16384`` turns it on: no spills for R50x1's shapes in the sm_90 build);
+    ``BIGTRANSFER_NORM_ROW_BYTES`` sets another width."""
     row_bytes = row_bytes or ROW_BYTES
     tile_elements = TILE_ELEMENTS if tile_elements is None else tile_elements
     n, c, h, w = x.shape
@@ -139,11 +140,13 @@ class _GroupNormReLU(torch.autograd.Function):
             dy = torch.empty_like(x).copy_(dy)
         n, c, h, w = x.shape
         dx = torch.empty_like(x)
-        partial = torch.empty(2, n, c, device=x.device, dtype=torch.float32)  # per sample: d weight, d bias
+        # per channel and sample: d weight, d bias; samples innermost, so that summing them is a reduction
+        # over contiguous rows (summed across rows, 49 such sums took 0.85 ms of an R50x1 step on an H100)
+        partial = torch.empty(2, c, n, device=x.device, dtype=torch.float32)
         grid, meta = _launch_shape(x, ctx.groups)
-        _backward_kernel[grid](x, dy, dx, weight, bias, mean, rstd, partial, n * c, c, h * w,
+        _backward_kernel[grid](x, dy, dx, weight, bias, mean, rstd, partial, n, c, h * w,
                                x.stride(0), x.stride(1), _spatial_stride(x), **meta)
-        d_weight, d_bias = partial.sum(dim=1).to(weight.dtype)
+        d_weight, d_bias = partial.sum(dim=2).to(weight.dtype)
         return dx, d_weight, d_bias, None, None
 
 
@@ -183,28 +186,32 @@ if triton is not None:
     def _forward_kernel(x_ptr, y_ptr, weight, bias, mean_ptr, rstd_ptr, C, S, stride_n, stride_c, stride_s,
                         eps, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_S: tl.constexpr, WHOLE: tl.constexpr):
-        """Per group: the mean, then the centred variance (exact, no E[x^2] - E[x]^2 cancellation), then
-        normalise, scale, shift and ReLU. WHOLE: the block is one tile, read once; else each pass reads it."""
+        """Per group: the mean and the variance, then normalise, scale, shift and ReLU. WHOLE: the block is one
+        tile, read once, and the variance is the centred one. Else the statistics take one read of the block
+        (not one per moment): sums of x - pivot and its square, the pivot being the group's mean over the
+        first tile, so that a mean far from 0 does not cancel the variance away (E[x^2] - E[x]^2 would), and
+        a second read normalises."""
         n, c0, channels, c, cmask, stat = _program(C, GROUP_CHANNELS, GROUP_BLOCK, BLOCK_C)
         count = GROUP_CHANNELS * S
+        ptrs, mask = _tile(x_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         if WHOLE:
-            ptrs, mask = _tile(x_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
             mean = _per_group(tl.sum(x, axis=1), GROUP_BLOCK, BLOCK_C) / count
             centred = tl.where(mask, x - mean[:, None], 0.0)
             variance = _per_group(tl.sum(centred * centred, axis=1), GROUP_BLOCK, BLOCK_C) / count
         else:
-            total = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-            for s0 in range(0, S, BLOCK_S):
+            pivot = _per_group(tl.sum(x, axis=1), GROUP_BLOCK, BLOCK_C) / (GROUP_CHANNELS * tl.minimum(S, BLOCK_S))
+            total = tl.where(mask, x - pivot[:, None], 0.0)
+            squares = total * total
+            for s0 in range(BLOCK_S, S, BLOCK_S):
                 ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-                total += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            mean = _per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count
-            total = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-            for s0 in range(0, S, BLOCK_S):
-                ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-                centred = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - mean[:, None], 0.0)
-                total += centred * centred
-            variance = _per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count
+                shifted = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - pivot[:, None], 0.0)
+                total += shifted
+                squares += shifted * shifted
+            offset = _per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count
+            mean = pivot + offset
+            variance = tl.maximum(_per_group(tl.sum(squares, axis=1), GROUP_BLOCK, BLOCK_C) / count - offset * offset,
+                                  0.0)
         rstd = 1.0 / tl.sqrt(variance + eps)
         first = cmask & (c % GROUP_CHANNELS == 0)  # one row per group stores its statistics
         tl.store(mean_ptr + stat, mean, mask=first)
@@ -241,7 +248,7 @@ if triton is not None:
         return rstd[:, None] * (dy * gamma[:, None] - mean_g - xhat * mean_g_xhat)
 
     @triton.jit
-    def _backward_kernel(x_ptr, dy_ptr, dx_ptr, weight, bias, mean_ptr, rstd_ptr, partial_ptr, NC, C, S,
+    def _backward_kernel(x_ptr, dy_ptr, dx_ptr, weight, bias, mean_ptr, rstd_ptr, partial_ptr, N, C, S,
                          stride_n, stride_c, stride_s, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, WHOLE: tl.constexpr):
         """With xhat the normalised input and g = dy * relu'(y) * gamma, per group:
@@ -270,8 +277,8 @@ if triton is not None:
                 sum_dy_xhat += dy * (x - mean[:, None]) * rstd[:, None]
             channel_dy = tl.sum(sum_dy, axis=1)
             channel_dy_xhat = tl.sum(sum_dy_xhat, axis=1)
-        tl.store(partial_ptr + n * C + c, channel_dy_xhat, mask=cmask)
-        tl.store(partial_ptr + NC + n * C + c, channel_dy, mask=cmask)
+        tl.store(partial_ptr + c * N + n, channel_dy_xhat, mask=cmask)
+        tl.store(partial_ptr + (C + c) * N + n, channel_dy, mask=cmask)
         count = GROUP_CHANNELS * S
         mean_g = (_per_group(channel_dy * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
         mean_g_xhat = (_per_group(channel_dy_xhat * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
