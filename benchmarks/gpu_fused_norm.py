@@ -1,7 +1,8 @@
-"""The fused GroupNorm+ReLU kernels on a GPU: correctness against torch, then forward+backward time per
-norm layer of R50x1 (the HyperRule's batch 512, 128 px) against what autocast runs (fp32 GroupNorm, ReLU,
-bf16 cast). Times are GPU times of CUDA-graph replays (`triton.testing.do_bench_cudagraph`): launched one by
-one from Python, these layers take longer to launch than to run, and the times would measure Python.
+"""The fused GroupNorm+ReLU kernels on a GPU: correctness against torch (and that of the Weight
+Standardization kernels, `fused_ws`), then forward+backward time per norm layer of R50x1 (the HyperRule's
+batch 512, 128 px) against what autocast runs (fp32 GroupNorm, ReLU, bf16 cast). Times are GPU times of
+CUDA-graph replays (`triton.testing.do_bench_cudagraph`): launched one by one from Python, these layers take
+longer to launch than to run, and the times would measure Python.
 
     python benchmarks/gpu_fused_norm.py [--batch 128]
 """
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 import bigtransfer as bt
-from bigtransfer.models import fused_norm
-from bigtransfer.models.resnetv2 import GroupNormAct
+from bigtransfer.models import fused_norm, fused_ws
+from bigtransfer.models.resnetv2 import GroupNormAct, standardize
 
 
 def reference(x, groups, w, b):
@@ -72,6 +73,29 @@ def check() -> None:
     print("double backward, rel max err of d/dx, d/dw, d/db:", " ".join(f"{e:.1e}" for e in errs), flush=True)
 
 
+def check_ws() -> None:
+    """Weight Standardization under bf16 autocast, as training runs it (`fused_ws`: bf16 out, bf16 gradient in)
+    against the batch-norm form in fp32 with an fp32 gradient: errors of bf16's rounding expected."""
+    torch.manual_seed(0)
+    for shape in [(64, 3, 7, 7), (256, 64, 1, 1), (128, 128, 3, 3), (2048, 1024, 1, 1)]:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            w = (torch.randn(shape, device="cuda") * 0.05 + 0.01).contiguous(memory_format=layout).requires_grad_()
+            g = torch.randn(shape, device="cuda")
+            results = []
+            for fused in (True, False):
+                fused_ws.ENABLED = fused
+                with torch.autocast("cuda", torch.bfloat16, enabled=fused):
+                    out = standardize(w)
+                (out.float() * g).sum().backward()
+                results.append((out, w.grad))
+                w.grad = None
+            fused_ws.ENABLED = True
+            (ours, dw), (ref, dw_ref) = results
+            errs = [((p.float() - q).abs().max() / q.abs().max()).item() for p, q in ((ours, ref), (dw, dw_ref))]
+            print(f"check WS {str(shape):18} {'NHWC' if layout == torch.channels_last else 'NCHW'} out {ours.dtype} "
+                  f"rel max err w {errs[0]:.1e} dw {errs[1]:.1e}", flush=True)
+
+
 def layer_shapes(batch: int, res: int) -> collections.Counter:
     model = bt.create_model("BiT-M-R50x1", num_classes=10).to("cuda")
     shapes: collections.Counter = collections.Counter()
@@ -101,8 +125,11 @@ LAUNCH = fused_norm._launch_shape
 TILE_ELEMENTS = fused_norm.TILE_ELEMENTS
 WHOLE = 16384  # the most elements of a block kept in registers (fused_norm.TILE_ELEMENTS) in the "whole" columns
 # column: (channels_last, the launch's row bytes and tile elements); None: what autocast runs
+# ("NHWC 8K": blocks of up to 8,192 elements kept, in 8 warps: two programs fit in an SM's registers, not one;
+# the largest layers do not fit and re-read)
 COLUMNS = {"autocast": None, "NCHW": (False, None, 0), "NCHW whole": (False, None, WHOLE),
-           "NHWC 32B": (True, 32, 0), "NHWC 64B": (True, 64, 0), "NHWC whole": (True, 64, WHOLE), "floor": None}
+           "NHWC 32B": (True, 32, 0), "NHWC 64B": (True, 64, 0), "NHWC whole": (True, 64, WHOLE),
+           "NHWC 8K": (True, 64, 8192), "floor": None}
 
 
 def timing(batch: int, res: int = 128) -> None:
@@ -152,4 +179,5 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=512)
     args = parser.parse_args()
     check()
+    check_ws()
     timing(args.batch)

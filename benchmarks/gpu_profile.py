@@ -36,7 +36,7 @@ CATEGORIES = [
     ("conv forward", r"fprop|implicit_gemm|xmma|cudnn|cutlass|conv(?!ert)"),
     ("matrix multiplies (head)", r"gemm|nvjet|cublas|matmul|addmm"),
     ("GroupNorm (torch)", r"group_norm|groupnorm|RowwiseMoments|ComputeFusedParams"),
-    ("Weight Standardization (batch_norm)", r"batch_norm|batchnorm|welford"),
+    ("Weight Standardization", r"batch_norm|batchnorm|welford|standardize"),
     ("optimizer", r"multi_tensor_apply|foreach|sgd"),
     ("max-pool", r"max_pool"),
     ("residual adds, gradient sums", r"add"),

@@ -91,10 +91,12 @@ def test_pool_kernels_compile_for_hopper_without_spills(channels_last, tmp_path)
     meta = {"BLOCK_P": fused_pool.BLOCK_P, "BLOCK_C": fused_pool.BLOCK_C, "num_warps": 4}
     strides = lambda prefix, t: dict(zip((prefix + "n", prefix + "c", prefix + "h", prefix + "w"), t.stride(),  # noqa: E731
                                          strict=True))
-    forward = _compile_for_hopper(fused_pool._forward_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "tap_ptr": "*i8",
-                                                               **sizes, **strides("sx", x), **strides("sy", y)}, meta)
-    backward = _compile_for_hopper(fused_pool._backward_kernel, {"dy_ptr": "*bf16", "tap_ptr": "*i8", "dx_ptr": "*bf16",
-                                                                 **sizes, **strides("sy", y), **strides("sx", x)}, meta)
+    forward = _compile_for_hopper(fused_pool._max_pool_forward,
+                                  {"x_ptr": "*bf16", "y_ptr": "*bf16", "tap_ptr": "*i8", **sizes, **strides("sx", x),
+                                   **strides("sy", y)}, meta)
+    backward = _compile_for_hopper(fused_pool._max_pool_backward,
+                                   {"dy_ptr": "*bf16", "tap_ptr": "*i8", "dx_ptr": "*bf16", **sizes, **strides("sy", y),
+                                    **strides("sx", x)}, meta)
     for ptx in (forward, backward):
         registers, spilled = _registers_and_spills(ptx, tmp_path)
         assert spilled == 0 and registers <= 255, (registers, spilled)

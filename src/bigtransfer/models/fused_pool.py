@@ -57,7 +57,7 @@ class _ZeroPaddedMaxPool(torch.autograd.Function):
         fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
         y = torch.empty((n, c, out_h, out_w), device=x.device, dtype=x.dtype, memory_format=fmt)
         tap = torch.empty_like(y, dtype=torch.int8)
-        _forward_kernel[_grid(n, c, out_h * out_w)](x, y, tap, c, h, w, out_h, out_w, *x.stride(), *y.stride(),
+        _max_pool_forward[_grid(n, c, out_h * out_w)](x, y, tap, c, h, w, out_h, out_w, *x.stride(), *y.stride(),
                                                     BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
         ctx.save_for_backward(x, tap)  # x only for a double backward (torch's max-pool saves it too)
         ctx.input_format = fmt
@@ -74,7 +74,7 @@ class _ZeroPaddedMaxPool(torch.autograd.Function):
         dy = dy.contiguous(memory_format=ctx.input_format)
         n, c, h, w = x.shape
         dx = torch.empty(x.shape, device=dy.device, dtype=dy.dtype, memory_format=ctx.input_format)
-        _backward_kernel[_grid(n, c, h * w)](dy, tap, dx, c, h, w, tap.shape[2], tap.shape[3], *dy.stride(),
+        _max_pool_backward[_grid(n, c, h * w)](dy, tap, dx, c, h, w, tap.shape[2], tap.shape[3], *dy.stride(),
                                              *dx.stride(), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
         return dx
 
@@ -82,7 +82,7 @@ class _ZeroPaddedMaxPool(torch.autograd.Function):
 if triton is not None:
 
     @triton.jit
-    def _forward_kernel(x_ptr, y_ptr, tap_ptr, C, H, W, OH, OW, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    def _max_pool_forward(x_ptr, y_ptr, tap_ptr, C, H, W, OH, OW, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """One [BLOCK_P output positions, BLOCK_C channels] tile: the 9 taps of each window, padding as 0."""
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -106,7 +106,7 @@ if triton is not None:
         tl.store(tap_ptr + out, winner.to(tl.int8), mask=valid)
 
     @triton.jit
-    def _backward_kernel(dy_ptr, tap_ptr, dx_ptr, C, H, W, OH, OW, syn, syc, syh, syw, sxn, sxc, sxh, sxw,
+    def _max_pool_backward(dy_ptr, tap_ptr, dx_ptr, C, H, W, OH, OW, syn, syc, syh, syw, sxn, sxc, sxh, sxw,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """One [BLOCK_P input positions, BLOCK_C channels] tile of dx. In padded coordinates (h + 1) window i
         covers rows 2i..2i+2, so a row belongs to window (h + 1) // 2 and, where h + 1 is even, to the one

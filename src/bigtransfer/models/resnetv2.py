@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
-from . import fused_norm, fused_norm_cpu, fused_pool
+from . import fused_norm, fused_norm_cpu, fused_pool, fused_ws
 
 WS_EPS = 1e-10  # the authors' release; timm / HF transformers use 1e-8
 GN_EPS = 1e-5
@@ -49,7 +49,10 @@ def standardize(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
 
     Computed as a batch norm over a (1, out, in*kh*kw) view: exactly the same arithmetic as mean/var,
     but one fused kernel forward and one backward instead of five elementwise passes over the weights.
+    Training on CUDA, `fused_ws` does it in Triton kernels that also emit autocast's dtype (no cast after).
     """
+    if fused_ws.usable(weight):
+        return fused_ws.standardize(weight, eps)
     flat = weight.reshape(1, weight.shape[0], -1)
     return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=eps).reshape_as(weight)
 
