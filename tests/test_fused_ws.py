@@ -19,26 +19,29 @@ SCRIPT = textwrap.dedent("""
     from bigtransfer.models.resnetv2 import WS_EPS, standardize
 
     torch.manual_seed(0)
-    cases = [  # weight shape, dtype the kernel is written in, channels_last weight, channels_last gradient
+    cases = [  # weight shape, dtype the kernel is written in, weight layout (channels_last?), gradient's
         ((64, 3, 7, 7), torch.float32, False, False),     # the stem: 147 per row, one partial block
         ((256, 64, 1, 1), torch.bfloat16, True, False),   # autocast's dtype out; the gradient in another layout
         ((32, 512, 3, 3), torch.float32, True, True),     # 4,608 per row: the kernels loop over blocks
         ((8, 3, 1, 1), torch.bfloat16, False, False),     # 3 per row (with 2, every output is +-1: dw = 0)
+        ((16, 8, 3, 3), torch.float32, "view", True),     # a transposed view: rows not runs of memory
     ]
     for shape, dtype, channels_last, grad_channels_last in cases:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        fmt = torch.channels_last if channels_last is True else torch.contiguous_format
         w = (torch.randn(shape) * 0.05 + 0.2).contiguous(memory_format=fmt)
+        as_given = (lambda t: t.transpose(2, 3)) if channels_last == "view" else (lambda t: t)
         g = torch.randn(shape).to(dtype)
         g = g.contiguous(memory_format=torch.channels_last if grad_channels_last else torch.contiguous_format)
 
         ws = w.clone().requires_grad_()
-        out = fused_ws._Standardize.apply(ws, WS_EPS, dtype)
+        out = fused_ws._Standardize.apply(as_given(ws), WS_EPS, dtype)
         out.backward(g)
         wr = w.double().requires_grad_()
-        ref = standardize(wr)
+        ref = standardize(as_given(wr))
         ref.backward(g.double())
 
-        assert out.dtype == dtype and out.stride() == w.stride() and ws.grad.dtype == torch.float32
+        assert out.dtype == dtype and ws.grad.dtype == torch.float32
+        assert out.stride() == (w.stride() if channels_last != "view" else out.contiguous().stride())
         tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 rounds the output to 8 bits
         for name, ours, theirs in (("w", out, ref), ("dw", ws.grad, wr.grad)):
             err = ((ours.double() - theirs).abs().max() / theirs.abs().max()).item()

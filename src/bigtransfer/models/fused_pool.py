@@ -58,7 +58,7 @@ class _ZeroPaddedMaxPool(torch.autograd.Function):
         y = torch.empty((n, c, out_h, out_w), device=x.device, dtype=x.dtype, memory_format=fmt)
         tap = torch.empty_like(y, dtype=torch.int8)
         _max_pool_forward[_grid(n, c, out_h * out_w)](x, y, tap, c, h, w, out_h, out_w, *x.stride(), *y.stride(),
-                                                    BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                                                      BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
         ctx.save_for_backward(x, tap)  # x only for a double backward (torch's max-pool saves it too)
         ctx.input_format = fmt
         return y
@@ -75,7 +75,7 @@ class _ZeroPaddedMaxPool(torch.autograd.Function):
         n, c, h, w = x.shape
         dx = torch.empty(x.shape, device=dy.device, dtype=dy.dtype, memory_format=ctx.input_format)
         _max_pool_backward[_grid(n, c, h * w)](dy, tap, dx, c, h, w, tap.shape[2], tap.shape[3], *dy.stride(),
-                                             *dx.stride(), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                                               *dx.stride(), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
         return dx
 
 
@@ -83,7 +83,7 @@ if triton is not None:
 
     @triton.jit
     def _max_pool_forward(x_ptr, y_ptr, tap_ptr, C, H, W, OH, OW, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """One [BLOCK_P output positions, BLOCK_C channels] tile: the 9 taps of each window, padding as 0."""
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -107,7 +107,7 @@ if triton is not None:
 
     @triton.jit
     def _max_pool_backward(dy_ptr, tap_ptr, dx_ptr, C, H, W, OH, OW, syn, syc, syh, syw, sxn, sxc, sxh, sxw,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """One [BLOCK_P input positions, BLOCK_C channels] tile of dx. In padded coordinates (h + 1) window i
         covers rows 2i..2i+2, so a row belongs to window (h + 1) // 2 and, where h + 1 is even, to the one
         before; the same for columns: at most four windows, each adding its gradient if this was its tap."""

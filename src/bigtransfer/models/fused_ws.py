@@ -45,12 +45,19 @@ def _reference(weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight - mean) * torch.rsqrt(var + eps)
 
 
-def _dense(weight: torch.Tensor) -> torch.Tensor:
-    """A weight whose output channels each own one contiguous run of memory (contiguous or channels_last):
-    the kernels read each as a flat row, and standardising does not depend on the order within it."""
-    if weight.is_contiguous() or (weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)):
-        return weight
-    return weight.contiguous()
+def _row_order(t: torch.Tensor) -> torch.memory_format | None:
+    """The dense layout (contiguous or channels_last) in which each output channel's row of `t` is one run of
+    memory -- the kernels read rows as flat runs; standardising does not depend on the order within one."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _rows(t: torch.Tensor, order: torch.memory_format | None = None) -> torch.Tensor:
+    """`t` with its rows in `order` (by default t's own, or contiguous where it has none); a copy only if needed."""
+    return t.contiguous(memory_format=order or _row_order(t) or torch.contiguous_format)
 
 
 def _block(fan_in: int) -> int:
@@ -60,25 +67,25 @@ def _block(fan_in: int) -> int:
 class _Standardize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, eps, dtype):
-        w = _dense(weight)
+        w = _rows(weight)
         out = torch.empty_like(w, dtype=dtype)
         mean = torch.empty(w.shape[0], device=w.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         fan_in = w[0].numel()
         _standardize_forward[(w.shape[0],)](w, out, mean, rstd, fan_in, eps, BLOCK=_block(fan_in))
-        ctx.save_for_backward(w, mean, rstd)
+        ctx.save_for_backward(weight, mean, rstd)
         ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        w, mean, rstd = ctx.saved_tensors
+        weight, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: second-order gradients through torch's ops
             with torch.enable_grad():
-                (dw,) = torch.autograd.grad(_reference(w, ctx.eps).to(grad.dtype), w, grad, create_graph=True)
+                (dw,) = torch.autograd.grad(_reference(weight, ctx.eps).to(grad.dtype), weight, grad, create_graph=True)
             return dw, None, None
-        if grad.stride() != w.stride():
-            grad = torch.empty_like(w, dtype=grad.dtype).copy_(grad)
+        w = _rows(weight)
+        grad = _rows(grad, _row_order(w))
         dw = torch.empty_like(w)
         fan_in = w[0].numel()
         _standardize_backward[(w.shape[0],)](w, grad, dw, mean, rstd, fan_in, BLOCK=_block(fan_in))
