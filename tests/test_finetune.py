@@ -57,15 +57,19 @@ def test_metrics_by_hand():
     assert m["per_class_accuracy"] == [0.75, 0.5, None]
 
 
-def test_momentum_sgd_is_the_hand_written_update():
-    """BiT's optimiser (torch's fused kernels) against the update written out: buf = 0.9 buf + g + wd p,
-    p -= lr buf, with the learning rate changed between steps and weight decay on one group only."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_momentum_sgd_is_the_hand_written_update(device):
+    """BiT's optimiser (for CUDA training torch's fused kernels, which run here on the CPU too) against the
+    update written out: buf = 0.9 buf + g + wd p, p -= lr buf, with the learning rate changed between steps
+    and weight decay on one group only."""
     from bigtransfer.engine import momentum_sgd
 
     torch.manual_seed(0)
     weights = [torch.randn(7, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
     params = [w.clone().requires_grad_() for w in weights]
-    opt = momentum_sgd([{"params": params[:1], "weight_decay": 0.01}, {"params": params[1:]}], lr=0.1)
+    opt = momentum_sgd([{"params": params[:1], "weight_decay": 0.01}, {"params": params[1:]}], 0.1,
+                       torch.device(device))
+    assert opt.defaults["fused"] == (device == "cuda" or None)
     buffers = [torch.zeros_like(w) for w in weights]
     for lr in (0.1, 0.05, 0.2):
         grads = [torch.randn_like(w) for w in weights]

@@ -208,7 +208,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
             if chosen is not None:
                 run.write_json("examples.json", {"indices": chosen, "files": [source.describe(i) for i in chosen]})
         model = _build_model(model_or_name, plan, pretrained)
-        optimizer = momentum_sgd(model.parameters(), plan.base_lr)
+        optimizer = momentum_sgd(model.parameters(), plan.base_lr, runtime.device)
         config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
                               input_size=plan.crop, batch_split=plan.batch_split, mixup_alpha=plan.mixup_alpha,
                               precision=plan.precision, channels_last=plan.channels_last, compile=plan.compile,

@@ -237,7 +237,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
             Console(stderr=True).print(plan_table(plan, memory))
             run.write_json("config.json", {"plan": dataclasses.asdict(plan), "memory": memory,
                                            "world_size": runtime.world_size, "pretrained": str(pretrained)})
-        optimizer = momentum_sgd(parameter_groups(model, plan.weight_decay), plan.base_lr)
+        optimizer = momentum_sgd(parameter_groups(model, plan.weight_decay), plan.base_lr, runtime.device)
         config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
                               input_size=plan.crop, batch_split=plan.batch_split, precision=plan.precision,
                               channels_last=plan.channels_last, compile=plan.compile, seed=plan.seed,
