@@ -86,11 +86,17 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_fused_group_norm_relu_matches_torch_in_float64(tmp_path: Path) -> None:
+def run_interpreted(script: str) -> None:
+    """Runs `script` in a fresh Python under Triton's CPU interpreter (it must be set before Triton is imported)
+    and expects it to finish by printing "ok"."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_fused_group_norm_relu_matches_torch_in_float64() -> None:
+    run_interpreted(SCRIPT)
 
 
 def _compile_for_hopper(kernel, args: dict, meta: dict) -> str:

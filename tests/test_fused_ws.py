@@ -3,11 +3,7 @@ interpreter against the batch-norm form `resnetv2.standardize` in float64, and c
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -62,10 +58,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_fused_weight_standardization_matches_batch_norm_form_in_float64() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("ok")
+    from test_fused_norm import run_interpreted
+
+    run_interpreted(SCRIPT)
 
 
 def test_weight_standardization_kernels_compile_for_hopper(tmp_path):
