@@ -66,6 +66,12 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _dense_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a tensor `_dense` returned. Two tensors of one shape in one such format hold every
+    element at the same offset, so a kernel may index both through one's strides."""
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+
+
 def _spatial_stride(x: torch.Tensor) -> int:
     """The stride of the flattened H*W index (for a width of 1 the W stride is arbitrary: take H's)."""
     return x.stride(3) if x.shape[3] > 1 else x.stride(2)
@@ -136,8 +142,7 @@ class _GroupNormReLU(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             return differentiable_backward(x, weight, bias, ctx.groups, ctx.eps, dy, ctx.needs_input_grad)
-        if dy.stride() != x.stride():
-            dy = torch.empty_like(x).copy_(dy)
+        dy = dy.contiguous(memory_format=_dense_format(x))
         n, c, h, w = x.shape
         dx = torch.empty_like(x)
         # per channel and sample: d weight, d bias; samples innermost, so that summing them is a reduction

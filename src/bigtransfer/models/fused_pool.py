@@ -17,13 +17,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import fused_norm
+from .fused_norm import _dense, _dense_format, plain_eager, triton
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only builds of torch come without Triton
-    triton = None
 
 ENABLED = triton is not None and os.environ.get("BIGTRANSFER_FUSED_POOL", "0") == "1"
 BLOCK_P, BLOCK_C = 64, 32  # positions x channels per program
@@ -31,7 +28,7 @@ BLOCK_P, BLOCK_C = 64, 32  # positions x channels per program
 
 def usable(x: torch.Tensor) -> bool:
     """Whether `x` (the stem convolution's output) goes through the kernels."""
-    return ENABLED and x.is_cuda and x.dim() == 4 and fused_norm.plain_eager()
+    return ENABLED and x.is_cuda and x.dim() == 4 and plain_eager()
 
 
 def reference(x: torch.Tensor) -> torch.Tensor:
@@ -51,10 +48,10 @@ def _grid(n: int, c: int, positions: int) -> tuple[int, int, int]:
 class _ZeroPaddedMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        x = fused_norm._dense(x)
+        x = _dense(x)
         n, c, h, w = x.shape
         out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-        fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+        fmt = _dense_format(x)
         y = torch.empty((n, c, out_h, out_w), device=x.device, dtype=x.dtype, memory_format=fmt)
         tap = torch.empty_like(y, dtype=torch.int8)
         _max_pool_forward[_grid(n, c, out_h * out_w)](x, y, tap, c, h, w, out_h, out_w, *x.stride(), *y.stride(),

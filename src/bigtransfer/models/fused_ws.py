@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .fused_norm import plain_eager, triton
+from .fused_norm import _dense, _dense_format, plain_eager, triton
 
 if triton is not None:
     import triton.language as tl
@@ -45,21 +45,6 @@ def _reference(weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight - mean) * torch.rsqrt(var + eps)
 
 
-def _row_order(t: torch.Tensor) -> torch.memory_format | None:
-    """The dense layout (contiguous or channels_last) in which each output channel's row of `t` is one run of
-    memory -- the kernels read rows as flat runs; standardising does not depend on the order within one."""
-    if t.is_contiguous():
-        return torch.contiguous_format
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return None
-
-
-def _rows(t: torch.Tensor, order: torch.memory_format | None = None) -> torch.Tensor:
-    """`t` with its rows in `order` (by default t's own, or contiguous where it has none); a copy only if needed."""
-    return t.contiguous(memory_format=order or _row_order(t) or torch.contiguous_format)
-
-
 def _block(fan_in: int) -> int:
     return min(triton.next_power_of_2(fan_in), 1024)
 
@@ -67,7 +52,7 @@ def _block(fan_in: int) -> int:
 class _Standardize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, eps, dtype):
-        w = _rows(weight)
+        w = _dense(weight)  # rows as runs of memory; standardising does not depend on the order within one
         out = torch.empty_like(w, dtype=dtype)
         mean = torch.empty(w.shape[0], device=w.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
@@ -84,8 +69,8 @@ class _Standardize(torch.autograd.Function):
             with torch.enable_grad():
                 (dw,) = torch.autograd.grad(_reference(weight, ctx.eps).to(grad.dtype), weight, grad, create_graph=True)
             return dw, None, None
-        w = _rows(weight)
-        grad = _rows(grad, _row_order(w))
+        w = _dense(weight)
+        grad = grad.contiguous(memory_format=_dense_format(w))
         dw = torch.empty_like(w)
         fan_in = w[0].numel()
         _standardize_backward[(w.shape[0],)](w, grad, dw, mean, rstd, fan_in, BLOCK=_block(fan_in))
