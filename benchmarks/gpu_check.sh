@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks (device tool); results go to $OUT (default ./gpu_out), one file per section (the device
-# tool brings back at most 8). Next, in one call (~6.5 min; measured runs: benchmarks/RESULTS.md):
+# tool brings back at most 8). Next, in one call (~7 min; measured runs: benchmarks/RESULTS.md):
 #   bash benchmarks/gpu_check.sh fused pool levers   # the prepared levers per kernel, then in the whole loop
 # then, with the faster defaults: bash benchmarks/gpu_check.sh profile bench bench512tuned   (~4 min)
 # facts     what GroupNorm does on this torch + GPU (layout, autocast dtype)
-# fused     the fused GroupNorm+ReLU kernels: correctness against torch, GPU time per R50x1 layer at batch 512
+# fused     the fused GroupNorm+ReLU kernels (with and without the residual add): correctness against torch,
+#           GPU time per R50x1 layer at batch 512
 # pool      the stem max-pool's kernels against torch's: correctness, GPU time, batch 512
 # levers    the whole loop at batch 512 with the prepared levers (norm blocks kept in registers, the pool's
-#           kernels) off, each on (blocks of 16K and 8K), and both; and without the Weight
-#           Standardization kernels (on by default)
+#           kernels, the residual adds in the norms) off, each on (blocks of 16K and 8K), and all three; and
+#           without the Weight Standardization kernels (on by default)
 # rows      the whole loop at batch 512, the channels_last norm taking $ROWS (32 64 128 512) bytes of each row
 # profile   kernel time per category of a training step, batch 512, NCHW and channels_last
 # bench     R50x1 against timm/HF, bf16, batch 128, each as a user's own loop runs it
@@ -97,7 +98,9 @@ levers() {  # the prepared, unmeasured levers alone and together; the first run 
   BIGTRANSFER_NORM_TILE_ELEMENTS=16384 finetune b512_whole_blocks 512 1   # norm blocks kept in registers
   BIGTRANSFER_NORM_TILE_ELEMENTS=8192 finetune b512_whole_8k 512 1        # the same, two programs per SM
   BIGTRANSFER_FUSED_POOL=1 finetune b512_fused_pool 512 1                 # the stem max-pool's kernels
-  BIGTRANSFER_NORM_TILE_ELEMENTS=16384 BIGTRANSFER_FUSED_POOL=1 finetune b512_both 512 1
+  BIGTRANSFER_FUSED_RESIDUAL=1 finetune b512_fused_residual 512 1         # residual adds in the next norm
+  BIGTRANSFER_NORM_TILE_ELEMENTS=16384 BIGTRANSFER_FUSED_POOL=1 BIGTRANSFER_FUSED_RESIDUAL=1 \
+    finetune b512_all_three 512 1
   BIGTRANSFER_FUSED_WS=0 finetune b512_no_fused_ws 512 1                   # batch_norm + autocast's casts
 }
 

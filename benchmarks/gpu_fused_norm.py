@@ -1,8 +1,9 @@
 """The fused GroupNorm+ReLU kernels on a GPU: correctness against torch (and that of the Weight
-Standardization kernels, `fused_ws`), then forward+backward time per norm layer of R50x1 (the HyperRule's
-batch 512, 128 px) against what autocast runs (fp32 GroupNorm, ReLU, bf16 cast). Times are GPU times of
-CUDA-graph replays (`triton.testing.do_bench_cudagraph`): launched one by one from Python, these layers take
-longer to launch than to run, and the times would measure Python.
+Standardization kernels, `fused_ws`, and of the norm with the residual add, `add_group_norm_relu`), then
+forward+backward time per norm layer of R50x1 (the HyperRule's batch 512, 128 px) against what autocast runs
+(fp32 GroupNorm, ReLU, bf16 cast), and per residual sum with and without the add in the norm. Times are GPU
+times of CUDA-graph replays (`triton.testing.do_bench_cudagraph`): launched one by one from Python, these
+layers take longer to launch than to run, and the times would measure Python.
 
     python benchmarks/gpu_fused_norm.py [--batch 128]
 """
@@ -96,12 +97,49 @@ def check_ws() -> None:
                   f"rel max err w {errs[0]:.1e} dw {errs[1]:.1e}", flush=True)
 
 
-def layer_shapes(batch: int, res: int) -> collections.Counter:
+def check_residual() -> None:
+    """`add_group_norm_relu` (the residual add in the norm's kernels) against torch's add, then the fused norm,
+    with a gradient for the sum too (its use as the next shortcut): the sum must be torch's exactly, the rest
+    within the dtype's rounding."""
+    torch.manual_seed(0)
+    for shape in [(8, 256, 32, 32), (8, 1024, 8, 8), (2, 2048, 4, 4)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                for tile in (0, WHOLE):
+                    fused_norm.TILE_ELEMENTS = tile
+                    a, r = ((torch.randn(shape, device="cuda") * 2).to(dtype).contiguous(memory_format=layout)
+                            for _ in range(2))
+                    w, b = (torch.randn(shape[1], device="cuda") for _ in range(2))
+                    dy, ds = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(2))
+                    results = []
+                    for fused in (True, False):
+                        inputs = [t.clone().requires_grad_() for t in (a, r, w, b)]
+                        if fused:
+                            total, y = fused_norm.add_group_norm_relu(*inputs[:2], 32, *inputs[2:], 1e-5)
+                        else:
+                            total = inputs[0] + inputs[1]
+                            y = fused_norm.group_norm_relu(total, 32, *inputs[2:], 1e-5)
+                        torch.autograd.backward([y, total], [dy, ds])
+                        results.append([total, y] + [t.grad for t in inputs])
+                    fused_norm.TILE_ELEMENTS = TILE_ELEMENTS
+                    errs = [((p.float() - q.float()).abs().max() / q.float().abs().max()).item()
+                            for p, q in zip(*results, strict=True)]
+                    print(f"check residual {str(shape):18} {str(dtype):15} "
+                          f"{'NHWC' if layout == torch.channels_last else 'NCHW'} {'whole' if tile else 're-read'}"
+                          f"  rel max err sum {errs[0]:.1e} y {errs[1]:.1e} dx {errs[2]:.1e} dr {errs[3]:.1e} "
+                          f"dw {errs[4]:.1e} db {errs[5]:.1e}", flush=True)
+
+
+def layer_shapes(batch: int, res: int, residual: bool = False) -> collections.Counter:
+    """(batch, groups, C, H, W) of each norm of R50x1 and how often it occurs; `residual`: only the norms whose
+    input is a residual sum (each unit's first norm but the first unit's, and the head norm)."""
     model = bt.create_model("BiT-M-R50x1", num_classes=10).to("cuda")
     shapes: collections.Counter = collections.Counter()
-    for m in model.modules():
-        if isinstance(m, GroupNormAct):
-            m.register_forward_pre_hook(lambda mod, inp: shapes.update([(mod.num_groups, *inp[0].shape[1:])]))
+    norms = [m for m in model.modules() if isinstance(m, GroupNormAct)]
+    if residual:
+        norms = [unit.norm1 for stage in model.stages for unit in stage][1:] + [model.norm]
+    for m in norms:
+        m.register_forward_pre_hook(lambda mod, inp: shapes.update([(mod.num_groups, *inp[0].shape[1:])]))
     with torch.no_grad():
         model(torch.randn(1, 3, res, res, device="cuda"))
     return collections.Counter({(batch, *k): v for k, v in shapes.items()})
@@ -174,10 +212,40 @@ def timing(batch: int, res: int = 128) -> None:
     print("timed as:", ", ".join(sorted(methods)))
 
 
+def timing_residual(batch: int, res: int = 128) -> None:
+    """Per residual sum of R50x1 (channels_last, bf16, the default launch): a separate add, the norm and the
+    gradient sum autograd makes where the sum's two uses meet, against `add_group_norm_relu` doing all three."""
+    print(f"\nresidual sums of R50x1 batch {batch} at {res} px, channels_last bf16, forward+backward (us of GPU time)")
+    print(f"{'shape (N,C,H,W)':22} {'count':>5} {'add+norm':>10} {'in norm':>10}")
+    totals = collections.Counter()
+    for (n, groups, c, h, w), count in sorted(layer_shapes(batch, res, residual=True).items()):
+        a, r = (torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last).requires_grad_() for _ in range(2))
+        weight = torch.ones(c, device="cuda", requires_grad=True)
+        bias = torch.zeros(c, device="cuda", requires_grad=True)
+        dy, ds = torch.randn_like(a), torch.randn_like(a)
+
+        def step(fused: bool, a=a, r=r, dy=dy, ds=ds, groups=groups, weight=weight, bias=bias) -> None:
+            if fused:
+                total, y = fused_norm.add_group_norm_relu(a, r, groups, weight, bias, 1e-5)
+            else:
+                total = a + r
+                y = fused_norm.group_norm_relu(total, groups, weight, bias, 1e-5)
+            torch.autograd.grad((y, total), (a, r, weight, bias), (dy, ds))
+
+        row = {name: gpu_time_us(functools.partial(step, fused))[0] for name, fused in
+               (("add+norm", False), ("in norm", True))}
+        totals.update({k: v * count for k, v in row.items()})
+        print(f"{str((n, c, h, w)):22} {count:5} " + " ".join(f"{v:10.0f}" for v in row.values()))
+    print(f"{'total per step (ms)':28} " + " ".join(f"{totals[k] / 1000:10.2f}" for k in ("add+norm", "in norm")))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=512)
     args = parser.parse_args()
     check()
     check_ws()
+    check_residual()
     timing(args.batch)
+    timing_residual(args.batch)

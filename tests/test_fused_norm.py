@@ -86,6 +86,85 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+RESIDUAL_SCRIPT = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from bigtransfer.models import fused_norm
+    from bigtransfer.models.resnetv2 import Architecture, ResNetV2
+
+    torch.manual_seed(0)
+    cases = [  # shape, groups, dtype, channels_last
+        ((2, 16, 5, 7), 4, torch.float32, False),
+        ((2, 64, 5, 5), 32, torch.bfloat16, True),
+        ((1, 4, 48, 48), 2, torch.float32, True),  # the kernels loop over tiles: the output pass reads the sum
+        ((1, 64, 40, 40), 32, torch.float32, False),
+    ]
+    for fused_norm.TILE_ELEMENTS in (0, 16384):
+        for shape, groups, dtype, channels_last in cases:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            a, r = ((torch.randn(shape) * 3 + 1).to(dtype).contiguous(memory_format=fmt) for _ in range(2))
+            w, b = torch.randn(shape[1]), torch.randn(shape[1])
+            dy, d_sum = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+            for sum_used in (True, False):  # the sum used again (an identity shortcut) or only normalised
+                As, rs, ws, bs = (t.clone().requires_grad_() for t in (a, r, w, b))
+                s, y = fused_norm.add_group_norm_relu(As, rs, groups, ws, bs, 1e-5)
+                torch.autograd.backward([y, s] if sum_used else [y], [dy, d_sum] if sum_used else [dy])
+                assert s.dtype == y.dtype == dtype and s.is_contiguous(memory_format=fmt)
+                # the sum as stored, within the dtype's rounding (the interpreter rounds bf16 its own way: torch
+                # rounds to nearest); the reference normalises that
+                exact = a.double() + r.double()
+                assert ((s.double() - exact).abs() <= exact.abs() * (2e-7 if dtype == torch.float32 else 8e-3)).all()
+                sr, wr, br = (t.detach().double().requires_grad_() for t in (s, w, b))
+                F.relu(F.group_norm(sr, groups, wr, br, 1e-5)).backward(dy.double())
+                ds = sr.grad + d_sum.double() if sum_used else sr.grad
+                tol = 1e-5 if dtype == torch.float32 else 1e-2
+                for name, ours, ref in [("y", y, F.relu(F.group_norm(sr, groups, wr, br, 1e-5))),
+                                        ("dx", As.grad, ds), ("dr", rs.grad, ds), ("dw", ws.grad, wr.grad),
+                                        ("db", bs.grad, br.grad)]:
+                    err = ((ours.double() - ref).abs().max() / ref.abs().max()).item()
+                    assert err < tol, (shape, dtype, fused_norm.TILE_ELEMENTS, sum_used, name, err)
+
+    # create_graph=True: second-order gradients through the add too
+    a, r, w, b = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(8)
+    second = []
+    for fn, dtype in ((fused_norm.add_group_norm_relu, torch.float32),
+                      (lambda a, r, *args: (a + r, F.relu(F.group_norm(a + r, *args))), torch.float64)):
+        As, rs, ws, bs = (t.to(dtype).requires_grad_() for t in (a, r, w, b))
+        s, y = fn(As, rs, 4, ws, bs, 1e-5)
+        da, dr = torch.autograd.grad(y.square().sum() + s.pow(3).sum(), (As, rs), create_graph=True)
+        second.append(torch.autograd.grad(da.square().sum() + (dr * rs).sum(), (As, rs, ws, bs)))
+    for ours, ref in zip(*second):
+        assert ((ours.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+    # a model whose residual adds run in the norms (as on CUDA) against the same model adding them itself
+    fused_norm.usable = lambda x: x.dim() == 4 and fused_norm.plain_eager()  # here: CPU tensors, interpreted
+    calls = []
+    add_group_norm_relu = fused_norm.add_group_norm_relu
+    fused_norm.add_group_norm_relu = lambda *args: calls.append(1) or add_group_norm_relu(*args)
+    model = ResNetV2(Architecture((1, 2, 1, 1), 0.25), num_classes=5, zero_head=False)
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    for fused_norm.RESIDUAL in (True, False):
+        model.zero_grad()
+        logits = model(x)
+        logits.square().sum().backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert len(calls) == 5, calls  # the units after the first, then the head norm
+    for ours, ref in zip(*results):
+        assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+    # hooks on a unit (the path calls none as a module) or activation checkpointing: the units run as modules
+    fused_norm.RESIDUAL, seen = True, []
+    handle = model.stages[1][1].register_forward_hook(lambda *args: seen.append(1))
+    assert torch.equal(model(x), results[1][0]) and seen == [1] and len(calls) == 5
+    handle.remove()
+    model.set_grad_checkpointing()
+    model(x).sum().backward()
+    assert len(calls) == 5
+    print("ok")
+""")
+
+
 def run_interpreted(script: str) -> None:
     """Runs `script` in a fresh Python under Triton's CPU interpreter (it must be set before Triton is imported)
     and expects it to finish by printing "ok"."""
@@ -97,6 +176,12 @@ def run_interpreted(script: str) -> None:
 
 def test_fused_group_norm_relu_matches_torch_in_float64() -> None:
     run_interpreted(SCRIPT)
+
+
+def test_residual_add_fused_into_the_norm_matches_torch_in_float64() -> None:
+    """`add_group_norm_relu` (the sum and its norm; the backward adding the sum's own gradient), and a model whose
+    residual adds it runs (``BIGTRANSFER_FUSED_RESIDUAL=1``) against the model adding them itself."""
+    run_interpreted(RESIDUAL_SCRIPT)
 
 
 def _compile_for_hopper(kernel, args: dict, meta: dict) -> str:
@@ -134,16 +219,17 @@ def _registers_and_spills(ptx: str, tmp_path: Path) -> tuple[int, int]:
     return int(re.search(r"Used (\d+) registers", out)[1]), int(re.search(r"(\d+) bytes spill stores", out)[1])
 
 
+@pytest.mark.parametrize("adds", [False, True])
 @pytest.mark.parametrize("tile_elements", [0, 16384])
 @pytest.mark.parametrize("shape,channels_last", [((512, 64, 32, 32), True), ((512, 256, 32, 32), True),
                                                  ((512, 2048, 4, 4), True), ((512, 64, 32, 32), False)])
-def test_kernels_compile_for_hopper_with_vector_loads(shape, channels_last, tile_elements, tmp_path):
+def test_kernels_compile_for_hopper_with_vector_loads(shape, channels_last, tile_elements, adds, tmp_path):
     """The kernels compile for an H100 (the interpreter above does not run Triton's GPU compiler), and the bf16
     activations move in vector loads and stores: in channels_last a group of 2-8 channels is 4-16 bytes of
     each row, which one program per group read 2 bytes at a time (ld.global.b16); blocks of whole groups
     (64 bytes of each row by default), whose channel count the compiler knows, are read 16 bytes at a time
     (ld.global.v4.b32). A block kept in registers (`tile_elements`) must not spill: 16,384 bf16 values per
-    program of 16 warps, 32 per thread."""
+    program of 16 warps, 32 per thread. `adds`: the variant that adds the residual (and its gradient) in."""
     import torch
 
     from bigtransfer.models import fused_norm
@@ -157,10 +243,11 @@ def test_kernels_compile_for_hopper_with_vector_loads(shape, channels_last, tile
     _, meta = fused_norm._launch_shape(x, 32, tile_elements=tile_elements)
     assert meta["WHOLE"] == (tile_elements > 0)  # R50x1's shapes at 128 px all fit
     forward = _compile_for_hopper(fused_norm._forward_kernel,
-                                  {"x_ptr": "*bf16", "y_ptr": "*bf16", **stats, **sizes, "eps": 1e-5}, meta)
+                                  {"x_ptr": "*bf16", "r_ptr": "*bf16", "total_ptr": "*bf16", "y_ptr": "*bf16", **stats,
+                                   **sizes, "eps": 1e-5}, {**meta, "ADD": adds})
     backward = _compile_for_hopper(fused_norm._backward_kernel,
-                                   {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", **stats,
-                                    "partial_ptr": "*fp32", "N": n, **sizes}, meta)
+                                   {"x_ptr": "*bf16", "dy_ptr": "*bf16", "d_total_ptr": "*bf16", "dx_ptr": "*bf16",
+                                    **stats, "partial_ptr": "*fp32", "N": n, **sizes}, {**meta, "ADD_GRAD": adds})
     for ptx in (forward, backward):
         assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx
         assert "ld.global.v" in ptx and "st.global.v" in ptx

@@ -10,6 +10,11 @@ from 0.92x to 1.14x timm's img/s with half its peak memory, inference from 1.04x
 ``torch.compile`` (Inductor fuses the plain ops itself) or on CPUs (`fused_norm_cpu` has C kernels for them).
 A backward with ``create_graph=True`` (gradient penalties) runs through torch's differentiable ops instead.
 ``BIGTRANSFER_FUSED_NORM=0`` turns it off.
+
+`add_group_norm_relu` also takes a unit's residual add: it reads both addends, writes their sum (the next
+unit's shortcut) with the activation, and its backward adds the sum's other gradient in the same pass -- one
+pass over the activations less forward and two less backward than a separate add and gradient sum. Off by
+default until a GPU has measured it (``BIGTRANSFER_FUSED_RESIDUAL=1`` turns it on; `resnetv2` uses it).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ except ImportError:  # CPU-only builds of torch come without Triton
     triton = None
 
 ENABLED = triton is not None and os.environ.get("BIGTRANSFER_FUSED_NORM", "1") != "0"
+RESIDUAL = ENABLED and os.environ.get("BIGTRANSFER_FUSED_RESIDUAL", "0") == "1"
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -44,7 +50,17 @@ def plain_eager() -> bool:
 def group_norm_relu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
                     eps: float) -> torch.Tensor:
     """``relu(group_norm(x, groups, weight, bias, eps))`` in x's dtype and memory layout."""
-    return _GroupNormReLU.apply(x, weight, bias, groups, eps)
+    return _GroupNormReLU.apply(x, None, weight, bias, groups, eps)
+
+
+def add_group_norm_relu(x: torch.Tensor, residual: torch.Tensor, groups: int, weight: torch.Tensor,
+                        bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` (rounded to x's dtype, as a separate add stores it) and ``relu(group_norm(s, ...))``,
+    in one kernel each way; returns both. `residual` must match x's shape, dtype and layout."""
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"add_group_norm_relu: residual {tuple(residual.shape)} {residual.dtype} does not match "
+                         f"the input {tuple(x.shape)} {x.dtype}")
+    return _GroupNormReLU.apply(x, residual, weight, bias, groups, eps)
 
 
 def differentiable_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
@@ -123,49 +139,73 @@ def _launch_shape(x: torch.Tensor, groups: int, row_bytes: int | None = None,
 
 
 class _GroupNormReLU(torch.autograd.Function):
+    """relu(group_norm(x)), or with a residual (s, relu(group_norm(s))) for s = x + residual."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
+    def forward(ctx, x, residual, weight, bias, groups, eps):
         x = _dense(x)
         n, c, h, w = x.shape
+        adds = residual is not None
+        if adds:
+            residual = residual.contiguous(memory_format=_dense_format(x))
+            total = torch.empty_like(x)
+        else:
+            residual = total = x  # read as x, never written
         y = torch.empty_like(x)
         mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         grid, meta = _launch_shape(x, groups)
-        _forward_kernel[grid](x, y, weight, bias, mean, rstd, c, h * w, x.stride(0), x.stride(1), _spatial_stride(x),
-                              eps, **meta)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.groups, ctx.eps = groups, eps
-        return y
+        _forward_kernel[grid](x, residual, total, y, weight, bias, mean, rstd, c, h * w, x.stride(0), x.stride(1),
+                              _spatial_stride(x), eps, ADD=adds, **meta)
+        ctx.save_for_backward(total, weight, bias, mean, rstd)
+        ctx.groups, ctx.eps, ctx.adds = groups, eps, adds
+        ctx.set_materialize_grads(False)  # an unused sum's gradient stays None, not a tensor of zeros
+        return (total, y) if adds else y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *grads):
+        d_total, dy = grads if ctx.adds else (None, *grads)
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if dy is None:  # only the sum was used
+            return d_total, d_total, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True
-            return differentiable_backward(x, weight, bias, ctx.groups, ctx.eps, dy, ctx.needs_input_grad)
-        dy = dy.contiguous(memory_format=_dense_format(x))
-        n, c, h, w = x.shape
-        dx = torch.empty_like(x)
-        # per channel and sample: d weight, d bias; samples innermost, so that summing them is a reduction
-        # over contiguous rows (summed across rows, 49 such sums took 0.85 ms of an R50x1 step on an H100)
-        partial = torch.empty(2, c, n, device=x.device, dtype=torch.float32)
-        grid, meta = _launch_shape(x, ctx.groups)
-        _backward_kernel[grid](x, dy, dx, weight, bias, mean, rstd, partial, n, c, h * w,
-                               x.stride(0), x.stride(1), _spatial_stride(x), **meta)
-        d_weight, d_bias = partial.sum(dim=2).to(weight.dtype)
-        return dx, d_weight, d_bias, None, None
+            dx, d_weight, d_bias, _, _ = differentiable_backward(x, weight, bias, ctx.groups, ctx.eps, dy,
+                                                                 (needs[0] or needs[1], needs[2], needs[3]))
+            dx = dx if d_total is None else dx + d_total
+        else:
+            layout = _dense_format(x)
+            dy = dy.contiguous(memory_format=layout)
+            n, c, h, w = x.shape
+            dx = torch.empty_like(x)
+            d_total = dy if d_total is None else d_total.contiguous(memory_format=layout)
+            # per channel and sample: d weight, d bias; samples innermost, so that summing them is a reduction
+            # over contiguous rows (summed across rows, 49 such sums took 0.85 ms of an R50x1 step on an H100)
+            partial = torch.empty(2, c, n, device=x.device, dtype=torch.float32)
+            grid, meta = _launch_shape(x, ctx.groups)
+            _backward_kernel[grid](x, dy, d_total, dx, weight, bias, mean, rstd, partial, n, c, h * w,
+                                   x.stride(0), x.stride(1), _spatial_stride(x), ADD_GRAD=d_total is not dy, **meta)
+            d_weight, d_bias = partial.sum(dim=2).to(weight.dtype)
+        return dx, dx if ctx.adds else None, d_weight, d_bias, None, None
 
 
 if triton is not None:
 
     @triton.jit
-    def _tile(ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr,
-              BLOCK_S: tl.constexpr):
-        """Addresses and mask of one [BLOCK_C, BLOCK_S] tile of sample n: `channels` channels from c0, positions
-        from s0."""
+    def _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Element offsets and mask of one [BLOCK_C, BLOCK_S] tile of sample n: `channels` channels from c0,
+        positions from s0."""
         c = c0 + tl.arange(0, BLOCK_C)
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (tl.arange(0, BLOCK_C) < channels)[:, None] & (s < S)[None, :]
-        return ptr + n * stride_n + c[:, None] * stride_c + s[None, :] * stride_s, mask
+        return n * stride_n + c[:, None] * stride_c + s[None, :] * stride_s, mask
+
+    @triton.jit
+    def _tile(ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr,
+              BLOCK_S: tl.constexpr):
+        """Addresses and mask of one tile (see `_offsets`)."""
+        offsets, mask = _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        return ptr + offsets, mask
 
     @triton.jit
     def _per_group(per_channel, GROUP_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -188,18 +228,32 @@ if triton is not None:
         return n, c0, channels, c, cmask, n * groups + c // GROUP_CHANNELS
 
     @triton.jit
-    def _forward_kernel(x_ptr, y_ptr, weight, bias, mean_ptr, rstd_ptr, C, S, stride_n, stride_c, stride_s,
-                        eps, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_S: tl.constexpr, WHOLE: tl.constexpr):
+    def _input(x_ptr, r_ptr, total_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr,
+               BLOCK_S: tl.constexpr, ADD: tl.constexpr):
+        """One tile of the norm's input, in fp32: x, or with ADD the sum x + r, rounded to the sum's dtype (as a
+        separate add would store it) and stored at total_ptr."""
+        offsets, mask = _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        if ADD:
+            r = tl.load(r_ptr + offsets, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(total_ptr.dtype.element_ty)
+            tl.store(total_ptr + offsets, x, mask=mask)
+        return x.to(tl.float32), mask
+
+    @triton.jit
+    def _forward_kernel(x_ptr, r_ptr, total_ptr, y_ptr, weight, bias, mean_ptr, rstd_ptr, C, S, stride_n, stride_c,
+                        stride_s, eps, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_S: tl.constexpr, WHOLE: tl.constexpr, ADD: tl.constexpr):
         """Per group: the mean and the variance, then normalise, scale, shift and ReLU. WHOLE: the block is one
         tile, read once, and the variance is the centred one. Else the statistics take one read of the block
         (not one per moment): sums of x - pivot and its square, the pivot being the group's mean over the
         first tile, so that a mean far from 0 does not cancel the variance away (E[x^2] - E[x]^2 would), and
-        a second read normalises."""
+        a second read normalises. ADD: the input is x + r, written to total_ptr as it is first read (the second
+        read takes it from there: one tensor, not two); without ADD, total_ptr is x_ptr."""
         n, c0, channels, c, cmask, stat = _program(C, GROUP_CHANNELS, GROUP_BLOCK, BLOCK_C)
         count = GROUP_CHANNELS * S
-        ptrs, mask = _tile(x_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x, mask = _input(x_ptr, r_ptr, total_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C,
+                         BLOCK_S, ADD)
         if WHOLE:
             mean = _per_group(tl.sum(x, axis=1), GROUP_BLOCK, BLOCK_C) / count
             centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -209,8 +263,9 @@ if triton is not None:
             total = tl.where(mask, x - pivot[:, None], 0.0)
             squares = total * total
             for s0 in range(BLOCK_S, S, BLOCK_S):
-                ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-                shifted = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - pivot[:, None], 0.0)
+                x, mask = _input(x_ptr, r_ptr, total_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s,
+                                 BLOCK_C, BLOCK_S, ADD)
+                shifted = tl.where(mask, x - pivot[:, None], 0.0)
                 total += shifted
                 squares += shifted * shifted
             offset = _per_group(tl.sum(total, axis=1), GROUP_BLOCK, BLOCK_C) / count
@@ -229,8 +284,10 @@ if triton is not None:
             out, _ = _tile(y_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
             tl.store(out, tl.maximum(x * scale + shift, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
         else:
+            if ADD:
+                tl.debug_barrier()  # the sum's stores above, by all of this program's threads, before they read it
             for s0 in range(0, S, BLOCK_S):
-                ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+                ptrs, mask = _tile(total_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
                 x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
                 y = tl.maximum(x * scale + shift, 0.0)
                 out, _ = _tile(y_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
@@ -247,19 +304,26 @@ if triton is not None:
         return x, tl.where(x * scale + shift > 0.0, dy, 0.0), mask
 
     @triton.jit
-    def _input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat):
-        """dx of one tile (see `_backward_kernel`)."""
+    def _store_input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat, dx_ptr, d_total_ptr, mask, n, c0, s0,
+                          channels, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                          ADD_GRAD: tl.constexpr):
+        """dx of one tile (see `_backward_kernel`), plus with ADD_GRAD the tile's gradient from d_total_ptr."""
         xhat = (x - mean[:, None]) * rstd[:, None]
-        return rstd[:, None] * (dy * gamma[:, None] - mean_g - xhat * mean_g_xhat)
+        dx = rstd[:, None] * (dy * gamma[:, None] - mean_g - xhat * mean_g_xhat)
+        offsets, _ = _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        if ADD_GRAD:
+            dx += tl.load(d_total_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _backward_kernel(x_ptr, dy_ptr, dx_ptr, weight, bias, mean_ptr, rstd_ptr, partial_ptr, N, C, S,
+    def _backward_kernel(x_ptr, dy_ptr, d_total_ptr, dx_ptr, weight, bias, mean_ptr, rstd_ptr, partial_ptr, N, C, S,
                          stride_n, stride_c, stride_s, GROUP_CHANNELS: tl.constexpr, GROUP_BLOCK: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, WHOLE: tl.constexpr):
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, WHOLE: tl.constexpr, ADD_GRAD: tl.constexpr):
         """With xhat the normalised input and g = dy * relu'(y) * gamma, per group:
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); the per-channel sums of dy*relu' and
         dy*relu'*xhat of this sample are stored for d bias and d weight (summed over samples outside).
-        WHOLE: the block is one tile, read once; else each of the two passes reads it."""
+        WHOLE: the block is one tile, read once; else each of the two passes reads it. ADD_GRAD: x was a
+        residual sum used elsewhere too, and that use's gradient (d_total_ptr) is added to dx here."""
         n, c0, channels, c, cmask, stat = _program(C, GROUP_CHANNELS, GROUP_BLOCK, BLOCK_C)
         mean = tl.load(mean_ptr + stat, mask=cmask, other=0.0)
         rstd = tl.load(rstd_ptr + stat, mask=cmask, other=0.0)
@@ -288,13 +352,11 @@ if triton is not None:
         mean_g = (_per_group(channel_dy * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
         mean_g_xhat = (_per_group(channel_dy_xhat * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
         if WHOLE:
-            dx = _input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat)
-            out, _ = _tile(dx_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-            tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            _store_input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat, dx_ptr, d_total_ptr, mask, n, c0, 0,
+                              channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ADD_GRAD)
         else:
             for s0 in range(0, S, BLOCK_S):
                 x, dy, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c,
                                                    stride_s, scale, shift, BLOCK_C, BLOCK_S)
-                dx = _input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat)
-                out, _ = _tile(dx_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-                tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                _store_input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat, dx_ptr, d_total_ptr, mask, n, c0,
+                                  s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ADD_GRAD)

@@ -145,6 +145,11 @@ class GroupNormAct(nn.GroupNorm):
             return fused_norm_cpu.group_norm_relu(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.relu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps), inplace=True)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s = x + residual`` and this norm of s, both returned, the add done by the norm's CUDA kernels (see
+        `ResNetV2._fuses_residuals`)."""
+        return fused_norm.add_group_norm_relu(x, residual, self.num_groups, self.weight, self.bias, self.eps)
+
 
 class Root(nn.Module):
     """The stem: 7x7/2 conv, zero pad 1, 3x3/2 max-pool without padding (what the released weights expect)."""
@@ -188,11 +193,13 @@ class PreActBottleneck(nn.Module):
         self.proj = StdConv2d(in_channels, out_channels, 1, stride=stride) if needs_proj else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.norm1(x)
+        return self.conv3(*self.branch(x, self.norm1(x)))
+
+    def branch(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit after its first norm (`a`, of its input `x`): the last convolution's input, and the shortcut
+        that convolution's output is added to."""
         shortcut = self.proj(a) if self.proj is not None else x
-        out = self.conv1(a)
-        out = self.conv2(self.norm2(out))
-        return self.conv3(self.norm3(out), residual=shortcut)
+        return self.norm3(self.conv2(self.norm2(self.conv1(a)))), shortcut
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,14 @@ class Architecture:
                 total += out * out * cin * cout if u == 0 else 0  # projection shortcut
                 size, cin = out, cout
         return total + cin * num_classes
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for all modules (``torch.nn.modules.module.register_module_forward_hook`` and
+    the like) are set."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
 
 
 def _channels(value: float) -> int:
@@ -329,9 +344,34 @@ class ResNetV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.root(_cpu_layout(x))
+        if self._fuses_residuals(x):
+            return self._units_with_fused_residuals(x).mean(dim=(2, 3))
         for stage in self.stages:
             x = self._run_stage(stage, x)
         return self.norm(x).mean(dim=(2, 3))
+
+    def _fuses_residuals(self, x: torch.Tensor) -> bool:
+        """Whether each unit's residual add may run in the next norm's kernels (`fused_norm.RESIDUAL`, CUDA).
+        That path calls no unit, stage or first norm as a module, so it is not taken where hooks would then
+        not run (registered on those, or globally), nor under activation checkpointing (which runs units)."""
+        if not (fused_norm.RESIDUAL and fused_norm.usable(x)) or (self.grad_checkpointing and torch.is_grad_enabled()):
+            return False
+        units = [unit for stage in self.stages for unit in stage]
+        bypassed = [*self.stages, *units, *(unit.norm1 for unit in units), self.norm]
+        return not (_global_hooks() or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                            or m._backward_pre_hooks for m in bypassed))
+
+    def _units_with_fused_residuals(self, x: torch.Tensor) -> torch.Tensor:
+        """The stages and the head norm, each unit handing on its last convolution's output and its shortcut
+        unsummed: the next unit's first norm (after the last unit, the head norm) reads both and writes their
+        sum -- the next shortcut -- with its activation, one pass over the activations less forward and two
+        less backward (`fused_norm.add_group_norm_relu`). Returns the head norm's output."""
+        unsummed = None
+        for unit in (unit for stage in self.stages for unit in stage):
+            x, a = (x, unit.norm1(x)) if unsummed is None else unit.norm1.add_forward(*unsummed)
+            out, shortcut = unit.branch(x, a)
+            unsummed = unit.conv3(out), shortcut
+        return self.norm.add_forward(*unsummed)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.forward_features(x)
