@@ -102,6 +102,27 @@ levers() {  # the prepared, unmeasured levers alone and together; the first run 
   BIGTRANSFER_NORM_TILE_ELEMENTS=16384 BIGTRANSFER_FUSED_POOL=1 BIGTRANSFER_FUSED_RESIDUAL=1 \
     finetune b512_all_three 512 1
   BIGTRANSFER_FUSED_WS=0 finetune b512_no_fused_ws 512 1                   # batch_norm + autocast's casts
+  compare b512_default b512_whole_blocks b512_whole_8k b512_fused_pool b512_fused_residual b512_all_three \
+    b512_no_fused_ws
+}
+
+compare() {  # RUN...: img/s (steps 20-60) of finetune runs at batch 512, and their losses against the first's
+  $PY - "$@" <<'EOF'
+import json, sys
+def rate_and_losses(name):
+    rows = {r["step"]: r for r in map(json.loads, open(f"/tmp/e2e_{name}/metrics.jsonl")) if "elapsed_s" in r}
+    return 40 * 512 / (rows[60]["elapsed_s"] - rows[20]["elapsed_s"]), {s: r["loss"] for s, r in rows.items()}
+first, first_losses = rate_and_losses(sys.argv[1])
+print(f"{'run':22} {'img/s':>8} {'vs first':>8} {'schedule':>9} {'max loss diff':>13}")
+for name in sys.argv[1:]:
+    try:
+        rate, losses = rate_and_losses(name)
+    except (OSError, KeyError) as e:
+        print(f"{name:22} no result ({e!r})")
+        continue
+    diff = max(abs(losses[s] - first_losses[s]) for s in first_losses)
+    print(f"{name:22} {rate:8,.0f} {rate / first:7.3f}x {5.12e6 / rate / 60:7.2f} m {diff:13.2e}")
+EOF
 }
 
 profile() { timeout 150 $PY benchmarks/gpu_profile.py --batch 512 --layouts nchw channels_last; }
