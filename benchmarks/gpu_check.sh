@@ -2,7 +2,11 @@
 # The GPU checks (device tool); results go to $OUT (default ./gpu_out), one file per section (the device
 # tool brings back at most 8). Next, in one call (~7 min; measured runs: benchmarks/RESULTS.md):
 #   bash benchmarks/gpu_check.sh fused pool levers   # the prepared levers per kernel, then in the whole loop
-# then, with the faster defaults: bash benchmarks/gpu_check.sh profile bench bench512tuned   (~4 min)
+# then, with the faster defaults: bash benchmarks/gpu_check.sh profile bench bench512tuned   (~4 min).
+# A device session has 15 minutes, and a machine left idle goes back within a minute: the second call starts
+# a fresh one (1-2 min). `levers` ends with a table whose `all_three` row is the whole loop with every
+# prepared lever on, i.e. what the defaults become if each lever wins on its own row: the first call alone
+# measures what would ship.
 # facts     what GroupNorm does on this torch + GPU (layout, autocast dtype)
 # fused     the fused GroupNorm+ReLU kernels (with and without the residual add): correctness against torch,
 #           GPU time per R50x1 layer at batch 512
