@@ -166,10 +166,10 @@ TILE_ELEMENTS = fused_norm.TILE_ELEMENTS
 WHOLE = 16384  # the most elements of a block kept in registers (fused_norm.TILE_ELEMENTS) in the "whole" columns
 # column: (channels_last, the launch's row bytes and tile elements); None: what autocast runs
 # ("NHWC 8K": blocks of up to 8,192 elements kept, in 8 warps: two programs fit in an SM's registers, not one;
-# the largest layers do not fit and re-read)
+# the largest layers do not fit and re-read). Row widths other than the 64 bytes that ship were measured on
+# 2026-11-27 (benchmarks/RESULTS.md, call 2)
 COLUMNS = {"autocast": None, "NCHW": (False, None, 0), "NCHW whole": (False, None, WHOLE),
-           "NHWC 32B": (True, 32, 0), "NHWC 64B": (True, 64, 0), "NHWC whole": (True, 64, WHOLE),
-           "NHWC 8K": (True, 64, 8192), "floor": None}
+           "NHWC 64B": (True, 64, 0), "NHWC whole": (True, 64, WHOLE), "NHWC 8K": (True, 64, 8192), "floor": None}
 
 
 def timing(batch: int, res: int = 128) -> None:
