@@ -1,5 +1,6 @@
 """GroupNorm + ReLU on CPU, per R50x1 layer shape: the fused C kernels against torch's two ops, forward and
-backward, and one elementwise add over the same tensor as the memory-traffic yardstick. Alternating
+backward, and elementwise adds over the same tensor as the memory-traffic yardsticks: `add` adds a scalar
+(a read and a write), `add2` a second tensor (two reads and a write: the forward's passes). Alternating
 repeats in one process, medians.
 
     python benchmarks/bench_norm_cpu.py                 # batch 16, 224 px shapes (inference)
@@ -36,6 +37,7 @@ def measure(batch: int, channels: int, size: int, repeats: int) -> dict[str, flo
     x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(channels, requires_grad=True), torch.randn(channels, requires_grad=True)
     dy = torch.randn_like(x)
+    other = torch.randn_like(x)
     leaf = x.clone().requires_grad_()
     graphs = {fn: fn(leaf, w, b) for fn in (torch_ops, fused)}
 
@@ -46,7 +48,7 @@ def measure(batch: int, channels: int, size: int, repeats: int) -> dict[str, flo
     def backward(fn):
         torch.autograd.grad(graphs[fn], (leaf, w, b), dy, retain_graph=True)
 
-    cases = {"add": lambda: torch.add(x, 1.0)}
+    cases = {"add": lambda: torch.add(x, 1.0), "add2": lambda: torch.add(x, other)}
     for fn in (torch_ops, fused):
         cases[f"fwd {fn.__name__}"] = lambda fn=fn: forward(fn)
         cases[f"bwd {fn.__name__}"] = lambda fn=fn: backward(fn)
@@ -73,7 +75,7 @@ def main() -> None:
         raise SystemExit("the fused kernels are unavailable here (see the warning above)")
     print(f"batch {args.batch}, {args.res} px, {args.threads} threads, channels_last fp32; ms, medians of "
           f"{args.repeats}")
-    print(f"{'C':>5} {'HxW':>7} {'MB':>6} {'add':>6} | {'torch fwd':>9} {'fused fwd':>9} {'speed-up':>8} | "
+    print(f"{'C':>5} {'HxW':>7} {'MB':>6} {'add':>6} {'add2':>6} | {'torch fwd':>9} {'fused fwd':>9} {'speed-up':>8} | "
           f"{'torch bwd':>9} {'fused bwd':>9} {'speed-up':>8}")
     totals = [0.0] * 4
     for channels, stride in SHAPES:
@@ -82,9 +84,9 @@ def main() -> None:
         row = [ms["fwd torch_ops"], ms["fwd fused"], ms["bwd torch_ops"], ms["bwd fused"]]
         totals = [t + r for t, r in zip(totals, row, strict=True)]
         megabytes = args.batch * channels * size * size * 4 / 1e6
-        print(f"{channels:5} {size:>3}x{size:<3} {megabytes:6.1f} {ms['add']:6.2f} | {row[0]:9.2f} "
+        print(f"{channels:5} {size:>3}x{size:<3} {megabytes:6.1f} {ms['add']:6.2f} {ms['add2']:6.2f} | {row[0]:9.2f} "
               f"{row[1]:9.2f} {row[0] / row[1]:7.2f}x | {row[2]:9.2f} {row[3]:9.2f} {row[2] / row[3]:7.2f}x")
-    print(f"{'sum':>5} {'':7} {'':6} {'':6} | {totals[0]:9.2f} {totals[1]:9.2f} {totals[0] / totals[1]:7.2f}x | "
+    print(f"{'sum':>5} {'':7} {'':6} {'':6} {'':6} | {totals[0]:9.2f} {totals[1]:9.2f} {totals[0] / totals[1]:7.2f}x | "
           f"{totals[2]:9.2f} {totals[3]:9.2f} {totals[2] / totals[3]:7.2f}x")
 
 
