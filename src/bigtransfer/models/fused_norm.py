@@ -201,13 +201,6 @@ if triton is not None:
         return n * stride_n + c[:, None] * stride_c + s[None, :] * stride_s, mask
 
     @triton.jit
-    def _tile(ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr,
-              BLOCK_S: tl.constexpr):
-        """Addresses and mask of one tile (see `_offsets`)."""
-        offsets, mask = _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-        return ptr + offsets, mask
-
-    @triton.jit
     def _per_group(per_channel, GROUP_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
         """Sums a [BLOCK_C] vector over each group's channels and hands every channel its group's sum."""
         sums = tl.sum(tl.reshape(per_channel, [GROUP_BLOCK, BLOCK_C // GROUP_BLOCK]), axis=1)
@@ -231,14 +224,15 @@ if triton is not None:
     def _input(x_ptr, r_ptr, total_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr,
                BLOCK_S: tl.constexpr, ADD: tl.constexpr):
         """One tile of the norm's input, in fp32: x, or with ADD the sum x + r, rounded to the sum's dtype (as a
-        separate add would store it) and stored at total_ptr."""
+        separate add would store it) and stored at total_ptr; and the tile's offsets and mask (every tensor the
+        kernels touch has x's shape and strides)."""
         offsets, mask = _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
         if ADD:
             r = tl.load(r_ptr + offsets, mask=mask, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(total_ptr.dtype.element_ty)
             tl.store(total_ptr + offsets, x, mask=mask)
-        return x.to(tl.float32), mask
+        return x.to(tl.float32), offsets, mask
 
     @triton.jit
     def _forward_kernel(x_ptr, r_ptr, total_ptr, y_ptr, weight, bias, mean_ptr, rstd_ptr, C, S, stride_n, stride_c,
@@ -252,8 +246,8 @@ if triton is not None:
         read takes it from there: one tensor, not two); without ADD, total_ptr is x_ptr."""
         n, c0, channels, c, cmask, stat = _program(C, GROUP_CHANNELS, GROUP_BLOCK, BLOCK_C)
         count = GROUP_CHANNELS * S
-        x, mask = _input(x_ptr, r_ptr, total_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C,
-                         BLOCK_S, ADD)
+        x, offsets, mask = _input(x_ptr, r_ptr, total_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s,
+                                  BLOCK_C, BLOCK_S, ADD)
         if WHOLE:
             mean = _per_group(tl.sum(x, axis=1), GROUP_BLOCK, BLOCK_C) / count
             centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -263,8 +257,8 @@ if triton is not None:
             total = tl.where(mask, x - pivot[:, None], 0.0)
             squares = total * total
             for s0 in range(BLOCK_S, S, BLOCK_S):
-                x, mask = _input(x_ptr, r_ptr, total_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s,
-                                 BLOCK_C, BLOCK_S, ADD)
+                x, _, mask = _input(x_ptr, r_ptr, total_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s,
+                                    BLOCK_C, BLOCK_S, ADD)
                 shifted = tl.where(mask, x - pivot[:, None], 0.0)
                 total += shifted
                 squares += shifted * shifted
@@ -281,36 +275,32 @@ if triton is not None:
         scale = (gamma * rstd)[:, None]
         shift = (beta - mean * gamma * rstd)[:, None]
         if WHOLE:
-            out, _ = _tile(y_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-            tl.store(out, tl.maximum(x * scale + shift, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + offsets, tl.maximum(x * scale + shift, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
         else:
             if ADD:
                 tl.debug_barrier()  # the sum's stores above, by all of this program's threads, before they read it
             for s0 in range(0, S, BLOCK_S):
-                ptrs, mask = _tile(total_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                offsets, mask = _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+                x = tl.load(total_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
                 y = tl.maximum(x * scale + shift, 0.0)
-                out, _ = _tile(y_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-                tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, scale, shift,
                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        """One tile of the input and of the gradient through the ReLU (zero where the output was clipped)."""
-        ptrs, mask = _tile(x_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        dptrs, _ = _tile(dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-        dy = tl.load(dptrs, mask=mask, other=0.0).to(tl.float32)
-        return x, tl.where(x * scale + shift > 0.0, dy, 0.0), mask
+        """One tile of the input and of the gradient through the ReLU (zero where the output was clipped), with
+        the tile's offsets and mask."""
+        offsets, mask = _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        return x, tl.where(x * scale + shift > 0.0, dy, 0.0), offsets, mask
 
     @triton.jit
-    def _store_input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat, dx_ptr, d_total_ptr, mask, n, c0, s0,
-                          channels, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    def _store_input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat, dx_ptr, d_total_ptr, offsets, mask,
                           ADD_GRAD: tl.constexpr):
         """dx of one tile (see `_backward_kernel`), plus with ADD_GRAD the tile's gradient from d_total_ptr."""
         xhat = (x - mean[:, None]) * rstd[:, None]
         dx = rstd[:, None] * (dy * gamma[:, None] - mean_g - xhat * mean_g_xhat)
-        offsets, _ = _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
         if ADD_GRAD:
             dx += tl.load(d_total_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -332,16 +322,16 @@ if triton is not None:
         scale = (gamma * rstd)[:, None]
         shift = (beta - mean * gamma * rstd)[:, None]
         if WHOLE:
-            x, dy, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, 0, channels, S, stride_n, stride_c, stride_s,
-                                               scale, shift, BLOCK_C, BLOCK_S)
+            x, dy, offsets, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, 0, channels, S, stride_n, stride_c,
+                                                        stride_s, scale, shift, BLOCK_C, BLOCK_S)
             channel_dy = tl.sum(dy, axis=1)
             channel_dy_xhat = tl.sum(dy * (x - mean[:, None]) * rstd[:, None], axis=1)
         else:
             sum_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
             sum_dy_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
             for s0 in range(0, S, BLOCK_S):
-                x, dy, _ = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s,
-                                                scale, shift, BLOCK_C, BLOCK_S)
+                x, dy, _, _ = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c,
+                                                   stride_s, scale, shift, BLOCK_C, BLOCK_S)
                 sum_dy += dy
                 sum_dy_xhat += dy * (x - mean[:, None]) * rstd[:, None]
             channel_dy = tl.sum(sum_dy, axis=1)
@@ -352,11 +342,11 @@ if triton is not None:
         mean_g = (_per_group(channel_dy * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
         mean_g_xhat = (_per_group(channel_dy_xhat * gamma, GROUP_BLOCK, BLOCK_C) / count)[:, None]
         if WHOLE:
-            _store_input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat, dx_ptr, d_total_ptr, mask, n, c0, 0,
-                              channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ADD_GRAD)
+            _store_input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat, dx_ptr, d_total_ptr, offsets, mask,
+                              ADD_GRAD)
         else:
             for s0 in range(0, S, BLOCK_S):
-                x, dy, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c,
-                                                   stride_s, scale, shift, BLOCK_C, BLOCK_S)
-                _store_input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat, dx_ptr, d_total_ptr, mask, n, c0,
-                                  s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ADD_GRAD)
+                x, dy, offsets, mask = _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n,
+                                                            stride_c, stride_s, scale, shift, BLOCK_C, BLOCK_S)
+                _store_input_grad(x, dy, mean, rstd, gamma, mean_g, mean_g_xhat, dx_ptr, d_total_ptr, offsets, mask,
+                                  ADD_GRAD)
