@@ -1,4 +1,5 @@
-"""A real HTTP file server on 127.0.0.1 for tests: Range requests, slow responses and dropped connections.
+"""A real HTTP file server on 127.0.0.1 for tests: Range requests, validators, slow responses and dropped
+connections.
 
 Tests of downloads should exercise real sockets rather than mocks, so that resuming, timeouts and
 locking across processes are tested the way they fail in practice. Usage::
@@ -6,6 +7,11 @@ locking across processes are tested the way they fail in practice. Usage::
     with serve_directory(tmp_path, drop_after=300_000, drops=2) as server:
         download(server.url + "model.npz", dest)
         assert server.requests[1].range == "bytes=300000-"
+
+Like nginx, S3 or GCS it sends an ``ETag`` and a ``Last-Modified`` for each file and honours ``If-Range``:
+a range is served only while the validator the client names is still the file's, else the whole file is
+sent with 200. The ETag is a digest of the content, so rewriting a file changes it even within one mtime
+tick; ``etag=False`` or ``last_modified=False`` leaves a header out, to act as servers that lack it.
 
 The server runs in a daemon thread of the test process and listens on a real port, so clients in
 subprocesses can use it too.
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import email.utils
+import hashlib
 import http.server
 import re
 import threading
@@ -36,6 +44,7 @@ class RequestRecord:
     method: str
     path: str
     range: str | None
+    if_range: str | None = None
     status: int = 0
     bytes_sent: int = 0
     dropped: bool = False
@@ -51,11 +60,15 @@ class FileServer:
         drop_after: int | None = None,
         drops: int = 0,
         delay_per_chunk: float = 0.0,
+        etag: bool = True,
+        last_modified: bool = True,
     ) -> None:
         self.root = Path(root).resolve()
         self.drop_after = drop_after
         self.drops = drops
         self.delay_per_chunk = delay_per_chunk
+        self.etag = etag
+        self.last_modified = last_modified
         self.requests: list[RequestRecord] = []
         self._lock = threading.Lock()
         self._gets = 0
@@ -100,6 +113,15 @@ class FileServer:
             return candidate
         return None
 
+    def _validators(self, file: Path) -> dict[str, str]:
+        """The validator headers sent for ``file`` as it is now."""
+        headers = {}
+        if self.etag:
+            headers["ETag"] = '"' + hashlib.sha256(file.read_bytes()).hexdigest()[:32] + '"'
+        if self.last_modified:
+            headers["Last-Modified"] = email.utils.formatdate(file.stat().st_mtime, usegmt=True)
+        return headers
+
 
 def _make_handler(server: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -113,7 +135,7 @@ def _make_handler(server: FileServer) -> type[http.server.BaseHTTPRequestHandler
             pass  # keep test output clean
 
         def _serve(self, *, send_body: bool) -> None:
-            record = RequestRecord(self.command, self.path, self.headers.get("Range"))
+            record = RequestRecord(self.command, self.path, self.headers.get("Range"), self.headers.get("If-Range"))
             drop = server._record(record)
             file = server._resolve(self.path)
             if file is None:
@@ -121,9 +143,11 @@ def _make_handler(server: FileServer) -> type[http.server.BaseHTTPRequestHandler
                 self.send_error(404, "File not found")
                 return
             size = file.stat().st_size
+            validators = server._validators(file)
             start, end = 0, size - 1
             match = _RANGE.fullmatch(record.range.strip()) if record.range else None
-            if match:
+            # If-Range: the range only applies to the version the client names (exact, strong comparison).
+            if match and (record.if_range is None or record.if_range in validators.values()):
                 start = int(match.group(1))
                 if match.group(2):
                     end = min(int(match.group(2)), size - 1)
@@ -144,6 +168,8 @@ def _make_handler(server: FileServer) -> type[http.server.BaseHTTPRequestHandler
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes")
+            for name, value in validators.items():
+                self.send_header(name, value)
             self.end_headers()
             if not send_body:
                 return
@@ -181,9 +207,18 @@ def serve_directory(
     drop_after: int | None = None,
     drops: int = 0,
     delay_per_chunk: float = 0.0,
+    etag: bool = True,
+    last_modified: bool = True,
 ) -> Iterator[FileServer]:
     """Serve the files under ``root`` for the duration of the ``with`` block; yields the server."""
-    server = FileServer(root, drop_after=drop_after, drops=drops, delay_per_chunk=delay_per_chunk).start()
+    server = FileServer(
+        root,
+        drop_after=drop_after,
+        drops=drops,
+        delay_per_chunk=delay_per_chunk,
+        etag=etag,
+        last_modified=last_modified,
+    ).start()
     try:
         yield server
     finally:

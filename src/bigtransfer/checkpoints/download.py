@@ -4,11 +4,17 @@ Checkpoints are hundreds of megabytes and are often fetched by several processes
 rank), over connections that drop. So a download
 
 * holds an exclusive file lock for ``dest`` so that only one process fetches it and the others find it
-  cached when they get the lock;
+  cached when they get the lock (``dest + ".lock"`` stays afterwards: an flock lives on the file's inode,
+  and removing the file would let a waiter and a newcomer lock two different files);
 * streams into ``dest + ".part"`` and resumes from it with an HTTP ``Range`` request after a dropped
-  connection or an interrupted earlier run;
-* moves the finished file into place with :func:`os.replace`, so ``dest`` either does not exist or is
-  complete (and, when a digest is given, verified).
+  connection or an interrupted earlier run. The file on the server may have changed in between, so the
+  server's validator (a strong ETag, else Last-Modified) and the file's size are recorded in
+  ``dest + ".part.json"`` when the part is started, the resume names that version in ``If-Range``, and
+  anything but the continuation of that same version restarts from byte 0. A part with no record is
+  never resumed;
+* checks the finished size against the size the server announced and moves the file into place with
+  :func:`os.replace`, so ``dest`` either does not exist or is complete (and, when a digest is given,
+  verified).
 
 Only :mod:`urllib.request` is used for HTTP(S), to avoid a dependency on ``requests``.
 """
@@ -16,8 +22,10 @@ Only :mod:`urllib.request` is used for HTTP(S), to avoid a dependency on ``reque
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
+import json
 import logging
 import os
 import pathlib
@@ -55,6 +63,14 @@ class _Dropped(Exception):
 
 class _Restart(Exception):
     """The server cannot continue the partial file; it has been removed, so start again from zero."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Version:
+    """Which version of the file a part holds: the server's validator for it and the file's full size."""
+
+    validator: str
+    total: int | None
 
 
 class _Progress(Protocol):
@@ -101,10 +117,12 @@ def download(
         part = pathlib.Path(str(dest) + ".part")
         logger.info("downloading %s -> %s", url, dest)
         with _progress_bar(progress, dest.name) as bar:
-            _fetch_with_retries(url, part, bar, retries=retries, timeout=timeout)
+            total = _fetch_with_retries(url, part, bar, retries=retries, timeout=timeout)
+        _check_size(url, part, total)
         if sha256 is not None:
             _verify(url, part, sha256)
         os.replace(part, dest)
+        _version_file(part).unlink(missing_ok=True)
         if sha256 is not None:
             _sidecar(dest).write_text(sha256.lower())
     return dest
@@ -131,16 +149,72 @@ def _cache_matches(dest: pathlib.Path, sha256: str | None, rehash: bool = False)
     return True
 
 
+def _version_file(part: pathlib.Path) -> pathlib.Path:
+    """Where the version a part holds is recorded, beside it."""
+    return pathlib.Path(str(part) + ".json")
+
+
+def _read_version(part: pathlib.Path) -> _Version | None:
+    """The version recorded for ``part``; None when there is no readable record."""
+    try:
+        record = json.loads(_version_file(part).read_text())
+        return _Version(str(record["validator"]), record["total"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_version(part: pathlib.Path, version: _Version | None) -> None:
+    """Record (atomically) which version the freshly truncated ``part`` will hold; None removes the record,
+    as a part whose version cannot be named must never be resumed."""
+    path = _version_file(part)
+    if version is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = pathlib.Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(version)))
+    os.replace(tmp, path)
+
+
+def _discard(part: pathlib.Path) -> None:
+    part.unlink(missing_ok=True)
+    _version_file(part).unlink(missing_ok=True)
+
+
+def _resumable(part: pathlib.Path) -> _Version | None:
+    """The version a non-empty ``part`` holds, to resume it; a part without a record is discarded, since
+    nothing says its bytes are of the file the server has now."""
+    if not part.exists() or part.stat().st_size == 0:
+        return None
+    version = _read_version(part)
+    if version is None:
+        logger.info(
+            "discarding %s: there is no record of which version of the file it holds (it was left by an older "
+            "bigtransfer, or the server sends no ETag or Last-Modified)",
+            part,
+        )
+        _discard(part)
+    return version
+
+
+def _validator(response: http.client.HTTPResponse) -> str | None:
+    """What identifies this version of the file in ``If-Range``: the ETag, unless it is weak (not allowed
+    there), else Last-Modified."""
+    etag = response.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified")
+
+
 def _fetch_with_retries(
     url: str, part: pathlib.Path, bar: _Progress, *, retries: int, timeout: float
-) -> None:
-    """Fetch into ``part`` until it is complete, resuming after each drop, at most ``retries`` times."""
+) -> int | None:
+    """Fetch into ``part`` until it is complete, resuming after each drop, at most ``retries`` times;
+    return the file's size when the server announced it."""
     attempt = 0
     restarted = False
     while True:
         try:
-            _fetch_once(url, part, bar, timeout=timeout)
-            return
+            return _fetch_once(url, part, bar, timeout=timeout)
         except _Restart:
             # Only one free restart: a server that keeps refusing the range is treated like a drop.
             if not restarted:
@@ -151,26 +225,34 @@ def _fetch_with_retries(
         attempt += 1
         if attempt > retries:
             received = part.stat().st_size if part.exists() else 0
+            if received and _read_version(part) is not None:
+                kept = f"; the partial file {part} is kept and a re-run resumes from it"
+            else:
+                _discard(part)
+                kept = ""
             raise DownloadError(
-                f"download of {url} failed after {retries} retries with {received} bytes received; "
-                f"the partial file {part} is kept and a re-run resumes from it"
+                f"download of {url} failed after {retries} retries with {received} bytes received{kept}"
             )
         time.sleep(0.2 * attempt)
 
 
-def _fetch_once(url: str, part: pathlib.Path, bar: _Progress, *, timeout: float) -> None:
-    """One HTTP request: append to (or restart) ``part``; raise :class:`_Dropped` if the body is short."""
-    offset = part.stat().st_size if part.exists() else 0
+def _fetch_once(url: str, part: pathlib.Path, bar: _Progress, *, timeout: float) -> int | None:
+    """One HTTP request: append to (or restart) ``part`` and return the file's size when announced; raise
+    :class:`_Dropped` if the body is short."""
+    version = _resumable(part)
+    offset = part.stat().st_size if version is not None else 0
     request = urllib.request.Request(url)
-    if offset > 0:
+    if version is not None:
         logger.info("resuming at %d bytes", offset)
         request.add_header("Range", f"bytes={offset}-")
+        # The server sends the range only if the file is still this version, else the whole file (200).
+        request.add_header("If-Range", version.validator)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset > 0:
             # The part is already complete or bigger than the file: we cannot trust it, start over.
-            part.unlink(missing_ok=True)
+            _discard(part)
             raise _Restart from exc
         if 400 <= exc.code < 500:
             raise DownloadError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
@@ -181,17 +263,25 @@ def _fetch_once(url: str, part: pathlib.Path, bar: _Progress, *, timeout: float)
     with response:
         if response.status == 206:
             start, total = _content_range(response)
-            if start != offset:
-                # A range that does not continue where we are cannot be appended to; start over.
-                part.unlink(missing_ok=True)
+            if version is None or start != offset or total != version.total:
+                # Not where the part ends, or not of the size the part's file has: start over.
+                logger.info("%s sent bytes %s of %s, not the rest of the %s-byte part: starting over",
+                            url, start, total, offset)
+                _discard(part)
                 raise _Restart
             mode = "ab"
-        else:  # 200: the server ignored the Range header and sends the whole file.
+        else:  # 200: the file changed since the part was written, or the server ignores Range.
+            if version is not None:
+                logger.info("%s sent the whole file instead of the rest (it changed, or the server does not "
+                            "resume): starting over", url)
             offset, mode = 0, "wb"
             total = _content_length(response)
         bar.start(total, offset)
         received = offset
         with open(part, mode) as fh:
+            if mode == "wb":  # recorded only now that open() truncated the old bytes, so no record outlives them
+                validator = _validator(response)
+                _write_version(part, None if validator is None else _Version(validator, total))
             while True:
                 try:
                     chunk = response.read(CHUNK_SIZE)
@@ -204,6 +294,7 @@ def _fetch_once(url: str, part: pathlib.Path, bar: _Progress, *, timeout: float)
                 bar.advance(len(chunk))
     if total is not None and received < total:
         raise _Dropped(f"body ended at {received} of {total} bytes")
+    return total
 
 
 def _content_range(response: http.client.HTTPResponse) -> tuple[int | None, int | None]:
@@ -219,11 +310,23 @@ def _content_length(response: http.client.HTTPResponse) -> int | None:
     return int(length) if length.isdigit() else None
 
 
+def _check_size(url: str, part: pathlib.Path, total: int | None) -> None:
+    """The finished part must have the size the server announced; one that does not is corrupt (e.g. a
+    range that did not fit the file), so delete it rather than cache it."""
+    size = part.stat().st_size
+    if total is not None and size != total:
+        _discard(part)
+        raise DownloadError(
+            f"download of {url} ended with {size} bytes but the server announced {total}; "
+            f"the partial file {part} was deleted"
+        )
+
+
 def _verify(url: str, part: pathlib.Path, sha256: str) -> None:
     """Hash the finished part file; on mismatch delete it, since resuming it could never succeed."""
     actual = _sha256_of(part)
     if actual != sha256.lower():
-        part.unlink(missing_ok=True)
+        _discard(part)
         raise DownloadError(
             f"sha256 mismatch for {url}: expected {sha256.lower()}, got {actual}; "
             f"the partial file {part} was deleted"
