@@ -63,6 +63,61 @@ def test_missing_array_is_named(tmp_path, tiny_npz):
         bt.read_checkpoint(tmp_path / "missing.npz")
 
 
+@pytest.mark.parametrize("array", ["stages.0.0.conv1.weight", "stages.2.0.conv1.weight", "stages.1.0.norm2.bias"])
+def test_missing_array_of_a_unit_is_named_not_read_as_a_shallower_net(tmp_path, tiny_npz, array):
+    state = {k: v.contiguous() for k, v in bt.read_checkpoint(tiny_npz[0]).state.items() if k != array}
+    save_file(state, str(tmp_path / "holed.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"holed.safetensors: missing array '{array}' \(a safetensors "
+                                              r"checkpoint of a BiT-R14x0.25\)"):
+        bt.read_checkpoint(tmp_path / "holed.safetensors")
+
+
+def test_a_foreign_network_with_a_stem_is_refused(tmp_path):
+    save_file({"stem.conv.weight": torch.zeros(32, 3, 3, 3), "s1.b1.conv1.conv.weight": torch.zeros(32, 32, 1, 1)},
+              str(tmp_path / "regnet.safetensors"))
+    with pytest.raises(CheckpointError, match="regnet.safetensors: no residual units .* not a BiT ResNet-v2"):
+        bt.read_checkpoint(tmp_path / "regnet.safetensors")
+
+
+def test_a_model_hf_cannot_hold_is_refused_without_leaving_a_folder(tmp_path, tiny_npz):
+    model = bt.create_model("BiT-R14x0.25", pretrained=tiny_npz[0])
+    with pytest.raises(CheckpointError, match="HF transformers' Bit uses 32 groups everywhere"):
+        bt.save_weights(model, tmp_path / "hf_dir", format="hf")
+    assert not (tmp_path / "hf_dir").exists()
+    for name, fmt in (("x.npz", "timm"), ("x.npz", "safetensors"), ("x.safetensors", "npz")):
+        with pytest.raises(ValueError, match=f"{name}: a {fmt} checkpoint is written as a .* file"):
+            bt.save_weights(model, tmp_path / name, format=fmt)
+
+
+def test_written_files_get_the_usual_permissions_and_conversions_keep_metadata(tmp_path):
+    """safetensors writes its file 0600 in place of ours; a fine-tuned model's class names and resolution must
+    survive `bit convert`, and an HF folder it writes reads back as a checkpoint."""
+    from bigtransfer.cli import main
+    from bigtransfer.inference import load_model
+
+    random_bit_npz(tmp_path / "r14x1.npz", (1, 1, 1, 1), 1, num_classes=6)  # width 1: HF's 32 groups fit
+    old = os.umask(0o022)
+    try:
+        model = bt.ResNetV2(bt.read_checkpoint(tmp_path / "r14x1.npz").arch, num_classes=6)
+        bt.load_weights(model, tmp_path / "r14x1.npz")
+        meta = {"bigtransfer.classes": '["a", "b", "c", "d", "e", "f"]', "bigtransfer.resolution": "48"}
+        src = bt.save_weights(model, tmp_path / "ft.safetensors", metadata=meta)
+        assert main(["convert", str(src), str(tmp_path / "copy.safetensors")]) == 0
+        assert main(["convert", str(src), str(tmp_path / "hf_dir"), "--to", "hf"]) == 0
+        for path in (src, tmp_path / "copy.safetensors", tmp_path / "hf_dir" / "model.safetensors"):
+            assert os.stat(path).st_mode & 0o777 == 0o644, path
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "copy.safetensors", tmp_path / "hf_dir"):
+        net, classes, resolution = load_model(path)
+        assert classes == list("abcdef") and resolution == 48
+        for key, value in model.state_dict().items():
+            assert torch.equal(net.state_dict()[key], value), key
+    assert bt.read_checkpoint(tmp_path / "hf_dir").format == "hf"
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        bt.save_weights(model, tmp_path / "hf_dir")
+
+
 def test_wrong_shape_is_named(tmp_path, tiny_npz):
     arrays = dict(tiny_npz[1])
     arrays["resnet/block3/unit01/c/standardized_conv2d/kernel"] = np.zeros((1, 1, 64, 255), np.float32)

@@ -114,3 +114,39 @@ def test_fewshot_and_probe_commands(tmp_path, capsys):
     rows = json.loads((tmp_path / "pr" / "summary.json").read_text())["rows"]
     assert [r["examples_per_class"] for r in rows] == [2, 2, None] and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert (tmp_path / "pr" / "accuracy.png").exists() and "linear probe" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("fewshot", "--model", "BiT-R14x0.25", "--data", "digits", "--shots", "0", "--out", "x"),
+     "argument --shots: must be >= 1, got 0"),
+    (("finetune", "--model", "BiT-R14x0.25", "--data", "digits", "--steps", "-5"), "argument --steps: must be >= 1"),
+    (("finetune", "--model", "BiT-R14x0.25", "--data", "digits", "--lr", "0"), "argument --lr: must be > 0.0"),
+    (("finetune", "--model", "BiT-R14x0.25", "--data", "digits", "--lr", "nan"), "argument --lr: must be > 0.0"),
+    (("pretrain", "--model", "BiT-R14x0.25", "--data", "d", "--out", "x", "--min-crop-area", "2"),
+     "argument --min-crop-area: must be <= 1.0, got 2"),
+    (("vtab", "tasks", "--model", "BiT-R14x0.25", "--out", "x", "--seed", "-1"), "argument --seed: must be >= 0"),
+    (("predict", "a.png", "--model", "BiT-R14x0.25", "--top-k", "two"), "argument --top-k: 'two' is not a whole"),
+])
+def test_nonsense_numbers_stop_at_their_flag(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        run_main(capsys, *args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("finetune", "--model", "BiT-R14x0.25", "--data", "digits", "--device", "gpu"),
+     "bit finetune: error: device 'gpu': not a device name"),
+    (("vtab", "nowhere", "--model", "BiT-R14x0.25", "--out", "x"), "bit vtab: error: VTAB folder not found: nowhere"),
+    (("info", "missing.npz"), "bit info: error: "),
+    (("probe", "--model", "BiT-R14x0.25", "--data", "digits", "--lr", "0.1", "--steps", "3", "--out", "x"),
+     "bit probe: error: --lr, --steps: bit probe trains no network"),
+    (("vtab", ".", "--model", "BiT-R14x0.25", "--out", "x", "--search", "2", "--steps", "9"),
+     "bit vtab: error: --steps: --search picks these per trial"),
+    (("fewshot", "--model", "BiT-R14x0.25", "--data", "digits", "--examples-per-class", "3", "--out", "x"),
+     "bit fewshot: error: --examples-per-class: bit fewshot draws the examples"),
+])
+def test_user_errors_are_one_line_naming_the_culprit(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, *args)
+    assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert "missing.npz" in err or args[0] != "info"

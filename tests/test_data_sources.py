@@ -18,9 +18,11 @@ from bigtransfer.data.sources import (
     LabelledImages,
     TorchDatasetImages,
     decode_image,
+    match_classes,
     measure_image_size,
     open_dataset,
 )
+from bigtransfer.finetuning import open_sources
 
 
 def _png(path: Path, size=(6, 4), color=(10, 20, 30)) -> Path:
@@ -224,6 +226,39 @@ def test_open_dataset_single_tree_is_split_stratified_and_deterministic(tmp_path
     assert [again.describe(i) for i in range(len(again))] == [train.describe(i) for i in range(len(train))]
     other = open_dataset(str(root), "val", val_fraction=0.2, split_seed=4)
     assert {other.describe(i) for i in range(len(other))} != va
+
+
+def test_held_out_folder_is_labelled_by_class_name_and_read_whole(tmp_path):
+    """A test folder that lacks a training class must not shift the labels after it (folders number their
+    classes alone), and held-out data from another folder takes none of the training folder's images."""
+    _tree(tmp_path / "train", {"a": 4, "b": 3, "c": 5})
+    _tree(tmp_path / "test", {"b": 2, "c": 3})
+    train, test = open_sources(str(tmp_path / "train"), str(tmp_path / "test"))
+    assert (len(train), len(test)) == (12, 5) and test.classes == train.classes == ["a", "b", "c"]
+    assert test.targets == [1, 1, 2, 2, 2]
+    assert [test[i][1] for i in range(len(test))] == test.targets
+    assert [Path(test.describe(i)).parent.name for i in range(len(test))] == ["b", "b", "c", "c", "c"]
+    assert test.subset([2]).targets == [2]
+    _tree(tmp_path / "other", {"b": 1, "zebra": 1})
+    with pytest.raises(ValueError, match="classes that the training data lacks: zebra"):
+        open_sources(str(tmp_path / "train"), str(tmp_path / "other"))
+    same_train, same_test = open_sources(str(tmp_path / "train"), str(tmp_path / "train"))  # carved as before
+    assert len(same_train) + len(same_test) == 12 and len(same_test) > 0
+    assert not {same_train.describe(i) for i in range(len(same_train))} & {
+        same_test.describe(i) for i in range(len(same_test))}
+    assert len(open_sources(str(tmp_path / "train"), None)[0]) == 12
+
+
+def test_multi_label_targets_are_relabelled_one_by_one():
+    class Tags(LabelledImages):
+        def __init__(self, classes, targets):
+            self.name, self.classes, self.targets, self.multi_label = "tags", classes, targets, True
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (2, 2)), self.targets[i]
+
+    held_out = match_classes(["cat", "dog", "owl"], Tags(["dog", "owl"], [(0,), (0, 1)]))
+    assert held_out.targets == [(1,), (1, 2)] and held_out[1][1] == (1, 2)
 
 
 def test_open_dataset_csv(tmp_path):

@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bigtransfer.data import open_dataset, sample_per_class
+from bigtransfer.checkpoints import save_weights
+from bigtransfer.data import LabelledImages, open_dataset, sample_per_class
 from bigtransfer.evaluate import metrics_from_confusion
 from bigtransfer.finetuning import finetune
+from bigtransfer.models import create_model
 from bit_process import bit, bit_command, bit_env, kill_after_checkpoint
 
 TINY = "BiT-R14x0.25"
@@ -110,6 +112,22 @@ def test_digits_finetune_beats_chance_by_far(tmp_path):
         finetune(TINY, "digits", out=run, steps=200, batch_size=64, base_lr=0.1, **FAST)
 
 
+def test_transfer_starts_from_a_zero_head_and_a_run_folder_keeps_its_starting_weights(tmp_path, monkeypatch):
+    """A checkpoint whose head already has the task's 10 classes still starts with a zero head (the first
+    loss is then ln 10 exactly); re-running into the same folder from other weights is refused, not resumed."""
+    upstream = create_model(TINY, num_classes=10)
+    torch.nn.init.normal_(upstream.head.weight)
+    save_weights(upstream, tmp_path / "upstream.safetensors")
+    common = dict(steps=1, batch_size=16, log_every=1, **FAST)
+    finetune(TINY, "digits", out=tmp_path / "run", pretrained=tmp_path / "upstream.safetensors", **common)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["loss"] == pytest.approx(np.log(10), abs=1e-6)
+    monkeypatch.chdir(tmp_path)  # the same file by a relative path is the same start: the finished run is returned
+    assert finetune(TINY, "digits", out="run", pretrained="upstream.safetensors", **common)["steps"] == 1
+    with pytest.raises(ValueError, match="pretrained: '.*upstream.safetensors' -> 'random'"):
+        finetune(TINY, "digits", out="run", **common)
+
+
 def test_few_shot_run_saves_its_examples(tmp_path):
     r = finetune(TINY, "digits", out=tmp_path / "k2", steps=3, batch_size=32, examples_per_class=2,
                  examples_per_class_seed=7, **FAST)
@@ -129,21 +147,39 @@ def test_batch_split_gives_the_same_update(tmp_path):
     assert before["head.weight"].abs().sum() > 0  # it did train
 
 
+def _folder_with_bad_images(root):
+    """Two classes of random 20 px images, a grayscale one (converted), a non-image and a truncated JPEG."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(root / "a" / "gray.png")
+    (root / "b" / "broken.png").write_bytes(b"not an image at all")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "a" / "cut.jpg")
+    (root / "a" / "cut.jpg").write_bytes((root / "a" / "cut.jpg").read_bytes()[:300])  # truncated JPEG
+    return root
+
+
 def test_ddp_two_processes_equal_one(tmp_path):
-    """Real torchrun, gloo on CPU: 2 processes x 16 images = 1 process x 32 images."""
-    args = ["finetune", "--model", TINY, "--data", "digits", "--eval-data", "none", "--steps", "5", "--batch", "32",
+    """Real torchrun, gloo on CPU: 2 processes x 8 images = 1 process x 16 images, also where the bad images
+    fall unevenly on the two (the loss is the global batch's mean) and are found by either (all reported)."""
+    data = _folder_with_bad_images(tmp_path / "shapes")
+    args = ["finetune", "--model", TINY, "--data", data, "--eval-data", "none", "--steps", "5", "--batch", "16",
             "--lr", "0.05", "--resolution", "40", "32", "--no-progress"]
     bit(*args, "--out", tmp_path / "one")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "bigtransfer", *args, "--out", str(tmp_path / "two")]
+                "-m", "bigtransfer", *map(str, args), "--out", str(tmp_path / "two")]
     proc = subprocess.run(torchrun, capture_output=True, text=True, env=bit_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_weights(tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors",
                         rel=1e-5)
     config = json.loads((tmp_path / "two" / "config.json").read_text())
-    assert config["world_size"] == 2 and config["plan"]["batch_size"] == 32
+    assert config["world_size"] == 2 and config["plan"]["batch_size"] == 16
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [5]  # only rank 0 writes
+    one, two = (json.loads((tmp_path / run / "bad_images.json").read_text()) for run in ("one", "two"))
+    assert one == two and one["count"] == 2 and one["times_left_out"] >= 2
 
 
 def test_killed_run_resumes_bit_identically(tmp_path):
@@ -178,22 +214,51 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path):
     assert 10 <= step < 500
 
 
+def test_a_run_cut_short_in_its_final_evaluation_only_evaluates_again(tmp_path):
+    """A signal's default action during the final evaluation (here: an interrupt from the evaluation data)
+    must find the last step checkpointed, so that the same command only evaluates."""
+    class Interrupting(LabelledImages):
+        name, classes, targets = "interrupting", [str(i) for i in range(10)], list(range(10))
+
+        def __getitem__(self, i):
+            raise KeyboardInterrupt
+
+    common = dict(steps=6, batch_size=16, base_lr=0.05, **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(TINY, "digits", Interrupting(), out=tmp_path / "run", **common)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 6
+    trained = weights(tmp_path / "run" / "model.safetensors")
+    r = finetune(TINY, "digits", open_dataset("digits", "test"), out=tmp_path / "run", **common)
+    assert r["steps"] == 6 and r["eval"]["examples"] == 797 and r["final_loss"] > 0
+    for key, value in weights(tmp_path / "run" / "model.safetensors").items():
+        assert torch.equal(value, trained[key]), key
+
+
+def test_a_nan_loss_stops_the_run_before_anything_is_saved(tmp_path):
+    """(GN + WS keep even lr 1e6 finite here; a NaN in the starting weights is the realistic way to NaN.)"""
+    upstream = create_model(TINY, num_classes=10)
+    with torch.no_grad():
+        upstream.stages[1][0].conv2.weight[0, 0, 0, 0] = float("nan")
+    save_weights(upstream, tmp_path / "nan.safetensors")
+    with pytest.raises(FloatingPointError, match="the training loss is nan at step 1: the run diverged"):
+        finetune(TINY, "digits", out=tmp_path / "run", pretrained=tmp_path / "nan.safetensors", steps=4,
+                 batch_size=16, log_every=5, checkpoint_every=1, **FAST)
+    assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_does_not_hold_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="--batch-split 33 must be between 1 and the per-process batch 32"):
+        finetune(TINY, "digits", out=tmp_path / "run", steps=2, batch_size=32, batch_split=33, **FAST)
+    assert finetune(TINY, "digits", out=tmp_path / "run", steps=2, batch_size=32, batch_split=2, **FAST)["steps"] == 2
+
+
 def test_bad_images_are_reported_not_trained_on(tmp_path):
-    root = tmp_path / "shapes"
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(root / "a" / "gray.png")  # converted
-    (root / "b" / "broken.png").write_bytes(b"not an image at all")
-    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "a" / "cut.jpg")
-    (root / "a" / "cut.jpg").write_bytes((root / "a" / "cut.jpg").read_bytes()[:300])  # truncated JPEG
+    root = _folder_with_bad_images(tmp_path / "shapes")
     r = finetune(TINY, str(root), out=tmp_path / "run", steps=4, batch_size=16, **FAST)
     report = json.loads((tmp_path / "run" / "bad_images.json").read_text())
     assert len(report["files"]) == 2
     assert any("broken.png" in f for f in report["files"]) and any("cut.jpg" in f for f in report["files"])
-    assert report["count"] == r["bad_images"] >= 2
+    assert report["count"] == r["bad_images"] == 2 and report["times_left_out"] >= 2
     assert "bad image left out of training" in (tmp_path / "run" / "log.txt").read_text()
 
 

@@ -82,6 +82,18 @@ SCRIPT = textwrap.dedent("""
         second.append(torch.autograd.grad(dx.square().sum(), (xs, ws, bs)))
     for ours, ref in zip(*second):
         assert ((ours.double() - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+    # a NaN makes its group NaN and the ReLU keeps it so, as torch's does (a maximum would clip it to 0 and hide a
+    # diverged run), in both tile modes and with the add
+    x = torch.randn(2, 16, 5, 5)
+    x[1, 5, 2, 3] = float("nan")
+    w, b = torch.randn(16), torch.randn(16)
+    expected = F.relu(F.group_norm(x, 4, w, b, 1e-5))
+    for fused_norm.TILE_ELEMENTS in (0, 16384):
+        for y in (fused_norm.group_norm_relu(x, 4, w, b, 1e-5),
+                  fused_norm.add_group_norm_relu(x, torch.zeros_like(x), 4, w, b, 1e-5)[1]):
+            torch.testing.assert_close(y, expected, equal_nan=True)
+            assert y[1, 4:8].isnan().all() and not y[0].isnan().any()
     print("ok")
 """)
 

@@ -72,6 +72,18 @@ def test_large_mean_does_not_cancel():
     assert max(errors["fused"]) < max(errors["torch fp32"]), errors
 
 
+def test_a_nan_stays_nan_as_in_torch():
+    """A NaN makes its whole group NaN (its mean), and the ReLU must keep it so, as torch's does: clipping it to 0
+    would hide a diverged run behind a finite loss."""
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    x[1, 5, 2, 3] = float("nan")
+    w, b = torch.randn(32), torch.randn(32)
+    torch.testing.assert_close(fused_norm_cpu.group_norm_relu(x, 8, w, b, 1e-5),
+                               F.relu(F.group_norm(x, 8, w, b, 1e-5)), equal_nan=True)
+    y = fused_norm_cpu.group_norm_relu(x, 8, w, b, 1e-5)
+    assert y[1, 4:8].isnan().all() and not y[0].isnan().any() and not y[1, 8:].isnan().any()
+
+
 def test_relu_mask_in_backward():
     """Where the output was clipped, no gradient flows: with every output clipped, all gradients are zero."""
     x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()

@@ -77,3 +77,30 @@ def test_export_matches_pytorch(trained, capsys, tmp_path, fmt):
     else:
         got = torch.jit.load(str(out))(x).detach().numpy()
     assert np.abs(got - reference).max() <= 1e-4 * np.abs(reference).max()
+
+
+def test_user_errors_name_the_file(trained, capsys, tmp_path):
+    """A missing checkpoint path is a missing file, not an unknown model name; a backbone cannot predict;
+    features go exactly where --out says (np.save would append .npy to another name)."""
+    image = sorted((trained / "shapes" / "class0").glob("*.png"))[0]
+    assert main(["predict", str(image), "--model", "runs/c10/model.safetensors"]) == 2
+    assert "runs/c10/model.safetensors: no such checkpoint file" in capsys.readouterr().err
+    backbone = bt.create_model("BiT-R14x0.25", num_classes=0)
+    bt.save_weights(backbone, tmp_path / "backbone.safetensors")
+    assert main(["predict", str(image), "--model", str(tmp_path / "backbone.safetensors")]) == 2
+    assert "no classification head (a backbone): `bit embed` gives its features" in capsys.readouterr().err
+    ckpt = trained / "run" / "model.safetensors"
+    assert main(["embed", str(image), "--model", str(ckpt), "--out", str(tmp_path / "features")]) == 2
+    assert "features: features are written as .npy or .safetensors" in capsys.readouterr().err
+    assert not list(tmp_path.glob("features*"))
+    run_cli(capsys, "embed", image, "--model", ckpt, "--out", tmp_path / "new" / "f.npy")
+    assert np.load(tmp_path / "new" / "f.npy").shape == (1, 512)
+
+
+def test_the_bundled_file_runs_at_the_resolution_it_was_trained_at():
+    """Its file has no resolution in its metadata: the registry entry it is named after gives 32 px, as the name."""
+    from bigtransfer.models import get_model_spec
+
+    spec = get_model_spec("BiT-R14x0.25-glyphs")
+    path = bt.checkpoints.download_pretrained(spec)
+    assert load_model(path)[2] == load_model("BiT-R14x0.25-glyphs")[2] == spec.resolution == 32

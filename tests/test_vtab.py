@@ -26,17 +26,24 @@ def test_trials_and_task_settings(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "task.json").write_text('{"group": "specialized", "flip": false}')
     assert task_settings(tmp_path / "mine") == {"group": "specialized", "flip": False, "crop": True}
+    assert task_settings(tmp_path / "dsprites_ori") == task_settings(tmp_path / "dsprites_orientation")
+    assert task_settings(tmp_path / "oxford_iiit_pet") == {"group": "natural", "flip": True, "crop": True}
+    (tmp_path / "mine" / "task.json").write_text('{"group": "Natural", "flip": "false"}')
+    with pytest.raises(ValueError, match=r"task.json: group: 'Natural', flip: 'false' \(expected"):
+        task_settings(tmp_path / "mine")
 
 
-def test_search_then_retrain_on_two_tasks(tmp_path):
-    for name, seed in (("eurosat", 0), ("shapes", 1)):
+def test_search_then_retrain_on_two_tasks(tmp_path, monkeypatch):
+    """One task folder is called pets, as VTAB's is (a torchvision dataset's name); the root is given relative."""
+    for name, seed in (("pets", 0), ("shapes", 1)):
         make_image_folder(tmp_path / "tasks" / name / "train", classes=3, per_class=14, size=24, seed=seed)
         make_image_folder(tmp_path / "tasks" / name / "test", classes=3, per_class=4, size=24, seed=seed + 9)
     (tmp_path / "tasks" / "shapes" / "task.json").write_text('{"group": "structured", "crop": false}')
     space = {"base_lr": (0.01, 0.05), "steps": (4, 6), "mixup_alpha": (0.0,), "resolution": ((28, 24),)}
-    results = run_vtab("BiT-R14x0.25", tmp_path / "tasks", tmp_path / "out", search=2, seed=0, space=space,
+    monkeypatch.chdir(tmp_path / "tasks")
+    results = run_vtab("BiT-R14x0.25", ".", tmp_path / "out", search=2, seed=0, space=space,
                        train_examples=40, search_train=32, batch_size=8)
-    assert [r["task"] for r in results] == ["eurosat", "shapes"]
+    assert [r["task"] for r in results] == ["pets", "shapes"]
     for r in results:
         assert r["train_examples"] == 40 and r["test_examples"] == 12 and len(r["search_trials"]) == 2
         best = max(r["search_trials"], key=lambda t: t["val_accuracy"])
@@ -50,7 +57,7 @@ def test_search_then_retrain_on_two_tasks(tmp_path):
     assert final_plan["random_crop"] is False
     saved = json.loads((tmp_path / "out" / "vtab.json").read_text())
     assert saved["groups"]["mean"] == pytest.approx((results[0]["test_accuracy"] + results[1]["test_accuracy"]) / 2)
-    assert set(group_means(results)) == {"specialized", "structured", "mean"}
+    assert set(group_means(results)) == {"natural", "structured", "mean"}
 
 
 def test_summary_and_markdown_table():

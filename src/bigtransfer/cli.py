@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -65,7 +67,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if fmt is None:
         raise SystemExit(f"bit convert: cannot tell the format from {dst.name!r}; pass --to {{{','.join(FORMATS)}}}")
     ckpt = read_checkpoint(args.src)
-    out = write_checkpoint(ckpt.state, ckpt.arch, dst, fmt)
+    out = write_checkpoint(ckpt.state, ckpt.arch, dst, fmt, metadata=ckpt.metadata)  # class names, resolution
     console.print(f"{ckpt.path} ({ckpt.format}, BiT-{ckpt.arch.name}) -> {out} ({fmt})")
     return 0
 
@@ -78,22 +80,25 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _plan_inputs(args: argparse.Namespace) -> tuple:
     """(train source, eval source or None, plan overrides) from the shared fine-tuning flags."""
-    from .finetuning import as_source
+    from .data import match_classes
+    from .finetuning import as_source, open_sources
 
-    train_source = as_source(args.data, "train", download=args.download)
-    eval_source = None
-    if args.eval_data != "none":
-        for split in ("test", "val") if args.eval_data is None else ("eval",):
+    if args.eval_data is not None:
+        train_source, eval_source = open_sources(args.data, None if args.eval_data == "none" else args.eval_data,
+                                                 download=args.download)
+    else:  # the test split of --data, else its val split
+        train_source, eval_source = as_source(args.data, "train", download=args.download), None
+        for split in ("test", "val"):
             try:
-                eval_source = as_source(args.eval_data or args.data, split, download=args.download)
+                eval_source = as_source(args.data, split, download=args.download)
                 break
             except (FileNotFoundError, ValueError):
-                if args.eval_data is not None:
-                    raise
                 continue
         else:
             logging.getLogger("bigtransfer").warning("no test or val split found for %s: training without "
                                                      "evaluation (pass --eval-data)", args.data)
+        if eval_source is not None:
+            eval_source = match_classes(train_source.classes, eval_source)
     overrides = {"variant": args.variant, "steps": args.steps, "base_lr": args.lr, "batch_size": args.batch,
                  "batch_split": args.batch_split, "resolution": tuple(args.resolution) if args.resolution else None,
                  "mixup_alpha": args.mixup_alpha, "flip": False if args.no_flip else None,
@@ -180,6 +185,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_flags(overrides: dict, keys, why: str) -> None:
+    """A flag that a command would ignore is an error, not a silent no-op."""
+    names = {"base_lr": "--lr", "batch_size": "--batch", "flip": "--no-flip", "random_crop": "--no-crop"}
+    given = sorted(names.get(k, "--" + k.replace("_", "-")) for k in keys if k in overrides)
+    if given:
+        raise ValueError(f"{', '.join(given)}: {why}")
+
+
 def _k_list(shots: list[int], full: bool) -> list[int | None]:
     return list(shots) + ([None] if full else [])
 
@@ -190,8 +203,8 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     train, test, overrides = _plan_inputs(args)
     if test is None:
         raise ValueError("bit fewshot needs evaluation data (--eval-data)")
-    for key in ("examples_per_class", "examples_per_class_seed", "seed"):
-        overrides.pop(key, None)
+    _refuse_flags(overrides, ("examples_per_class", "examples_per_class_seed", "seed"),
+                  "bit fewshot draws the examples and seeds itself (--shots, --seeds)")
     init = "pretrained" if args.pretrained else "scratch"
     rows = few_shot_sweep(args.model, train, test, Path(args.out) / "runs", init=init, pretrained=args.pretrained,
                           shots=_k_list(args.shots, args.full), seeds=list(range(args.seeds)), device=args.device,
@@ -210,7 +223,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .protocols import results_table, write_results
     from .runtime import setup
 
-    train, test, _ = _plan_inputs(args)
+    train, test, overrides = _plan_inputs(args)
+    _refuse_flags(overrides, set(overrides) - {"resolution"}, "bit probe trains no network (it takes --resolution)")
     if test is None:
         raise ValueError("bit probe needs evaluation data (--eval-data)")
     model = create_model(args.model, pretrained=args.pretrained).to(setup(args.device).device)
@@ -227,12 +241,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_vtab(args: argparse.Namespace) -> int:
-    from .vtab import run_vtab, vtab_table
+    from .vtab import SEARCH_SPACE, run_vtab, vtab_table
 
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch, "base_lr": args.lr,
                                    "batch_split": args.batch_split, "precision": args.precision,
                                    "resolution": tuple(args.resolution) if args.resolution else None}.items()
                  if v is not None}
+    if args.search:
+        _refuse_flags(overrides, SEARCH_SPACE, "--search picks these per trial (steps, lr, MixUp, resolution)")
     results = run_vtab(args.model, args.root, args.out, tasks=args.tasks, pretrained=args.pretrained,
                        search=args.search, seed=args.seed, device=args.device, **overrides)
     console.print(vtab_table(results, f"VTAB-1k: {args.model}"))
@@ -270,8 +286,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind: type, minimum: float, inclusive: bool = True, maximum: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` of at least (or above) `minimum`, so that nonsense stops at the flag."""
+    def parse(value: str) -> float:
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {'a whole number' if kind is int else 'a number'}") \
+                from None
+        if not math.isfinite(x) or x < minimum or (x == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {value}")
+        if x > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
+        return x
+    return parse
+
+
+COUNT = _number(int, 1)  # steps, batch sizes, shots, seeds per k, pixels
+INDEX = _number(int, 0)  # seeds, workers, trials
+POSITIVE = _number(float, 0.0, inclusive=False)  # learning rates, epochs
+NON_NEGATIVE = _number(float, 0.0)  # weight decay, MixUp alpha
+FRACTION = _number(float, 0.0, inclusive=False, maximum=1.0)
+
+
 def _positive_or_auto(value: str) -> int | str:
-    return value if value == "auto" else int(value)
+    return value if value == "auto" else COUNT(value)
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -288,19 +327,19 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("HyperRule overrides (default: the rule's value for this data)")
     g.add_argument("--variant", choices=("release", "paper"), help="release: authors' code (default); paper: "
                                                                    "448/384, decays at 30/60/90%%")
-    g.add_argument("--steps", type=int, help="total steps (warmup and decays scale along)")
-    g.add_argument("--lr", type=float, help="base learning rate (rule: 0.003)")
-    g.add_argument("--batch", type=int, help="global batch size (rule: 512), the same for any number of processes")
+    g.add_argument("--steps", type=COUNT, help="total steps (warmup and decays scale along)")
+    g.add_argument("--lr", type=POSITIVE, help="base learning rate (rule: 0.003)")
+    g.add_argument("--batch", type=COUNT, help="global batch size (rule: 512), the same for any number of processes")
     g.add_argument("--batch-split", type=_positive_or_auto,
                    help="gradient accumulation: micro-batches per batch, or 'auto' (largest that fits in GPU memory)")
-    g.add_argument("--resolution", type=int, nargs=2, metavar=("RESIZE", "CROP"), help="resize and crop sides")
-    g.add_argument("--mixup-alpha", type=float, help="MixUp alpha (rule: 0.1 from 20k examples, else 0)")
+    g.add_argument("--resolution", type=COUNT, nargs=2, metavar=("RESIZE", "CROP"), help="resize and crop sides")
+    g.add_argument("--mixup-alpha", type=NON_NEGATIVE, help="MixUp alpha (rule: 0.1 from 20k examples, else 0)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips (off already for digits)")
     g.add_argument("--no-crop", action="store_true", help="no random crop: resize straight to the crop size")
-    g.add_argument("--examples-per-class", type=int, metavar="K", help="few-shot: exactly K training examples "
+    g.add_argument("--examples-per-class", type=COUNT, metavar="K", help="few-shot: exactly K training examples "
                                                                         "per class")
-    g.add_argument("--examples-per-class-seed", type=int, metavar="S", help="seed of the few-shot draw (default 0)")
-    g.add_argument("--seed", type=int, help="seed of data order, augmentation and MixUp (default 0)")
+    g.add_argument("--examples-per-class-seed", type=INDEX, metavar="S", help="seed of the few-shot draw (default 0)")
+    g.add_argument("--seed", type=INDEX, help="seed of data order, augmentation and MixUp (default 0)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels_last memory layout (default: on a GPU where the step runs as CUDA graphs)")
@@ -310,13 +349,13 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """How a training run runs (not what it trains), shared by `bit finetune` and `bit pretrain`."""
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
-    p.add_argument("--eval-every", type=int, metavar="STEPS", help="evaluate every STEPS steps (and at the end)")
-    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+    p.add_argument("--workers", type=INDEX, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--eval-every", type=COUNT, metavar="STEPS", help="evaluate every STEPS steps (and at the end)")
+    p.add_argument("--checkpoint-every", type=COUNT, metavar="STEPS",
                    help="write the resume checkpoint every STEPS steps (default: every 10 minutes)")
     p.add_argument("--in-memory", action="store_true", help="decode (or render) the training images once into RAM "
                                                             "(small sets, generated data)")
-    p.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="metrics line every STEPS steps")
+    p.add_argument("--log-every", type=COUNT, default=10, metavar="STEPS", help="metrics line every STEPS steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -388,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table (min <- median -> max over seeds) and write summary.json, report.md and "
                                    "accuracy.png. About 2 minutes on 2 CPU cores.")
     p.add_argument("--out", default="bit-demo", help="output folder (default bit-demo)")
-    p.add_argument("--seeds", type=int, default=3, help="few-shot draws per k (default 3)")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="examples per class (default 1 5 10)")
+    p.add_argument("--seeds", type=COUNT, default=3, help="few-shot draws per k (default 3)")
+    p.add_argument("--shots", type=COUNT, nargs="+", default=[1, 5, 10], help="examples per class (default 1 5 10)")
     p.add_argument("--full", action="store_true", help="the rule's full budget (500 steps of 512) instead of the "
                                                        "CPU-scaled one: tens of minutes")
     p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
@@ -403,13 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_plan_arguments(p)
         p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="CKPT",
                        help="released weights (flag alone) or a checkpoint file")
-        p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="examples per class")
-        p.add_argument("--seeds", type=int, default=3, help="draws per k (default 3)")
+        p.add_argument("--shots", type=COUNT, nargs="+", default=[1, 5, 10], help="examples per class")
+        p.add_argument("--seeds", type=COUNT, default=3, help="draws per k (default 3)")
         p.add_argument("--full", action="store_true", help="also all training data")
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
         if name == "probe":
-            p.add_argument("--l2", type=float, default=2.0**10, help="ridge regularisation (default 1024)")
+            p.add_argument("--l2", type=POSITIVE, default=2.0**10, help="ridge regularisation (default 1024)")
         p.set_defaults(func=cmd_fewshot if name == "fewshot" else cmd_probe)
 
     p = sub.add_parser("vtab", help="VTAB-1k protocol on task folders (1,000 examples, optional BiT-HyperParam)",
@@ -424,13 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="released weights (flag alone) or a checkpoint file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tasks", nargs="+", help="only these task folders")
-    p.add_argument("--search", type=int, default=0, metavar="N", help="random search trials per task (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the 1,000 draw, the split and the trials")
-    p.add_argument("--steps", type=int, help="override the steps")
-    p.add_argument("--batch", type=int, help="override the batch")
-    p.add_argument("--lr", type=float, help="override the learning rate")
+    p.add_argument("--search", type=INDEX, default=0, metavar="N", help="random search trials per task (default 0)")
+    p.add_argument("--seed", type=INDEX, default=0, help="seed of the 1,000 draw, the split and the trials")
+    p.add_argument("--steps", type=COUNT, help="override the steps")
+    p.add_argument("--batch", type=COUNT, help="override the batch")
+    p.add_argument("--lr", type=POSITIVE, help="override the learning rate")
     p.add_argument("--batch-split", type=_positive_or_auto, help="micro-batches per batch, or 'auto'")
-    p.add_argument("--resolution", type=int, nargs=2, metavar=("RESIZE", "CROP"), help="override the resolution")
+    p.add_argument("--resolution", type=COUNT, nargs=2, metavar=("RESIZE", "CROP"), help="override the resolution")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision")
     p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
     p.set_defaults(func=cmd_vtab)
@@ -442,16 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "supported format (a fine-tuning run's model.safetensors carries its class names) or a "
                            "registry name.")
         p.add_argument("--model", required=True, help="checkpoint file or registry name")
-        p.add_argument("--resolution", type=int, help="input side (default: the checkpoint's or registry's)")
+        p.add_argument("--resolution", type=COUNT, help="input side (default: the checkpoint's or registry's)")
         if name == "export":
             p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
             p.add_argument("--out", required=True, help="output file")
         else:
             p.add_argument("images", nargs="+", help="image files")
-            p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+            p.add_argument("--batch", type=COUNT, default=32, help="batch size (default 32)")
             p.add_argument("--device", help="cpu (default), cuda")
             if name == "predict":
-                p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+                p.add_argument("--top-k", type=COUNT, default=5, help="classes per image (default 5)")
             else:
                 p.add_argument("--out", required=True, help="features.npy or features.safetensors")
         p.set_defaults(func={"predict": cmd_predict, "embed": cmd_embed, "export": cmd_export}[name])
@@ -463,11 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "upstream training. Unreadable images are reported and left out.")
     p.add_argument("src", help="image folder or CSV manifest (path,label)")
     p.add_argument("out", help="folder for shard-NNNNNN.tar and manifest.json")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--max-side", type=int, default=512, help="shrink images whose longest side is larger "
+    p.add_argument("--shard-size", type=COUNT, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--max-side", type=COUNT, default=512, help="shrink images whose longest side is larger "
                                                              "(default 512)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    p.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
+    p.add_argument("--quality", type=COUNT, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--workers", type=COUNT, default=1, help="encoding processes (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shards)
 
@@ -481,28 +520,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--eval-data", help="held-out data: top-1 (mAP for multi-label) during training")
     p.add_argument("--probe-data", help="downstream data for a few-shot linear probe during training, e.g. digits")
-    p.add_argument("--probe-shots", type=int, default=10, help="examples per class of the probe (default 10)")
+    p.add_argument("--probe-shots", type=COUNT, default=10, help="examples per class of the probe (default 10)")
     p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="CKPT",
                    help="continue pre-training from released weights (flag alone) or a checkpoint file")
     g = p.add_argument_group("recipe overrides (default: the paper's)")
     g.add_argument("--recipe", choices=("bit", "bit-l"), default="bit", help="bit: 90 epochs, decays 30/60/80; "
                                                                             "bit-l: 40 epochs, 10/23/30/37")
-    g.add_argument("--epochs", type=float, help="training epochs (the decay epochs scale along unless given)")
-    g.add_argument("--decay-epochs", type=float, nargs="+", help="epochs after which the lr drops x0.1")
-    g.add_argument("--batch", type=int, help="global batch (default 4096)")
-    g.add_argument("--lr", type=float, help="base learning rate (default 0.03 x batch / 256)")
-    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default min(5000, first decay step))")
-    g.add_argument("--weight-decay", type=float, help="on conv kernels and head weights (default 1e-4)")
-    g.add_argument("--resolution", type=int, help="crop side (default 224)")
+    g.add_argument("--epochs", type=POSITIVE, help="training epochs (the decay epochs scale along unless given)")
+    g.add_argument("--decay-epochs", type=POSITIVE, nargs="+", help="epochs after which the lr drops x0.1")
+    g.add_argument("--batch", type=COUNT, help="global batch (default 4096)")
+    g.add_argument("--lr", type=POSITIVE, help="base learning rate (default 0.03 x batch / 256)")
+    g.add_argument("--warmup-steps", type=INDEX, help="linear warmup steps (default min(5000, first decay step))")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, help="on conv kernels and head weights (default 1e-4)")
+    g.add_argument("--resolution", type=COUNT, help="crop side (default 224)")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flips (text, digits)")
-    g.add_argument("--min-crop-area", type=float, help="smallest Inception crop, fraction of the area (default 0.08)")
+    g.add_argument("--min-crop-area", type=FRACTION,
+                   help="smallest Inception crop, fraction of the area (default 0.08)")
     g.add_argument("--batch-split", type=_positive_or_auto, help="micro-batches per batch, or 'auto'")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels_last memory layout (default: on a GPU where the step runs as CUDA graphs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute units in the backward pass")
-    g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--seed", type=INDEX, help="seed (default 0)")
     add_run_arguments(p)
     p.add_argument("--sample-log", action="store_true", help="record which samples every step saw "
                                                             "(samples.rankN.jsonl)")
@@ -515,9 +555,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (CheckpointError, DownloadError, KeyError, FileNotFoundError, ValueError) as e:
-        print(f"bit {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)  # unwrapped, greppable
+    except (CheckpointError, DownloadError, FloatingPointError, KeyError, OSError, ValueError) as e:
+        if args.verbose:  # the traceback too
+            raise
+        print(f"bit {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"bit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _message(e: Exception) -> str:
+    """The message alone (a KeyError's str() would quote it); an OS error as "PATH: what went wrong"."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e.args[0]) if e.args else str(e)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -116,7 +117,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
 
     bad_seen: set[str] = set()
     bad_count = 0
-    last_loss, speed = math.nan, 0.0
+    last_loss = next((r["loss"] for r in reversed(run.metrics()) if "loss" in r), math.nan) if start else math.nan
+    speed = 0.0
     last_save = time.monotonic()
     done = start
     with _signals() as stop, _progress(config.progress and runtime.is_main, total, start) as bar:
@@ -139,7 +141,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
             rate, t0 = config.global_batch / (now - t0), now
             speed = 0.9 * speed + 0.1 * rate if speed else rate
             if done % config.log_every == 0 or done == total:
-                last_loss = float(all_reduce_sum(loss.detach().clone(), runtime)) / runtime.world_size
+                last_loss = _finite(float(all_reduce_sum(loss.detach().clone(), runtime)) / runtime.world_size, done)
                 run.append_metrics({"step": done, "loss": last_loss, "lr": lr, "images_per_s": round(speed, 2),
                                     "elapsed_s": round(now - started, 3)})
             bar.update(done, last_loss, lr, speed)
@@ -149,27 +151,50 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
                     run.append_metrics({"step": done, "eval": _scalars(metrics)})
                     log.info("step %d: %s", done, _format(metrics))
             if stop.signum is not None:
+                _finite(float(loss), done)  # this process's loss: no collective where processes may part ways
                 checkpoint(done)
                 raise TrainingInterrupted(done, stop.signum)
             due = config.checkpoint_every and done % config.checkpoint_every == 0
             if due or time.monotonic() - last_save > 60 * config.checkpoint_minutes:
+                _finite(float(loss), done)  # a diverged model is never checkpointed over a good one
                 checkpoint(done)
                 last_save = time.monotonic()
 
     if done < total:
         raise RuntimeError(f"the training data ran out at step {done} of {total}")
+    if done > start:  # before the final evaluation, which a signal may cut short: a re-run only evaluates
+        checkpoint(total)
+    if runtime.is_main:
+        save_weights(model, run / "model.safetensors", metadata=weights_metadata)
     final = run_eval()
     if final is not None:
         run.append_metrics({"step": total, "eval": _scalars(final)})
         run.write_json("eval.json", final)
-    if runtime.is_main:
-        save_weights(model, run / "model.safetensors", metadata=weights_metadata)
-    checkpoint(total)
     run.plot()
+    bad_seen, bad_count = _gather_bad_images(bad_seen, bad_count, runtime)
     if bad_seen:
-        run.write_json("bad_images.json", {"count": bad_count, "files": sorted(bad_seen)})
+        run.write_json("bad_images.json", {"count": len(bad_seen), "times_left_out": bad_count,
+                                           "files": sorted(bad_seen)})
     return {"steps": total, "final_loss": last_loss, "images_per_s": round(speed, 2), "batch_split": split,
-            "bad_images": bad_count, "eval": final, "run_dir": str(run.path)}
+            "bad_images": len(bad_seen), "eval": final, "run_dir": str(run.path)}
+
+
+def _finite(value: float, step: int) -> float:
+    """The loss, if finite: a diverged run (NaN or infinite loss) stops here with its last checkpoint kept,
+    rather than going on to save NaN weights as a finished model."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the training loss is {value} at step {step}: the run diverged (is the learning "
+                                 "rate too high?); its last checkpoint is kept")
+    return value
+
+
+def _gather_bad_images(seen: set[str], count: int, runtime: Runtime) -> tuple[set[str], int]:
+    """Every process's bad images, for the main one to report (each saw only its share of the batches)."""
+    if not runtime.distributed:
+        return seen, count
+    parts: list = [None] * runtime.world_size
+    dist.all_gather_object(parts, (sorted(seen), count))
+    return {f for files, _ in parts for f in files}, sum(c for _, c in parts)
 
 
 def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.optim.Optimizer,
@@ -182,10 +207,12 @@ def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.op
     images = images.to(runtime.device, non_blocking=True)
     labels = labels.to(runtime.device, non_blocking=True)
     lam, perm = 1.0, None
-    if config.mixup_alpha > 0:  # one lambda per batch, partners from a permutation of the same batch
-        rng = np.random.default_rng([config.seed, step, runtime.rank])
-        lam = float(rng.beta(config.mixup_alpha, config.mixup_alpha))
-        perm = upload(rng.permutation(n), runtime.device)
+    if config.mixup_alpha > 0:  # one lambda per global batch; partners from a permutation of this process's share
+        lam = float(np.random.default_rng([config.seed, step]).beta(config.mixup_alpha, config.mixup_alpha))
+        perm = upload(np.random.default_rng([config.seed, step, runtime.rank]).permutation(n), runtime.device)
+    count: float | torch.Tensor = n  # the loss is the mean over the global batch's good images: DDP averages the
+    if runtime.distributed:  # gradients, so each process divides by the global count over the number of processes
+        count = all_reduce_sum(torch.tensor(float(n), device=runtime.device), runtime) / runtime.world_size
     optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=runtime.device)
     chunks = torch.arange(n, device=runtime.device).tensor_split(split)
@@ -205,7 +232,7 @@ def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.op
             per_example = loss_fn(logits, labels[idx])
             if perm is not None:
                 per_example = lam * per_example + (1 - lam) * loss_fn(logits, labels[perm[idx]])
-            loss = per_example.sum() / n
+            loss = per_example.sum() / count
             scaler.scale(loss).backward()
         total_loss += loss.detach()
     scaler.step(optimizer)
@@ -266,6 +293,7 @@ def _capture_cuda_graphs(model: nn.Module, config: EngineConfig, runtime: Runtim
 def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, run: RunDir, runtime: Runtime) -> int:
     state = run.load_checkpoint()
     if state is None:
+        run.rewind_metrics(0)  # lines of an attempt that stopped before its first checkpoint
         return 0
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .data import (
     StepSampler,
     TorchDatasetImages,
     eval_loader,
+    match_classes,
     measure_image_size,
     open_dataset,
     sample_per_class,
@@ -38,7 +40,7 @@ from .data.memory import InMemoryImages
 from .engine import EngineConfig, momentum_sgd, train
 from .evaluate import evaluate
 from .models import ResNetV2, create_model
-from .runs import RunDir
+from .runs import RunDir, starting_weights
 from .runtime import setup
 
 log = logging.getLogger("bigtransfer")
@@ -107,6 +109,12 @@ def make_plan(model: str, data: LabelledImages, **overrides) -> FinetunePlan:
         plan.overridden.append("resolution")
     if crop > resize:
         raise ValueError(f"crop {crop} is larger than resize {resize}")
+    wrong = [f"{k} {v}" for k, v in {"steps": plan.steps, "batch_size": plan.batch_size, "crop": crop}.items() if v < 1]
+    wrong += [] if math.isfinite(plan.base_lr) and plan.base_lr > 0 else [f"base_lr {plan.base_lr}"]
+    wrong += [] if math.isfinite(plan.mixup_alpha) and plan.mixup_alpha >= 0 else [f"mixup_alpha {plan.mixup_alpha}"]
+    if wrong:
+        raise ValueError(f"fine-tuning plan: {', '.join(wrong)} (steps, batch_size and crop must be >= 1, base_lr "
+                         "> 0, mixup_alpha >= 0, all finite)")
     return plan
 
 
@@ -122,7 +130,7 @@ def plan_table(plan: FinetunePlan) -> Table:
     rows = [
         ("training examples", f"{plan.n_examples:,}" + (f" ({plan.examples_per_class} per class, seed "
                                                          f"{plan.examples_per_class_seed})"
-                                                         if plan.examples_per_class else ""), "data"),
+                                                         if plan.examples_per_class is not None else ""), "data"),
         ("classes", str(plan.num_classes), "data"),
         ("image size (median)", f"{h}x{w}", "measured"),
         ("resize -> crop", f"{plan.resize} -> {plan.crop}", origin("resolution")),
@@ -143,21 +151,34 @@ def plan_table(plan: FinetunePlan) -> Table:
     return table
 
 
-def as_source(data: LabelledImages | Dataset | str, split: str = "train", download: bool = False) -> LabelledImages:
+def as_source(data: LabelledImages | Dataset | str, split: str = "train", download: bool = False,
+              hold_out: bool = True) -> LabelledImages:
     """Accept a spec string (see `open_dataset`), one of our sources, or any torch Dataset."""
     if isinstance(data, LabelledImages):
         return data
     if isinstance(data, str | os.PathLike):
-        return open_dataset(str(data), split, download=download)
+        return open_dataset(str(data), split, download=download, hold_out=hold_out)
     if isinstance(data, Dataset):
         return TorchDatasetImages(data)
     raise TypeError(f"cannot use {type(data).__name__} as training data")
 
 
+def open_sources(train_data: LabelledImages | Dataset | str, eval_data: LabelledImages | Dataset | str | None,
+                 download: bool = False) -> tuple[LabelledImages, LabelledImages | None]:
+    """The training source and the held-out one (or None), labelled alike (`match_classes`). A folder of
+    class folders gives up a fifth of each class as held-out data only where it is the held-out data too."""
+    same = isinstance(train_data, str | os.PathLike) and isinstance(eval_data, str | os.PathLike) and (
+        os.fspath(train_data) == os.fspath(eval_data) or Path(train_data).resolve() == Path(eval_data).resolve())
+    train = as_source(train_data, "train", download, hold_out=same)
+    if eval_data is None:
+        return train, None
+    return train, match_classes(train.classes, as_source(eval_data, "eval", download, hold_out=same))
+
+
 def select_examples(source: LabelledImages, examples_per_class: int | None,
                     seed: int = 0) -> tuple[LabelledImages, list[int] | None]:
     """The few-shot training set (and the chosen indices), or the whole source when k is None."""
-    if not examples_per_class:
+    if examples_per_class is None:
         return source, None
     chosen = sample_per_class(source.targets, examples_per_class, seed, source.classes)
     return source.subset(chosen), chosen
@@ -166,7 +187,7 @@ def select_examples(source: LabelledImages, examples_per_class: int | None,
 def default_run_dir(plan: FinetunePlan) -> Path:
     """Deterministic, so that running the same command again finds the run and resumes it."""
     data = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(plan.data.split(":")[-1]).name or plan.data).strip("_")
-    shots = f"_k{plan.examples_per_class}s{plan.examples_per_class_seed}" if plan.examples_per_class else ""
+    shots = f"_k{plan.examples_per_class}s{plan.examples_per_class_seed}" if plan.examples_per_class is not None else ""
     return Path("runs") / f"{plan.model}_{data}{shots}_seed{plan.seed}"
 
 
@@ -186,10 +207,9 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     keeps them on the device and augments there in batch (implies `in_memory`).
     """
     runtime = setup(device)
-    source = as_source(train_data)
+    source, eval_source = open_sources(train_data, eval_data)
     if in_memory or device_data:
         source = InMemoryImages(source, workers=max(1, workers), progress=progress)
-    eval_source = None if eval_data is None else as_source(eval_data, "eval")
     train_source, chosen = select_examples(source, overrides.get("examples_per_class"),
                                            overrides.get("examples_per_class_seed") or 0)
     name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
@@ -197,13 +217,13 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
     handler = run.log_to_file()
     try:
-        done = run.previous_results(dataclasses.asdict(plan))
+        done = run.previous_results(dataclasses.asdict(plan), pretrained)
         if done is not None:
             return done
         if runtime.is_main and progress:
             Console(stderr=True).print(plan_table(plan))
         if runtime.is_main:
-            run.write_json("config.json", {"plan": dataclasses.asdict(plan), "pretrained": str(pretrained),
+            run.write_json("config.json", {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(pretrained),
                                            "world_size": runtime.world_size, "device": str(runtime.device)})
             if chosen is not None:
                 run.write_json("examples.json", {"indices": chosen, "files": [source.describe(i) for i in chosen]})
@@ -247,7 +267,9 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
 def _build_model(model_or_name: nn.Module | str, plan: FinetunePlan, pretrained: bool | str | os.PathLike) -> ResNetV2:
     torch.manual_seed(plan.seed)  # a random-init model is reproducible too
     if isinstance(model_or_name, str):
-        return create_model(model_or_name, num_classes=plan.num_classes, pretrained=pretrained)
+        model = create_model(model_or_name, num_classes=plan.num_classes, pretrained=pretrained)
+        model.reset_head(plan.num_classes)  # also where the checkpoint's head has the task's size: transfer starts at 0
+        return model
     if model_or_name.num_classes != plan.num_classes:
         log.info("replacing the model's %d-class head with a zero-initialised %d-class head",
                  model_or_name.num_classes, plan.num_classes)

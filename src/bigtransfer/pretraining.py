@@ -24,16 +24,24 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import HyperRuleTransform, InceptionCropTransform, LabelledImages, StepSampler, eval_loader, train_loader
+from .data import (
+    HyperRuleTransform,
+    InceptionCropTransform,
+    LabelledImages,
+    StepSampler,
+    eval_loader,
+    match_classes,
+    train_loader,
+)
 from .data.memory import InMemoryImages
 from .data.shards import MANIFEST, ShardStream, read_manifest
 from .engine import EngineConfig, momentum_sgd, softmax_cross_entropy, train
 from .evaluate import evaluate
-from .finetuning import as_source
+from .finetuning import as_source, open_sources
 from .hyperrule import MOMENTUM, Schedule
 from .models import ResNetV2, create_model
 from .probe import linear_probe
-from .runs import RunDir
+from .runs import RunDir, starting_weights
 from .runtime import Runtime, setup
 
 log = logging.getLogger("bigtransfer")
@@ -98,6 +106,10 @@ def make_pretrain_plan(model: str, data_name: str, n_examples: int, num_classes:
     if plan.warmup_steps < 0:
         plan.warmup_steps = min(FULL_SCALE_WARMUP, min(plan.decay_steps, default=plan.steps))
     plan.loss = "sigmoid" if multi_label else "softmax"
+    late = [e for e in plan.decay_epochs if not 0 < e < plan.epochs]
+    if late:
+        raise ValueError(f"decay epochs {', '.join(f'{e:g}' for e in late)} do not fall inside the run's "
+                         f"{plan.epochs:g} epochs")
     return plan
 
 
@@ -208,8 +220,10 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     if shards is not None:
         manifest = read_manifest(shards)
         name, n, classes, multi = f"shards:{shards}", manifest["total"], manifest["classes"], manifest["multi_label"]
+        eval_source = None if eval_data is None else match_classes(classes, as_source(eval_data, "eval",
+                                                                                      hold_out=False))
     else:
-        source = as_source(data)
+        source, eval_source = open_sources(data, eval_data)
         if in_memory:
             source = InMemoryImages(source, workers=max(1, workers), progress=progress)
         name, n, classes, multi = source.name, len(source), source.classes, source.multi_label
@@ -217,14 +231,15 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     run = RunDir(out, writer=runtime.is_main)
     handler = run.log_to_file()
     try:
-        done = run.previous_results(dataclasses.asdict(plan), ignore=())
+        done = run.previous_results(dataclasses.asdict(plan), pretrained)
         if done is not None:
             return done
         saved = run.read_json("config.json")
-        if saved is not None and shards is not None and saved["world_size"] != runtime.world_size:
-            log.warning("resuming with %d processes, the run started with %d: the shard order of the current "
-                        "epoch changes, so that epoch may see some samples twice and others not at all",
-                        runtime.world_size, saved["world_size"])
+        if saved is not None and shards is not None and (saved["world_size"], saved.get("workers", workers)) != (
+                runtime.world_size, workers):
+            log.warning("resuming with %d processes of %d data workers, the run started with %d of %s: the shard "
+                        "order of the current epoch changes, so that epoch may see some samples twice and others "
+                        "not at all", runtime.world_size, workers, saved["world_size"], saved.get("workers"))
         torch.manual_seed(plan.seed)
         model = create_model(model_name, num_classes=plan.num_classes, pretrained=pretrained)
         if multi and pretrained is False:
@@ -235,8 +250,9 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
         if runtime.is_main:
             memory = memory_plan(model, micro, plan.crop, plan.precision, plan.activation_checkpointing)
             Console(stderr=True).print(plan_table(plan, memory))
-            run.write_json("config.json", {"plan": dataclasses.asdict(plan), "memory": memory,
-                                           "world_size": runtime.world_size, "pretrained": str(pretrained)})
+            run.write_json("config.json", {"plan": dataclasses.asdict(plan), "memory": memory, "world_size":
+                                           runtime.world_size, "workers": workers,
+                                           "pretrained": starting_weights(pretrained)})
         optimizer = momentum_sgd(parameter_groups(model, plan.weight_decay), plan.base_lr, runtime.device)
         config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
                               input_size=plan.crop, batch_split=plan.batch_split, precision=plan.precision,
@@ -246,9 +262,12 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
         transform = InceptionCropTransform(plan.crop, plan.flip, scale=(plan.min_crop_area, 1.0))
         batches = _batch_source(shards, None if shards else source, transform, plan, runtime, workers,
                                 run if sample_log else None)
-        evaluator = _evaluator(eval_data, probe_data, probe_shots, plan, runtime, workers)
+        evaluator = _evaluator(eval_source, probe_data, probe_shots, plan, runtime, workers)
         loss = sigmoid_cross_entropy if multi else softmax_cross_entropy
-        results = train(model, optimizer, batches, config, runtime, run, loss_fn=loss, evaluator=evaluator)
+        labels = {"bigtransfer.classes": json.dumps([str(c) for c in classes]),
+                  "bigtransfer.resolution": str(plan.crop)}
+        results = train(model, optimizer, batches, config, runtime, run, loss_fn=loss, evaluator=evaluator,
+                        weights_metadata=labels)
         results["plan"] = dataclasses.asdict(plan)
         run.write_json("summary.json", results)
         return results
@@ -290,10 +309,9 @@ def _rewind_sample_log(path: Path, start: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def _evaluator(eval_data, probe_data: str | None, probe_shots: int, plan: PretrainPlan, runtime: Runtime,
-               workers: int):
+def _evaluator(eval_source: LabelledImages | None, probe_data: str | None, probe_shots: int, plan: PretrainPlan,
+               runtime: Runtime, workers: int):
     """Held-out top-1 (mAP for multi-label) and a few-shot linear probe on a downstream set."""
-    eval_source = None if eval_data is None else as_source(eval_data, "eval")
     probe = None if probe_data is None else (as_source(probe_data, "train"), as_source(probe_data, "test"))
     if eval_source is None and probe is None:
         return None

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import HyperRuleTransform, LabelledImages, eval_loader, sample_per_class, to_model_input
+from .data import HyperRuleTransform, LabelledImages, eval_loader, match_classes, sample_per_class, to_model_input
 from .runtime import Runtime, autocast
 
 DEFAULT_L2 = 2.0**10
@@ -66,12 +66,13 @@ def linear_probe(model: nn.Module, train: LabelledImages, test: LabelledImages, 
                  batch_size: int = 256, precision: str = "fp32") -> list[dict]:
     """Test accuracy of the probe for every (examples per class, seed); None means all training data.
     Features are extracted once; every k and seed only re-fits the closed form."""
+    test = match_classes(train.classes, test)
     train_x, train_y = extract_features(model, train, resolution, runtime, batch_size, precision)
     test_xy = extract_features(model, test, resolution, runtime, batch_size, precision)
     rows = []
     for k in shots:
-        for seed in seeds if k else (0,):
-            idx = sample_per_class(train_y, k, seed, train.classes) if k else np.arange(len(train_y))
+        for seed in (0,) if k is None else seeds:
+            idx = np.arange(len(train_y)) if k is None else sample_per_class(train_y, k, seed, train.classes)
             acc = ridge_accuracy((train_x[idx], train_y[idx]), test_xy, len(train.classes), l2)
             rows.append({"examples_per_class": k, "seed": seed, "accuracy": acc})
     return rows

@@ -31,7 +31,7 @@ def few_shot_sweep(model: str, train: LabelledImages, test: LabelledImages, out:
     rows = []
     for k in shots:
         for seed in seeds if k is not None else (full_seeds or seeds[:1]):
-            name = f"{init}_k{k}_seed{seed}" if k else f"{init}_all_seed{seed}"
+            name = f"{init}_all_seed{seed}" if k is None else f"{init}_k{k}_seed{seed}"
             result = finetune(model, train, test, out=Path(out) / name, pretrained=pretrained, device=device,
                               progress=False, examples_per_class=k, examples_per_class_seed=seed, seed=seed,
                               **overrides)

@@ -24,6 +24,18 @@ from .checkpoints.formats import atomic_path
 log = logging.getLogger("bigtransfer")
 
 
+# plan fields a resumed run may change: the overrides' bookkeeping, and the micro-batching (the same update)
+SAME_UPDATE = ("overridden", "batch_split")
+
+
+def starting_weights(pretrained: bool | str | os.PathLike) -> str:
+    """What a run starts from, as config.json records it: "random", "registry" (the model's released
+    checkpoint) or a checkpoint's absolute path, so that a run started from other weights is never resumed."""
+    if pretrained is False:
+        return "random"
+    return "registry" if pretrained is True else str(Path(pretrained).resolve())
+
+
 class RunDir:
     """Files of one run. With `writer=False` (DDP ranks other than 0) every write is skipped."""
 
@@ -45,16 +57,23 @@ class RunDir:
         p = self / name
         return json.loads(p.read_text()) if p.exists() else None
 
-    def previous_results(self, plan: dict, ignore: tuple[str, ...] = ("overridden",)) -> dict | None:
-        """For a folder that already holds a run: refuse another plan (naming what differs), return the
-        saved results of a finished run, None for an interrupted one (the caller resumes it)."""
+    def previous_results(self, plan: dict, pretrained: bool | str | os.PathLike) -> dict | None:
+        """For a folder that already holds a run: refuse another plan or other starting weights (naming what
+        differs), return the saved results of a finished run, None for an interrupted one (the caller resumes
+        it) or for one that stopped before its first checkpoint (nothing to resume: it starts afresh)."""
         saved = self.read_json("config.json")
-        if saved is None:
+        if saved is None or not ((self / "checkpoint.pt").exists() or (self / "summary.json").exists()):
             return None
         now = json.loads(json.dumps(plan))
-        changed = [k for k in sorted(now) if k not in ignore and saved["plan"].get(k) != now[k]]
+        then = saved["plan"]
+        changed = [k for k in sorted(now) if k not in SAME_UPDATE and then.get(k) != now[k]]
+        old = {"False": "random", "True": "registry"}  # earlier versions recorded str(pretrained)
+        now["pretrained"] = starting_weights(pretrained)
+        then["pretrained"] = old.get(saved.get("pretrained"), saved.get("pretrained"))
+        if now["pretrained"] != then["pretrained"]:
+            changed.append("pretrained")
         if changed:
-            diffs = "; ".join(f"{k}: {saved['plan'].get(k)!r} -> {now[k]!r}" for k in changed)
+            diffs = "; ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
             raise ValueError(f"{self.path} holds a run with other settings ({diffs}); "
                              "pass another output folder (--out) to start a new run")
         summary = self.read_json("summary.json")

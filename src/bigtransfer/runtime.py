@@ -60,14 +60,28 @@ class Runtime:
         return self.world_size > 1
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """`device` as a torch.device (None or "auto": CUDA where there is one), or a ValueError saying why not."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: not a device name (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU on this machine; "
+                         "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def setup(device: str | None = None) -> Runtime:
     """Pick the device and, under torchrun (RANK/WORLD_SIZE set), join the process group:
     NCCL on GPUs, gloo on CPUs. On CUDA, cuDNN autotunes its convolutions (`autotune_convolutions`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)

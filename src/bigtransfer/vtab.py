@@ -2,7 +2,8 @@
 
 A task folder holds ``train/`` and ``test/`` image folders (class sub-folders) and optionally a
 ``task.json`` (``{"group": "natural" | "specialized" | "structured", "flip": bool, "crop": bool}``);
-the 19 VTAB task names get their group and flip/crop switches from `KNOWN_TASKS`. Each task trains
+the 19 VTAB task names (and the folder names of the common VTAB-1k copy, `ALIASES`) get their group and
+flip/crop switches from `KNOWN_TASKS`. Each task trains
 on 1,000 examples (drawn with the seed when ``train/`` has more). By default the BiT-HyperRule is
 used as is; ``search=N`` runs "BiT-HyperParam": N random trials over lr, steps, MixUp and resolution
 on an 800/200 split of the 1,000, then retrains the best on all 1,000 and tests it.
@@ -36,6 +37,11 @@ KNOWN_TASKS = {
     **{t: "structured" for t in ("clevr_count", "clevr_distance", "dmlab", "kitti_distance", "dsprites_location",
                                  "dsprites_orientation", "smallnorb_azimuth", "smallnorb_elevation")},
 }
+ALIASES = {  # the folder names of the VTAB-1k copy most papers since VPT use
+    "cifar": "cifar100", "oxford_flowers102": "flowers102", "oxford_iiit_pet": "pets", "clevr_dist": "clevr_distance",
+    "dsprites_loc": "dsprites_location", "dsprites_ori": "dsprites_orientation", "kitti": "kitti_distance",
+    "smallnorb_azi": "smallnorb_azimuth", "smallnorb_ele": "smallnorb_elevation",
+}
 SEARCH_SPACE = {  # BiT-HyperParam's axes
     "base_lr": (0.001, 0.003, 0.01, 0.03),
     "steps": (500, 1000, 2500),
@@ -45,12 +51,24 @@ SEARCH_SPACE = {  # BiT-HyperParam's axes
 
 
 def task_settings(folder: Path) -> dict:
-    """Group and augmentation switches: task.json, else the known VTAB task table, else natural/on/on."""
-    name = folder.name
+    """Group and augmentation switches: task.json, else the VTAB task table (by name or alias), else no group
+    and flips and crops on."""
+    name = ALIASES.get(folder.name, folder.name)
     settings = {"group": KNOWN_TASKS.get(name), "flip": name not in NO_FLIP, "crop": name not in NO_CROP}
-    if (folder / "task.json").is_file():
-        settings |= json.loads((folder / "task.json").read_text())
-    return settings
+    path = folder / "task.json"
+    if not path.is_file():
+        if name not in KNOWN_TASKS:
+            log.warning("%s: not a VTAB task name and no task.json: no group, flips and crops on", folder.name)
+        return settings
+    given = json.loads(path.read_text())
+    types = {"group": lambda v: v is None or v in GROUPS, "flip": lambda v: isinstance(v, bool),
+             "crop": lambda v: isinstance(v, bool)}
+    wrong = [f"{k}: {v!r}" for k, v in given.items() if k not in types or not types[k](v)] if isinstance(
+        given, dict) else [repr(given)]
+    if wrong:
+        raise ValueError(f"{path}: {', '.join(wrong)} (expected an object with group one of {', '.join(GROUPS)} "
+                         "or null, flip and crop true or false)")
+    return settings | given
 
 
 def split_train(n: int, seed: int, train_examples: int = TRAIN_EXAMPLES,
@@ -79,7 +97,11 @@ def run_task(model: str, folder: str | os.PathLike, out: str | os.PathLike, *, p
     OUT/result.json."""
     folder, out = Path(folder), Path(out)
     settings = task_settings(folder)
-    train_all, test = open_dataset(str(folder), "train"), open_dataset(str(folder), "test")
+    task = str(folder.resolve())  # a path, never a dataset name: a task folder may be called pets or cifar100
+    train_all, test = open_dataset(task, "train"), open_dataset(task, "test")
+    if len(train_all) < train_examples:
+        log.warning("%s: train/ holds %d images, fewer than VTAB-1k's %d: all are used", folder.name,
+                    len(train_all), train_examples)
     chosen, search_train_idx, search_val_idx = split_train(len(train_all), seed, train_examples, search_train)
     aug = {"flip": settings["flip"] and train_all.flip, "random_crop": settings["crop"]}
     common = dict(pretrained=pretrained, device=device, seed=seed, progress=False, **aug)
@@ -105,6 +127,8 @@ def run_vtab(model: str, root: str | os.PathLike, out: str | os.PathLike, tasks:
              **kwargs) -> list[dict]:
     """Every task folder under `root` (or the named ones), then the grouped table in OUT/vtab.json."""
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"VTAB folder not found: {root}")
     names = tasks or sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
     if not names:
         raise FileNotFoundError(f"{root}: no task folders with train/ and test/ inside")

@@ -14,6 +14,7 @@ Nothing is ever unpickled: ``np.load(allow_pickle=False)``, ``torch.load(weights
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -129,8 +130,11 @@ def _sniff(path: Path) -> str:
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All named arrays of a checkpoint file plus its string metadata, without unpickling anything."""
     path = Path(path)
+    if path.is_dir():  # an HF transformers folder (save_pretrained, `bit convert ... --to hf`)
+        path = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: " + ("a folder without model.safetensors or pytorch_model.bin"
+                                             if path.is_dir() else "no such checkpoint file"))
     kind = _sniff(path)
     try:
         if kind == "npz":
@@ -177,14 +181,18 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block completes."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other file
     try:
         yield Path(tmp)
+        # mkstemp makes 0600, and so does safetensors for the file it writes in its place: the result should look
+        # like any other file the user writes
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -218,15 +226,26 @@ def detect_format(keys: set[str]) -> str:
                           f"(looked for {', '.join(foreign_name(f, 'root.conv.weight') for f in FORMATS)})")
 
 
+_UNIT_ARRAYS = tuple(f"{layer}.{p}" for layer in ("norm1", "norm2", "norm3") for p in ("weight", "bias")) + tuple(
+    f"{conv}.weight" for conv in ("conv1", "conv2", "conv3"))
+
+
 def infer_architecture(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[Architecture, int]:
-    """Units per stage (by probing names) and width (root conv channels / 64); head size or 0."""
+    """Units per stage (by probing names: a unit is there if any of its arrays is, so that a missing one is
+    reported by name, not read as a shallower network) and width (root conv channels / 64); head size or 0."""
+    def unit(s: int, u: int) -> bool:
+        return any(foreign_name(fmt, f"stages.{s}.{u}.{a}") in tensors for a in _UNIT_ARRAYS)
+
     root = from_foreign(fmt, "root.conv.weight", tensors[foreign_name(fmt, "root.conv.weight")])
     depths = []
-    while foreign_name(fmt, f"stages.{len(depths)}.0.conv1.weight") in tensors:
-        s, units = len(depths), 0
-        while foreign_name(fmt, f"stages.{s}.{units}.conv1.weight") in tensors:
+    while unit(len(depths), 0):
+        units = 0
+        while unit(len(depths), units):
             units += 1
         depths.append(units)
+    if not depths:
+        raise CheckpointError(f"no residual units (no array like {foreign_name(fmt, 'stages.0.0.conv1.weight')!r}): "
+                              "not a BiT ResNet-v2")
     head = tensors.get(foreign_name(fmt, "head.bias"))
     return Architecture(depths=tuple(depths), width=root.shape[0] / 64), 0 if head is None else head.shape[0]
 
@@ -277,24 +296,30 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
     writes a torch state dict, otherwise safetensors (with `metadata`, e.g. class names).
     """
     path = Path(path)
+    container = "npz" if fmt == "npz" else "torch" if fmt == "timm" and path.suffix in (".pth", ".pt", ".bin") \
+        else "safetensors"
+    misnamed = path.suffix == ".safetensors" and container != "safetensors"
+    if misnamed or (container == "npz") != (path.suffix == ".npz"):
+        raise ValueError(f"{path}: a {fmt} checkpoint is written as a {container} file, which the name's "
+                         f"{path.suffix} would misname")
     tensors = {foreign_name(fmt, k): to_foreign(fmt, k, v.detach().cpu().float()).contiguous()
                for k, v in state.items()}
     if fmt == "hf" and not path.suffix:
-        num_classes = state["head.bias"].shape[0] if "head.bias" in state else 0
+        config = hf_config(arch, state["head.bias"].shape[0] if "head.bias" in state else 0)  # may refuse: no folder
         with atomic_path(path / "config.json") as tmp:
-            tmp.write_text(json.dumps(hf_config(arch, num_classes), indent=2))
+            tmp.write_text(json.dumps(config, indent=2))
         path = path / "model.safetensors"
     with atomic_path(path) as tmp:
         if fmt == "npz":
             with open(tmp, "wb") as f:
                 np.savez(f, **{k: v.numpy() for k, v in tensors.items()})
-        elif fmt == "timm" and path.suffix in (".pth", ".pt", ".bin"):
+        elif container == "torch":
             torch.save(tensors, tmp)
         else:
             from safetensors.torch import save_file
 
-            save_file(tensors, str(tmp), metadata={"format": "pt", "bigtransfer.arch": arch.name,
-                                                   "bigtransfer.naming": fmt, **(metadata or {})})
+            save_file(tensors, str(tmp), metadata={**(metadata or {}), "format": "pt", "bigtransfer.arch": arch.name,
+                                                   "bigtransfer.naming": fmt})
     return path
 
 

@@ -8,11 +8,12 @@ from .sources import (
     LabelledImages,
     TorchDatasetImages,
     decode_image,
+    match_classes,
     measure_image_size,
     open_dataset,
 )
 from .transforms import HyperRuleTransform, InceptionCropTransform, to_model_input
 
 __all__ = ["BadImageError", "HyperRuleTransform", "InceptionCropTransform", "LabelledImages", "StepSampler",
-           "TorchDatasetImages", "decode_image", "eval_loader", "measure_image_size", "open_dataset",
+           "TorchDatasetImages", "decode_image", "eval_loader", "match_classes", "measure_image_size", "open_dataset",
            "sample_per_class", "to_model_input", "train_loader"]

@@ -223,6 +223,44 @@ class _Subset(LabelledImages):
         return self.parent.size_of(self.indices[self._check_index(i)])
 
 
+class _Relabelled(LabelledImages):
+    """A parent's items under another class list: `index[label]` is a parent label's place in `classes`."""
+
+    def __init__(self, parent: LabelledImages, classes: Sequence[str], index: Sequence[int]) -> None:
+        self.parent, self.index = parent, list(index)
+        self.name, self.classes = parent.name, list(classes)
+        self.flip, self.multi_label = parent.flip, parent.multi_label
+        self.targets = [self._relabel(t) for t in parent.targets]
+
+    def _relabel(self, target: int | tuple[int, ...]) -> int | tuple[int, ...]:
+        return tuple(self.index[t] for t in target) if self.multi_label else self.index[target]
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        image, target = self.parent[i]
+        return image, self._relabel(target)
+
+    def describe(self, i: int) -> str:
+        return self.parent.describe(i)
+
+    def size_of(self, i: int) -> tuple[int, int]:
+        return self.parent.size_of(i)
+
+
+def match_classes(classes: Sequence[Any], held_out: LabelledImages) -> LabelledImages:
+    """`held_out` labelled with the indices of the training data's `classes`. Every source numbers its own
+    classes (an image folder its sub-folders in sorted order), so a test folder that lacks one training class
+    would otherwise shift every label after it. Matched by name; a class the training data lacks is an error."""
+    names = [str(c) for c in classes]
+    if [str(c) for c in held_out.classes] == names:
+        return held_out
+    index = {c: i for i, c in enumerate(names)}
+    unknown = [str(c) for c in held_out.classes if str(c) not in index]
+    if unknown:
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise ValueError(f"{held_out.name} has classes that the training data lacks: {', '.join(unknown[:10])}{more}")
+    return _Relabelled(held_out, names, [index[str(c)] for c in held_out.classes])
+
+
 class _FileImages(LabelledImages):
     """Shared behaviour of sources whose items are image files: decode on access, header-only sizes."""
 
@@ -558,7 +596,7 @@ _SPLIT_DIRS = {
     "val": ("val", "validation"),
     "validation": ("validation", "val"),
     "test": ("test",),
-    "eval": ("test", "val", "validation"),  # the held-out part, whatever it is called; all of a one-split source
+    "eval": ("test", "val", "validation"),  # the held-out part, whatever it is called; all of a CSV or shards
     "all": (),  # every image of a one-split source or a single class tree (what `bit shards` writes)
 }
 
@@ -577,11 +615,13 @@ def open_dataset(
     download: bool = False,
     val_fraction: float = 0.2,
     split_seed: int = 0,
+    hold_out: bool = True,
 ) -> LabelledImages:
     """Turn a command-line dataset spec into a source; see ``_SPEC_HELP`` for the forms.
 
     A single class-folder tree has no held-out part, so one is carved out deterministically (``split_seed``):
-    ``val_fraction`` of each class is "val"/"test", the rest "train".
+    ``val_fraction`` of each class is "val"/"test", the rest "train". With ``hold_out=False`` (the held-out
+    data comes from elsewhere) every split of such a tree is all of it.
     """
     if split not in _SPLIT_DIRS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_DIRS)}, got {split!r}")
@@ -620,7 +660,7 @@ def open_dataset(
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         tree = ImageFolderImages(path)
-        if split == "all":
+        if split == "all" or not hold_out:
             return tree
         train, val = _stratified_split(tree.targets, val_fraction, split_seed)
         return tree.subset(train if split == "train" else val)

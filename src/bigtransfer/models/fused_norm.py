@@ -275,15 +275,20 @@ if triton is not None:
         scale = (gamma * rstd)[:, None]
         shift = (beta - mean * gamma * rstd)[:, None]
         if WHOLE:
-            tl.store(y_ptr + offsets, tl.maximum(x * scale + shift, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + offsets, _relu(x * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
         else:
             if ADD:
                 tl.debug_barrier()  # the sum's stores above, by all of this program's threads, before they read it
             for s0 in range(0, S, BLOCK_S):
                 offsets, mask = _offsets(n, c0, s0, channels, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
                 x = tl.load(total_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                y = tl.maximum(x * scale + shift, 0.0)
+                y = _relu(x * scale + shift)
                 tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _relu(v):
+        """max(v, 0) that keeps a NaN, as torch's ReLU does (a plain maximum returns 0): a diverged run must show."""
+        return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
     def _input_and_relu_grad(x_ptr, dy_ptr, n, c0, s0, channels, S, stride_n, stride_c, stride_s, scale, shift,

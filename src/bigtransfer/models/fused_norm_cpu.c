@@ -79,7 +79,7 @@ static void forward_sample(const Args *a, int64_t n, void *scratch) {
     float *restrict q = out + r * C;
     for (int64_t c = 0; c < C; c++) {
       const float v = p[c] * scale[c] + shift_out[c];
-      q[c] = v > 0.f ? v : 0.f;
+      q[c] = v < 0.f ? 0.f : v; /* a NaN stays NaN, as torch's ReLU keeps it: a diverged run must show */
     }
   }
 }
