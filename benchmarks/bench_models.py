@@ -174,7 +174,7 @@ def main() -> None:
     p.add_argument("--infer-res", type=int, default=224)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="alternating rounds (at least 2); the median is reported")
     p.add_argument("--iters", type=int, default=3, help="timed steps per round")
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
     p.add_argument("--channels-last", action="store_true")
@@ -184,6 +184,8 @@ def main() -> None:
     p.add_argument("--impls", nargs="+", default=["ours", "timm", "timm+heap", "hf"],
                    choices=("ours", "ours-unfused", "timm", "timm+heap", "hf"))
     args = p.parse_args()
+    if args.repeats < 2:
+        p.error("--repeats must be at least 2: the ratios are quartiles of per-round ratios")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     ceiling = matmul_rate(device, args.precision)

@@ -85,8 +85,8 @@ EOF
 }
 
 e2e512() {  # cuDNN autotuning (BIGTRANSFER_CUDNN_AUTOTUNE) and the layout, each on and off
-  finetune b512_graphs1 512 1 --no-channels-last
-  BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_heuristics 512 1 --no-channels-last
+  finetune b512_graphs1_nchw 512 1 --no-channels-last  # its own name: e2e's b512_graphs1 is channels_last
+  BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_nchw_heuristics 512 1 --no-channels-last
   finetune b512_graphs1_cl 512 1 --channels-last
   BIGTRANSFER_CUDNN_AUTOTUNE=0 finetune b512_graphs1_cl_heuristics 512 1 --channels-last
 }

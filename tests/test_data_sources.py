@@ -257,8 +257,13 @@ def test_multi_label_targets_are_relabelled_one_by_one():
         def __getitem__(self, i):
             return Image.new("RGB", (2, 2)), self.targets[i]
 
-    held_out = match_classes(["cat", "dog", "owl"], Tags(["dog", "owl"], [(0,), (0, 1)]))
+    held_out = match_classes(["cat", "dog", "owl"], Tags(["dog", "owl"], [(0,), (0, 1)]), multi_label=True)
     assert held_out.targets == [(1,), (1, 2)] and held_out[1][1] == (1, 2)
+    single = TorchDatasetImages(torch.utils.data.TensorDataset(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1])))
+    as_tags = match_classes(["x", "0", "1"], single, multi_label=True)  # one label per image, for a multi-label run
+    assert as_tags.multi_label and as_tags.targets == [(1,), (2,)] and as_tags[0][1] == (1,)
+    with pytest.raises(ValueError, match="several labels per image; the training data has one"):
+        match_classes(["cat", "dog", "owl"], Tags(["dog"], [(0,)]))
 
 
 def test_open_dataset_csv(tmp_path):

@@ -144,8 +144,8 @@ def test_standardized_kernels_are_cached_for_inference_and_invalidated_by_update
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         first = model.eval()(x)
-        cached = conv._cache[1]
-        assert torch.equal(model(x), first) and conv._cache[1] is cached  # reused, not recomputed
+        cached = conv._cache[2]
+        assert torch.equal(model(x), first) and conv._cache[2] is cached  # reused, not recomputed
     torch.testing.assert_close(dense(cached), standardize_by_hand(conv.weight.detach()))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -154,12 +154,52 @@ def test_standardized_kernels_are_cached_for_inference_and_invalidated_by_update
     with torch.no_grad():
         after = model.eval()(x)
         assert not torch.equal(after, first)
-        torch.testing.assert_close(dense(conv._cache[1]), standardize_by_hand(conv.weight))
+        torch.testing.assert_close(dense(conv._cache[2]), standardize_by_hand(conv.weight))
         torch.testing.assert_close(after, bt.inference.fold_weight_standardization(model)(x))
     bt.save_weights(bt.create_model("BiT-R14x0.25", num_classes=3, zero_head=False), tmp_path / "w.safetensors")
     bt.load_weights(model, tmp_path / "w.safetensors")  # copy_ into the parameters: the cache must notice
     with torch.no_grad():
         torch.testing.assert_close(conv.standardized_weight(), standardize_by_hand(conv.weight))
+
+
+def test_no_edit_of_the_weights_leaves_a_stale_kernel():
+    """Edits autograd's version counter does not see (through .data), new weight tensors that may reuse a freed
+    one's memory (torch.func.functional_call, parametrizations), inference-tensor weights, compiled and traced
+    models: every one must compute with the weights as they are, as a fresh copy of the model does."""
+    import copy
+
+    model = bt.create_model("BiT-R14x0.25", num_classes=5, zero_head=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        model.root.conv.weight.data.copy_(torch.randn_like(model.root.conv.weight))  # dense, through .data
+        assert not torch.equal(model(x), before)
+        torch.testing.assert_close(model(x), copy.deepcopy(model)(x))
+        model.stages[1][0].conv2.weight.data[0, 0, 0, 0] += 1.0  # sparse, through .data: seen after a mode switch
+        torch.testing.assert_close(model.train().eval()(x), copy.deepcopy(model)(x))
+
+        params = dict(model.named_parameters())
+        for seed in range(6):  # new tensors each call, freed after it: their addresses come back
+            torch.manual_seed(seed)
+            weights = {k: torch.randn_like(v) * 0.1 if k.endswith("conv.weight") or ".conv" in k else v
+                       for k, v in params.items()}
+            reference = copy.deepcopy(model)
+            reference.load_state_dict({**model.state_dict(), **weights})
+            torch.testing.assert_close(torch.func.functional_call(model, weights, (x,)), reference(x))
+
+    with torch.inference_mode():  # weights created under inference mode track no versions
+        frozen = bt.create_model("BiT-R14x0.25", num_classes=5, zero_head=False).eval()
+        frozen.load_state_dict(model.state_dict())
+        torch.testing.assert_close(frozen(x), frozen(x))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):  # the second call once hit a data-pointer comparison, which breaks the graph
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+        batches = torch.randn(3, 2, 3, 32, 32)  # torch.func.vmap over batches of batches
+        torch.testing.assert_close(torch.func.vmap(model)(batches), torch.stack([model(b) for b in batches]),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def dense(kernel):

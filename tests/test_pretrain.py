@@ -196,3 +196,51 @@ def test_multi_label_pretraining_reports_map_and_starts_from_bias_minus_ten(tmp_
     assert r["plan"]["loss"] == "sigmoid" and 0 < r["eval"]["mAP"] <= 1
     bias = load_file(str(tmp_path / "run" / "model.safetensors"))["head.bias"]
     assert bias.shape == (4,) and (bias < -9).all()  # six small steps barely move it from -10
+    # held-out data with one label per image (as ImageNet-21k's often is), and a start from a checkpoint whose
+    # head has another size: the new head starts at -10 too
+    (tmp_path / "single.csv").write_text("\n".join(["path,label"] + [f"img/class{c}/{i:03d}.png,c{c}"
+                                                                     for c in range(3) for i in range(6)]) + "\n")
+    bt.save_weights(bt.create_model(TINY, num_classes=7, zero_head=False), tmp_path / "upstream.safetensors")
+    r = pretrain(TINY, str(tmp_path / "labels.csv"), str(tmp_path / "single.csv"), out=tmp_path / "run2",
+                 pretrained=tmp_path / "upstream.safetensors", epochs=2, batch_size=6, crop=32, progress=False)
+    assert 0 < r["eval"]["mAP"] <= 1
+    assert (load_file(str(tmp_path / "run2" / "model.safetensors"))["head.bias"] < -9).all()
+
+
+def test_data_that_must_not_be_mirrored_is_not_mirrored_upstream_either(tmp_path):
+    r = pretrain(TINY, "digits", out=tmp_path / "run", epochs=1, batch_size=200, crop=16, progress=False)
+    assert r["plan"]["flip"] is False
+    assert pretrain(TINY, "digits", out=tmp_path / "flipped", epochs=1, batch_size=200, crop=16, flip=True,
+                    progress=False)["plan"]["flip"] is True
+
+
+def test_shard_streams_of_unequal_length_move_through_epochs_in_step(tmp_path):
+    """64 images in shards of 12 (five, and one of 4): two streams hold 36 and 28 samples in some epochs. Each
+    epoch every stream yields the shortest one's count, so no sample comes twice within an epoch (the longer
+    stream used to run on into the next epoch's shards while the shorter one was still in this one)."""
+    make_image_folder(tmp_path / "images", classes=4, per_class=16)
+    write_shards(open_dataset(str(tmp_path / "images"), "all"), tmp_path / "shards", shard_size=12, progress=False)
+    for world, workers in ((2, 1), (1, 3)):
+        streams = [ShardStream(tmp_path / "shards", InceptionCropTransform(16), 4, seed=1, rank=r, world_size=world,
+                               workers=workers) for r in range(world) for _ in range(workers)]
+        workers_of = [w for _ in range(world) for w in range(workers)]
+        n = world * workers
+        lengths = [streams[0].epoch_length(e) for e in range(4)]
+        assert all(s.epoch_length(e) == lengths[e] for s in streams for e in range(4))
+        assert 64 - 12 * (n - 1) <= n * min(lengths) and max(lengths) <= 64 // n  # at most n - 1 shards left out
+        taken = [[k for k, _, _ in _take(s.raw_stream(w), sum(lengths))] for s, w in zip(streams, workers_of,
+                                                                                         strict=True)]
+        start = 0
+        for length in lengths:
+            epoch = [k for keys in taken for k in keys[start:start + length]]
+            assert len(epoch) == len(set(epoch)) == n * length
+            start += length
+    first = ShardImages(tmp_path / "shards")
+    assert len({first.targets[i] for i in range(12)}) > 1  # `bit shards` mixes the classes in every shard
+    with pytest.raises(ValueError, match="holds no images to write"):
+        write_shards(first.subset([]), tmp_path / "empty", progress=False)
+    shard = tmp_path / "shards" / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])  # truncated: the error names the shard
+    stream = ShardStream(tmp_path / "shards", InceptionCropTransform(16), 4, seed=1)
+    with pytest.raises(ValueError, match="shard-000002.tar: unreadable shard"):
+        _take(stream.raw_stream(0), 64)

@@ -98,7 +98,7 @@ def _plan_inputs(args: argparse.Namespace) -> tuple:
             logging.getLogger("bigtransfer").warning("no test or val split found for %s: training without "
                                                      "evaluation (pass --eval-data)", args.data)
         if eval_source is not None:
-            eval_source = match_classes(train_source.classes, eval_source)
+            eval_source = match_classes(train_source.classes, eval_source, multi_label=train_source.multi_label)
     overrides = {"variant": args.variant, "steps": args.steps, "base_lr": args.lr, "batch_size": args.batch,
                  "batch_split": args.batch_split, "resolution": tuple(args.resolution) if args.resolution else None,
                  "mixup_alpha": args.mixup_alpha, "flip": False if args.no_flip else None,

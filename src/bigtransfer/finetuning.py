@@ -172,7 +172,8 @@ def open_sources(train_data: LabelledImages | Dataset | str, eval_data: Labelled
     train = as_source(train_data, "train", download, hold_out=same)
     if eval_data is None:
         return train, None
-    return train, match_classes(train.classes, as_source(eval_data, "eval", download, hold_out=same))
+    held_out = as_source(eval_data, "eval", download, hold_out=same)
+    return train, match_classes(train.classes, held_out, multi_label=train.multi_label)
 
 
 def select_examples(source: LabelledImages, examples_per_class: int | None,

@@ -220,14 +220,22 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     if shards is not None:
         manifest = read_manifest(shards)
         name, n, classes, multi = f"shards:{shards}", manifest["total"], manifest["classes"], manifest["multi_label"]
-        eval_source = None if eval_data is None else match_classes(classes, as_source(eval_data, "eval",
-                                                                                      hold_out=False))
+        flip = manifest.get("flip", True)
+        eval_source = None if eval_data is None else as_source(eval_data, "eval", hold_out=False)
     else:
         source, eval_source = open_sources(data, eval_data)
         if in_memory:
             source = InMemoryImages(source, workers=max(1, workers), progress=progress)
-        name, n, classes, multi = source.name, len(source), source.classes, source.multi_label
+        name, n, classes, multi, flip = source.name, len(source), source.classes, source.multi_label, source.flip
+    if n == 0:
+        raise ValueError(f"{name} holds no images to train on")
+    if eval_source is not None:  # labelled as the training data is: its class indices, multi-hot if it is
+        eval_source = match_classes(classes, eval_source, multi_label=multi)
     plan = make_pretrain_plan(model_name, name, n, len(classes), multi, recipe, **overrides)
+    if overrides.get("flip") is None:  # the data's own rule: digits and text are never mirrored
+        plan.flip = flip
+    if plan.batch_size % runtime.world_size:
+        raise ValueError(f"global batch {plan.batch_size} does not split over {runtime.world_size} processes")
     run = RunDir(out, writer=runtime.is_main)
     handler = run.log_to_file()
     try:
@@ -242,7 +250,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
                         "not at all", runtime.world_size, workers, saved["world_size"], saved.get("workers"))
         torch.manual_seed(plan.seed)
         model = create_model(model_name, num_classes=plan.num_classes, pretrained=pretrained)
-        if multi and pretrained is False:
+        if multi and not model.head.bias.any():  # a new head (random init, or another checkpoint's head size)
             nn.init.constant_(model.head.bias, HEAD_BIAS_SIGMOID)
         model.set_grad_checkpointing(plan.activation_checkpointing)
         local = plan.batch_size // runtime.world_size

@@ -66,7 +66,7 @@ def linear_probe(model: nn.Module, train: LabelledImages, test: LabelledImages, 
                  batch_size: int = 256, precision: str = "fp32") -> list[dict]:
     """Test accuracy of the probe for every (examples per class, seed); None means all training data.
     Features are extracted once; every k and seed only re-fits the closed form."""
-    test = match_classes(train.classes, test)
+    test = match_classes(train.classes, test, multi_label=train.multi_label)
     train_x, train_y = extract_features(model, train, resolution, runtime, batch_size, precision)
     test_xy = extract_features(model, test, resolution, runtime, batch_size, precision)
     rows = []

@@ -19,8 +19,8 @@ class InMemoryImages(LabelledImages):
         self.name, self.classes, self.flip = f"memory:{source.name}", list(source.classes), source.flip
         self.multi_label, self.targets = source.multi_label, list(source.targets)
         self._describe = [source.describe(i) for i in range(len(source))] if len(source) <= 100_000 else None
-        chunks = [(source, range(i, min(i + 2048, len(source))), size) for i in range(0, len(source), 2048)]
-        parts = map_with_progress(_decode_chunk, chunks, workers=workers, description=f"decoding {source.name} "
+        chunks = [(range(i, min(i + 2048, len(source))), size) for i in range(0, len(source), 2048)]
+        parts = map_with_progress(_decode_chunk, source, chunks, workers=workers, description=f"decoding {source.name} "
                                   "into memory", total=len(source), size=len, progress=progress, transient=True)
         self.images = np.concatenate(parts) if parts else np.zeros((0, 1, 1, 3), np.uint8)
 

@@ -4,9 +4,15 @@ Layout (readable by the `webdataset` library too): ``shard-000000.tar`` ... each
 ``KEY.jpg`` and ``KEY.cls`` (the class index as text) or ``KEY.json`` (``{"labels": [...]}`` for
 multi-label data), plus ``manifest.json`` with the classes, per-shard counts and sha256 checksums.
 
+`bit shards` writes the samples in a seeded random order, so that every shard (and every window of a few)
+holds a mix of classes, not a run of one.
+
 Streaming (`ShardStream`) is exact and resumable:
 * epoch e permutes the shard list with (seed, e); process r of W takes every W-th shard, its loader
-  worker w of K every K-th of those: every shard, hence every sample, is read once per epoch;
+  worker w of K every K-th of those. All W x K streams yield the same number of samples per epoch (the
+  shortest one's, the rest of the longer ones' last window is left out of that epoch), so they move from
+  epoch to epoch in step: every sample is read at most once per epoch, all of them with one stream, and
+  with more, all but at most (W x K - 1) shards' worth, other ones each epoch;
 * samples are shuffled inside windows of a few shards with a seeded buffer;
 * everything is a function of (seed, rank, worker, position), so a restart at step s skips exactly
   the samples steps 0..s-1 consumed (whole windows by the manifest's counts, without reading them).
@@ -46,18 +52,23 @@ def write_shards(source: LabelledImages, out_dir: str | os.PathLike, shard_size:
     """Re-encode every image of `source` (longest side at most `max_side`, JPEG `quality`) into shards
     of `shard_size` samples, in `workers` processes. Unreadable images are reported by path in the
     manifest and left out. Returns the manifest (also written to OUT_DIR/manifest.json)."""
+    if len(source) == 0:
+        raise ValueError(f"{source.name} holds no images to write")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    groups = [list(range(i, min(i + shard_size, len(source)))) for i in range(0, len(source), shard_size)]
-    jobs = [(source, idx, out / f"shard-{k:06d}.tar", max_side, quality) for k, idx in enumerate(groups)]
-    results = map_with_progress(_write_shard, jobs, workers=workers, description=f"writing {len(jobs)} shards",
+    order = np.random.default_rng(0).permutation(len(source)).tolist()  # classes mixed in every shard
+    groups = [order[i:i + shard_size] for i in range(0, len(source), shard_size)]
+    jobs = [(idx, out / f"shard-{k:06d}.tar", max_side, quality) for k, idx in enumerate(groups)]
+    results = map_with_progress(_write_shard, source, jobs, workers=workers, description=f"writing {len(jobs)} shards",
                                 total=len(source), size=lambda r: r["count"] + len(r["bad"]), progress=progress)
     bad = [b for r in results for b in r.pop("bad")]
     for b in bad:
         log.warning("bad image left out of the shards: %s", b)
     manifest = {"format": "webdataset", "source": source.name, "classes": list(source.classes),
-                "multi_label": source.multi_label, "total": sum(r["count"] for r in results),
+                "multi_label": source.multi_label, "flip": source.flip, "total": sum(r["count"] for r in results),
                 "max_side": max_side, "quality": quality, "shards": results, "bad_images": bad}
+    if manifest["total"] == 0:
+        raise ValueError(f"{source.name}: every image was unreadable; nothing to train on (see the warnings above)")
     with atomic_path(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -120,16 +131,20 @@ def verify_shards(root: str | os.PathLike) -> None:
 def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample, reading the tar front to back (streaming-friendly)."""
     key, members = None, {}
-    with tarfile.open(path, "r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, _, ext = info.name.partition(".")
-            if key is not None and k != key:
-                yield key, members
-                members = {}
-            key = k
-            members[ext] = tar.extractfile(info).read()
+    try:
+        with tarfile.open(path, "r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, _, ext = info.name.partition(".")
+                if key is not None and k != key:
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext] = tar.extractfile(info).read()
+    except tarfile.TarError as e:
+        raise ValueError(f"{path}: unreadable shard ({e}); `verify_shards` checks every shard against the "
+                         "manifest's sha256, `bit shards` writes it again") from e
     if key is not None:
         yield key, members
 
@@ -200,25 +215,41 @@ class ShardStream(IterableDataset):
             raise ValueError(f"{root}: {len(self.shards)} shards cannot feed {world_size} processes x "
                              f"{self.num_workers} loader workers; write smaller shards (bit shards --shard-size)")
 
+    def _epoch_order(self, epoch: int) -> list[tuple[str, int]]:
+        g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
+        return [self.shards[i] for i in torch.randperm(len(self.shards), generator=g).tolist()]
+
     def worker_shards(self, epoch: int, worker: int) -> list[tuple[str, int]]:
         """The shards (name, count) one loader worker of this process reads in `epoch`, in order."""
-        g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
-        order = [self.shards[i] for i in torch.randperm(len(self.shards), generator=g).tolist()]
-        return order[self.rank::self.world_size][worker::self.num_workers]
+        return self._epoch_order(epoch)[self.rank::self.world_size][worker::self.num_workers]
+
+    def epoch_length(self, epoch: int) -> int:
+        """Samples each of the W x K streams yields in `epoch`: the shortest one's, so that no stream runs into
+        the next epoch while another is still in this one."""
+        order = self._epoch_order(epoch)
+        return min(sum(count for _, count in order[r::self.world_size][w::self.num_workers])
+                   for r in range(self.world_size) for w in range(self.num_workers))
 
     def raw_stream(self, worker: int, skip: int = 0) -> Iterator[tuple[str, dict[str, bytes], int]]:
         """(key, members, ordinal) of one worker's stream, endless over epochs, after `skip` samples."""
         ordinal, epoch = 0, 0
         while True:
-            shards = self.worker_shards(epoch, worker)
+            length = self.epoch_length(epoch)
+            if length == 0:
+                raise ValueError(f"{self.root}: some of the {self.world_size} x {self.num_workers} streams get no "
+                                 "samples in an epoch; write smaller shards (bit shards --shard-size)")
+            shards, taken = self.worker_shards(epoch, worker), 0
             for wi in range(0, len(shards), self.window):
+                if taken == length:
+                    break
                 group = shards[wi:wi + self.window]
-                size = sum(count for _, count in group)
+                size = min(sum(count for _, count in group), length - taken)
+                taken += size
                 if ordinal + size <= skip:  # consumed before the restart: skip without reading
                     ordinal += size
                     continue
                 rng = np.random.default_rng([self.seed, epoch, self.rank, worker, wi])
-                for key, members in self._shuffled(group, rng):
+                for _, (key, members) in zip(range(size), self._shuffled(group, rng), strict=False):
                     if ordinal >= skip:
                         yield key, members, ordinal
                     ordinal += 1

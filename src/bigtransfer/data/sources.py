@@ -224,16 +224,20 @@ class _Subset(LabelledImages):
 
 
 class _Relabelled(LabelledImages):
-    """A parent's items under another class list: `index[label]` is a parent label's place in `classes`."""
+    """A parent's items under another class list: `index[label]` is a parent label's place in `classes`;
+    with `multi_label`, a single label becomes a one-label tuple."""
 
-    def __init__(self, parent: LabelledImages, classes: Sequence[str], index: Sequence[int]) -> None:
+    def __init__(self, parent: LabelledImages, classes: Sequence[str], index: Sequence[int],
+                 multi_label: bool) -> None:
         self.parent, self.index = parent, list(index)
         self.name, self.classes = parent.name, list(classes)
-        self.flip, self.multi_label = parent.flip, parent.multi_label
+        self.flip, self.multi_label = parent.flip, multi_label
         self.targets = [self._relabel(t) for t in parent.targets]
 
     def _relabel(self, target: int | tuple[int, ...]) -> int | tuple[int, ...]:
-        return tuple(self.index[t] for t in target) if self.multi_label else self.index[target]
+        if self.parent.multi_label:
+            return tuple(self.index[t] for t in target)
+        return (self.index[target],) if self.multi_label else self.index[target]
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         image, target = self.parent[i]
@@ -246,19 +250,22 @@ class _Relabelled(LabelledImages):
         return self.parent.size_of(i)
 
 
-def match_classes(classes: Sequence[Any], held_out: LabelledImages) -> LabelledImages:
-    """`held_out` labelled with the indices of the training data's `classes`. Every source numbers its own
-    classes (an image folder its sub-folders in sorted order), so a test folder that lacks one training class
-    would otherwise shift every label after it. Matched by name; a class the training data lacks is an error."""
+def match_classes(classes: Sequence[Any], held_out: LabelledImages, multi_label: bool = False) -> LabelledImages:
+    """`held_out` labelled with the indices of the training data's `classes` (as one-label tuples where the
+    training data is `multi_label` and `held_out` is not). Every source numbers its own classes (an image folder
+    its sub-folders in sorted order), so a test folder that lacks one training class would otherwise shift
+    every label after it. Matched by name; a class the training data lacks is an error."""
     names = [str(c) for c in classes]
-    if [str(c) for c in held_out.classes] == names:
+    if held_out.multi_label and not multi_label:
+        raise ValueError(f"{held_out.name} has several labels per image; the training data has one")
+    if [str(c) for c in held_out.classes] == names and held_out.multi_label == multi_label:
         return held_out
     index = {c: i for i, c in enumerate(names)}
     unknown = [str(c) for c in held_out.classes if str(c) not in index]
     if unknown:
         more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
         raise ValueError(f"{held_out.name} has classes that the training data lacks: {', '.join(unknown[:10])}{more}")
-    return _Relabelled(held_out, names, [index[str(c)] for c in held_out.classes])
+    return _Relabelled(held_out, names, [index[str(c)] for c in held_out.classes], multi_label)
 
 
 class _FileImages(LabelledImages):

@@ -1,13 +1,13 @@
-"""Weight Standardization as one Triton kernel each way, for training on CUDA.
+"""Weight Standardization as one Triton kernel each way, on CUDA.
 
 Why: every convolution standardises its kernel on every step, and under bf16 autocast the standardised fp32
 kernel is then cast to bf16 for cuDNN and its gradient cast back: per convolution a batch_norm forward, a
 cast, a cast back and a batch_norm backward, each a small kernel (an R50x1 step on an H100 spent 0.76 ms in
 the batch norms and 1.08 in casts and copies, benchmarks/RESULTS.md). Here the forward writes the
 standardised kernel directly in the dtype the convolution runs in (autocast's, where it is on) and the
-backward takes the gradient in that dtype: two kernels per convolution. Only where gradients flow: without
-them `StdConv2d` computes the kernel once and caches it. Same conditions as `fused_norm` (not under
-``torch.compile``, tracing or a dispatch mode); ``BIGTRANSFER_FUSED_WS=0`` turns it off.
+backward takes the gradient in that dtype: two kernels per convolution (one without gradients). Same
+conditions as `fused_norm` (not under ``torch.compile``, tracing or a dispatch mode); ``BIGTRANSFER_FUSED_WS=0``
+turns it off.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ ENABLED = triton is not None and os.environ.get("BIGTRANSFER_FUSED_WS", "1") != 
 
 
 def usable(weight: torch.Tensor) -> bool:
-    """Whether standardising `weight` goes through the fused kernels: a CUDA weight that gradients flow to."""
-    return ENABLED and weight.is_cuda and weight.requires_grad and torch.is_grad_enabled() and plain_eager()
+    """Whether standardising `weight` goes through the fused kernels: any CUDA weight, in plain eager mode
+    (without gradients too: `StdConv2d` keeps no kernel between calls on CUDA, and this writes autocast's
+    dtype directly, where the batch-norm form would need a cast after it)."""
+    return ENABLED and weight.is_cuda and plain_eager()
 
 
 def standardize(weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,12 +14,12 @@ Layout of the module tree (our checkpoint names follow it)::
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
 from . import fused_norm, fused_norm_cpu, fused_pool, fused_ws
@@ -60,56 +60,79 @@ def standardize(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
 _HAS_ONEDNN_OPS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def _onednn_inference(x: torch.Tensor) -> bool:
+def _onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this convolution may run as oneDNN's fused inference op with a pre-packed kernel:
-    fp32 on a CPU, no gradients, nothing intercepting the call (autocast, torch.compile, a dispatch
+    fp32 on a CPU, no gradients, nothing intercepting the call (autocast, torch.compile, tracing, a dispatch
     mode such as the FLOP counter) -- everywhere else the plain `F.conv2d` runs."""
-    return (not torch.compiler.is_compiling() and _HAS_ONEDNN_OPS and torch.backends.mkldnn.enabled
-            and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and _get_current_dispatch_mode() is None)
+    return (_HAS_ONEDNN_OPS and torch.backends.mkldnn.enabled and x.device.type == "cpu"
+            and x.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and _cacheable(weight))
+
+
+def _cacheable(weight: torch.Tensor) -> bool:
+    """Whether the standardised kernel may be kept between calls: a CPU weight no gradient flows to, in plain
+    eager mode (compiling or tracing must see the ops), that tracks versions (inference tensors do not). Not on
+    CUDA: checking there that the weight is unchanged would wait for the GPU at every convolution."""
+    return (fused_norm.plain_eager() and weight.device.type == "cpu"
+            and not (torch.is_grad_enabled() and weight.requires_grad) and not weight.is_inference())
+
+
+def _fingerprint(weight: torch.Tensor) -> float:
+    """A sum over a fixed sample of the weight's elements (every one for small kernels, else one in 257: a
+    sixteenth of the cache lines). An edit through ``.data`` bumps no version counter; any dense one (a copy,
+    an EMA update, noise) still changes this sum."""
+    w = weight.detach()
+    dense = w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)
+    flat = torch.as_strided(w, (w.numel(),), (1,), w.storage_offset()) if dense else w.flatten()
+    return float((flat if flat.numel() < 16_384 else flat[::257]).sum())
 
 
 class StdConv2d(nn.Conv2d):
     """Conv2d whose kernel is weight-standardised on every call (no bias, as in BiT).
 
     `forward(x, residual)` returns ``conv(x) + residual``: the unit's residual add, which inference on
-    a CPU fuses into the convolution. Without gradients the standardised kernel is computed once and
-    reused until the weight changes (an optimiser step or a load bumps the tensor's version counter);
-    on a CPU it is kept in oneDNN's blocked layout, so no call reorders it again (measured: convolutions
-    4-15% faster)."""
+    a CPU fuses into the convolution. Where no gradient flows to the weight on a CPU, the standardised kernel
+    is computed once and kept in oneDNN's blocked layout, so no call standardises or reorders it again
+    (measured: convolutions 4-15% faster). It is recomputed when the weight is another tensor, its version
+    counter moved (an optimiser step, a load, any in-place edit) or a sampled sum of it changed (an edit
+    through ``.data``), and after every `train()`/`eval()` switch."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  eps: float = WS_EPS) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=kernel_size // 2, bias=False)
         self.eps = eps
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: tuple[weakref.ref, tuple, torch.Tensor] | None = None  # (the weight, its key, the kernel)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the cached kernel behind (oneDNN's packed tensors have no storage)."""
         return {**self.__dict__, "_cache": None}
 
+    def train(self, mode: bool = True) -> StdConv2d:
+        self._cache = None
+        return super().train(mode)
+
     def standardized_weight(self) -> torch.Tensor:
         w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad:
+        if not _cacheable(w):
             self._cache = None
             return standardize(w, self.eps)
         return self._cached_kernel(packed_for=None)
 
     def _cached_kernel(self, packed_for: torch.Size | None) -> torch.Tensor:
         w = self.weight
-        key = (w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride(), packed_for is None)
-        if self._cache is None or self._cache[0] != key:
+        key = (w._version, _fingerprint(w), w.dtype, w.shape, w.stride(), packed_for is None)
+        if self._cache is None or self._cache[0]() is not w or self._cache[1] != key:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
                 kernel = standardize(w, self.eps)
                 if packed_for is not None:  # the input shape only guides oneDNN's choice of layout
                     kernel = torch.ops.mkldnn._reorder_convolution_weight(
                         kernel, list(self.padding), list(self.stride), list(self.dilation), 1, list(packed_for))
-                self._cache = (key, kernel)
-        return self._cache[1]
+                self._cache = (weakref.ref(w), key, kernel)
+        return self._cache[2]
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if _onednn_inference(x):
+        if _onednn_inference(x, self.weight):
             conv = torch.ops.mkldnn._convolution_pointwise
             args = (self._cached_kernel(packed_for=x.shape), None, list(self.padding), list(self.stride),
                     list(self.dilation), 1)
@@ -127,7 +150,8 @@ def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
     runs as CUDA graphs, so the training engine chooses it (`engine.train`). Launched op by op it costs more
     CPU time than it saves GPU time (H100, bf16, R50x1 training at batch 512: 55 against 49 ms per step,
     with the GPU busy 32 against 40 ms)."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.dim() == 4 else x
+    cpu = x.device.type == "cpu" and x.dim() == 4 and torch._C._functorch.peek_interpreter_stack() is None  # not vmap
+    return x.contiguous(memory_format=torch.channels_last) if cpu else x
 
 
 class GroupNormAct(nn.GroupNorm):
