@@ -124,6 +124,7 @@ def test_fewshot_and_probe_commands(tmp_path, capsys):
     (("finetune", "--model", "BiT-R14x0.25", "--data", "digits", "--lr", "nan"), "argument --lr: must be > 0.0"),
     (("pretrain", "--model", "BiT-R14x0.25", "--data", "d", "--out", "x", "--min-crop-area", "2"),
      "argument --min-crop-area: must be <= 1.0, got 2"),
+    (("shards", "src", "out", "--quality", "500"), "argument --quality: must be <= 100, got 500"),
     (("vtab", "tasks", "--model", "BiT-R14x0.25", "--out", "x", "--seed", "-1"), "argument --seed: must be >= 0"),
     (("predict", "a.png", "--model", "BiT-R14x0.25", "--top-k", "two"), "argument --top-k: 'two' is not a whole"),
 ])

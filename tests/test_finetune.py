@@ -50,6 +50,8 @@ def test_few_shot_sampler():
     assert a == sample_per_class(targets, 3, seed=1) and a != sample_per_class(targets, 3, seed=2)
     with pytest.raises(ValueError, match="class 'cat' has only 3 examples, 4 per class"):
         sample_per_class(targets, 4, seed=0, classes=["dog", "cat", "emu"])
+    with pytest.raises(ValueError, match="class 'yak' has only 0 examples, 3 per class"):  # not silently left out
+        sample_per_class(targets, 3, seed=0, classes=["dog", "cat", "emu", "yak"])
 
 
 def test_metrics_by_hand():

@@ -112,6 +112,8 @@ def test_multi_label_csv_to_shards(tmp_path):
     indexed = ShardImages(tmp_path / "shards")
     assert indexed.multi_label and sorted(indexed.targets) == sorted(source.targets)
     assert (2, 3) in indexed.targets
+    with pytest.raises(ValueError, match="several labels per image; the HyperRule fine-tunes single-label"):
+        bt.finetune(TINY, source, steps=1, progress=False)  # softmax on multi-hot targets made no sense
 
 
 @pytest.mark.parametrize("world,workers", [(2, 1), (1, 2), (2, 2)])

@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=COUNT, default=1000, help="images per shard (default 1000)")
     p.add_argument("--max-side", type=COUNT, default=512, help="shrink images whose longest side is larger "
                                                              "(default 512)")
-    p.add_argument("--quality", type=COUNT, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--quality", type=_number(int, 1, maximum=100), default=90, help="JPEG quality, 1-100 (default 90)")
     p.add_argument("--workers", type=COUNT, default=1, help="encoding processes (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shards)

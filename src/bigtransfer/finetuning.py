@@ -209,6 +209,9 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     """
     runtime = setup(device)
     source, eval_source = open_sources(train_data, eval_data)
+    if source.multi_label:
+        raise ValueError(f"{source.name} has several labels per image; the HyperRule fine-tunes single-label "
+                         "tasks (softmax): `bit pretrain` trains multi-label data (sigmoid)")
     if in_memory or device_data:
         source = InMemoryImages(source, workers=max(1, workers), progress=progress)
     train_source, chosen = select_examples(source, overrides.get("examples_per_class"),
