@@ -33,6 +33,7 @@ from .data import (
     match_classes,
     train_loader,
 )
+from .data.loader import process_share
 from .data.memory import InMemoryImages
 from .data.shards import MANIFEST, ShardStream, read_manifest
 from .engine import EngineConfig, momentum_sgd, softmax_cross_entropy, train
@@ -87,12 +88,14 @@ class PretrainPlan:
 
 
 def make_pretrain_plan(model: str, data_name: str, n_examples: int, num_classes: int, multi_label: bool,
-                       recipe: str = "bit", **overrides) -> PretrainPlan:
-    """The paper's epoch recipe converted to steps for this dataset size and global batch."""
+                       recipe: str = "bit", data_flip: bool = True, **overrides) -> PretrainPlan:
+    """The paper's epoch recipe converted to steps for this dataset size and global batch; `data_flip` is the
+    data's own rule (digits and text are never mirrored), which a `flip` override replaces."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    plan = PretrainPlan(model, data_name, n_examples, num_classes, multi_label, recipe, **RECIPES[recipe])
+    plan = PretrainPlan(model, data_name, n_examples, num_classes, multi_label, recipe, flip=data_flip,
+                        **RECIPES[recipe])
     if "epochs" in given and "decay_epochs" not in given:  # a shorter/longer run keeps the recipe's shape
         f = given["epochs"] / RECIPES[recipe]["epochs"]
         given["decay_epochs"] = tuple(e * f for e in RECIPES[recipe]["decay_epochs"])
@@ -231,11 +234,8 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
         raise ValueError(f"{name} holds no images to train on")
     if eval_source is not None:  # labelled as the training data is: its class indices, multi-hot if it is
         eval_source = match_classes(classes, eval_source, multi_label=multi)
-    plan = make_pretrain_plan(model_name, name, n, len(classes), multi, recipe, **overrides)
-    if overrides.get("flip") is None:  # the data's own rule: digits and text are never mirrored
-        plan.flip = flip
-    if plan.batch_size % runtime.world_size:
-        raise ValueError(f"global batch {plan.batch_size} does not split over {runtime.world_size} processes")
+    plan = make_pretrain_plan(model_name, name, n, len(classes), multi, recipe, data_flip=flip, **overrides)
+    process_share(plan.batch_size, runtime.world_size)  # refused here for shards too, before anything is written
     run = RunDir(out, writer=runtime.is_main)
     handler = run.log_to_file()
     try:
@@ -287,7 +287,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
 
 def _batch_source(shards: Path | None, source: LabelledImages | None, transform, plan: PretrainPlan,
                   runtime: Runtime, workers: int, sample_log: RunDir | None):
-    local = plan.batch_size // runtime.world_size
+    local = process_share(plan.batch_size, runtime.world_size)
     pin = runtime.device.type == "cuda"
 
     def batches(start: int):

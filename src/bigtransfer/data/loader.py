@@ -20,18 +20,24 @@ log = logging.getLogger("bigtransfer")
 _SEED_STRIDE = 1_000_003
 
 
+def process_share(global_batch: int, world_size: int) -> int:
+    """Each process's part of the global batch, which must split evenly (the update is the same for any number
+    of processes only then)."""
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} does not split over {world_size} processes")
+    return global_batch // world_size
+
+
 class StepSampler:
     """Global batch of `global_batch` items per step. Sets at least as large as the batch are walked
     in a fresh seeded permutation each epoch (every item once per epoch); smaller ones are drawn with
     replacement to fill the batch, as the authors' code does for few-shot sets."""
 
     def __init__(self, n_items: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} does not split over {world_size} processes")
         if n_items < 1:
             raise ValueError("no training items")
         self.n, self.batch_size, self.seed = n_items, global_batch, seed
-        self.local = global_batch // world_size
+        self.local = process_share(global_batch, world_size)
         self.rank = rank
         self._perms: dict[int, torch.Tensor] = {}
 
