@@ -174,6 +174,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
                 "-m", "bigtransfer", *map(str, args), "--out", str(tmp_path / "two")]
     proc = subprocess.run(torchrun, capture_output=True, text=True, env=bit_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 5 steps") == 1  # rank 0 speaks for the run
     assert_same_weights(tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors",
                         rel=1e-5)
     config = json.loads((tmp_path / "two" / "config.json").read_text())

@@ -1,4 +1,4 @@
-"""Weight Standardization's Triton kernels (`fused_ws`, CUDA training's default), run here by Triton's CPU
+"""Weight Standardization's Triton kernels (`fused_ws`, CUDA's default), run here by Triton's CPU
 interpreter against the batch-norm form `resnetv2.standardize` in float64, and compiled for an H100."""
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ SCRIPT = textwrap.dedent("""
         (dw,) = torch.autograd.grad(fn(t).pow(3).sum(), t, create_graph=True)
         second.append(torch.autograd.grad(dw.square().sum(), t)[0])
     assert ((second[0].double() - second[1]).abs().max() / second[1].abs().max()).item() < 1e-4
+
+    # without gradients (CUDA inference standardises on every call, keeping no kernel): the same values
+    w = torch.randn(32, 16, 3, 3)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = fused_ws._Standardize.apply(w, WS_EPS, torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and not out.requires_grad
+        ref = standardize(w.double())
+        assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
     print("ok")
 """)
 

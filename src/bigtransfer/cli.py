@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -135,7 +136,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 128 + e.signum
     ev = results.get("eval") or {}
     top1 = f", top-1 {100 * ev['top1']:.2f}%" if ev else ""
-    console.print(f"done: {results['steps']} steps{top1}; results in {results['run_dir']}")
+    if _main_process():
+        console.print(f"done: {results['steps']} steps{top1}; results in {results['run_dir']}")
     return 0
 
 
@@ -173,7 +175,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         print(f"bit pretrain: {e}", file=sys.stderr)
         return 128 + e.signum
-    console.print(f"done: {results['steps']} steps; final loss {results['final_loss']:.4f}; results in {args.out}")
+    if _main_process():
+        console.print(f"done: {results['steps']} steps; final loss {results['final_loss']:.4f}; results in {args.out}")
     return 0
 
 
@@ -183,6 +186,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo(args.out, seeds=args.seeds, shots=tuple(args.shots), full_budget=args.full, device=args.device,
          progress=not args.no_progress)
     return 0
+
+
+def _main_process() -> bool:
+    """Under torchrun, the process of rank 0 speaks for the run (the others would print the same lines)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _refuse_flags(overrides: dict, keys, why: str) -> None:
