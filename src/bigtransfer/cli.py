@@ -16,6 +16,7 @@ from rich.table import Table
 from . import __version__
 from .checkpoints import (
     FORMATS,
+    SUFFIX_FORMATS,
     CheckpointError,
     DownloadError,
     cached_path,
@@ -27,7 +28,6 @@ from .models import get_model_spec, list_models
 
 console = Console()
 
-SUFFIX_FORMATS = {".npz": "npz", ".pth": "timm", ".pt": "timm", ".bin": "timm", ".safetensors": "safetensors"}
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -17,14 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import load_weights, read_checkpoint
+from .checkpoints import SUFFIX_FORMATS, load_weights, read_checkpoint
 from .checkpoints.formats import atomic_path
 from .data import HyperRuleTransform, decode_image, to_model_input
 from .models import ResNetV2, create_model, get_model_spec, list_models
 from .models.resnetv2 import StdConv2d, standardize
 from .runtime import resolve_device
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin")
 
 
 def load_model(model: str | os.PathLike, pretrained: bool = True) -> tuple[ResNetV2, list[str] | None, int]:
@@ -37,7 +35,7 @@ def load_model(model: str | os.PathLike, pretrained: bool = True) -> tuple[ResNe
         load_weights(net, ckpt)
         classes = json.loads(ckpt.metadata["bigtransfer.classes"]) if "bigtransfer.classes" in ckpt.metadata else None
         return net.eval(), classes, _resolution(ckpt.metadata, path)
-    if path.suffix in CHECKPOINT_SUFFIXES or os.sep in str(model):
+    if path.suffix in SUFFIX_FORMATS or os.sep in str(model):
         raise FileNotFoundError(f"{model}: no such checkpoint file")
     spec = get_model_spec(str(model))
     return create_model(spec.name, pretrained=pretrained).eval(), None, spec.resolution

@@ -224,16 +224,15 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
         manifest = read_manifest(shards)
         name, n, classes, multi = f"shards:{shards}", manifest["total"], manifest["classes"], manifest["multi_label"]
         flip = manifest.get("flip", True)
-        eval_source = None if eval_data is None else as_source(eval_data, "eval", hold_out=False)
+        eval_source = None if eval_data is None else match_classes(  # labelled as the training data is
+            classes, as_source(eval_data, "eval", hold_out=False), multi_label=multi)
     else:
-        source, eval_source = open_sources(data, eval_data)
+        source, eval_source = open_sources(data, eval_data)  # eval_source labelled as source is
         if in_memory:
             source = InMemoryImages(source, workers=max(1, workers), progress=progress)
         name, n, classes, multi, flip = source.name, len(source), source.classes, source.multi_label, source.flip
     if n == 0:
         raise ValueError(f"{name} holds no images to train on")
-    if eval_source is not None:  # labelled as the training data is: its class indices, multi-hot if it is
-        eval_source = match_classes(classes, eval_source, multi_label=multi)
     plan = make_pretrain_plan(model_name, name, n, len(classes), multi, recipe, data_flip=flip, **overrides)
     process_share(plan.batch_size, runtime.world_size)  # refused here for shards too, before anything is written
     run = RunDir(out, writer=runtime.is_main)

@@ -11,9 +11,9 @@ from torch import nn
 
 from ..models.registry import ModelSpec, get_model_spec
 from .download import DownloadError, cache_dir, download
-from .formats import FORMATS, Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
+from .formats import FORMATS, SUFFIX_FORMATS, Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
 
-__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "DownloadError", "cache_dir", "cached_path",
+__all__ = ["FORMATS", "SUFFIX_FORMATS", "Checkpoint", "CheckpointError", "DownloadError", "cache_dir", "cached_path",
            "download", "download_pretrained", "load_weights", "read_checkpoint", "save_weights",
            "write_checkpoint"]
 

@@ -31,6 +31,7 @@ import torch
 from ..models.resnetv2 import Architecture, ResNetV2, group_norm_groups
 
 FORMATS = ("npz", "timm", "hf", "safetensors")
+SUFFIX_FORMATS = {".npz": "npz", ".pth": "timm", ".pt": "timm", ".bin": "timm", ".safetensors": "safetensors"}
 
 
 class CheckpointError(ValueError):
@@ -296,8 +297,8 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
     writes a torch state dict, otherwise safetensors (with `metadata`, e.g. class names).
     """
     path = Path(path)
-    container = "npz" if fmt == "npz" else "torch" if fmt == "timm" and path.suffix in (".pth", ".pt", ".bin") \
-        else "safetensors"
+    torch_file = SUFFIX_FORMATS.get(path.suffix) == "timm"
+    container = "npz" if fmt == "npz" else "torch" if fmt == "timm" and torch_file else "safetensors"
     misnamed = path.suffix == ".safetensors" and container != "safetensors"
     if misnamed or (container == "npz") != (path.suffix == ".npz"):
         raise ValueError(f"{path}: a {fmt} checkpoint is written as a {container} file, which the name's "
