@@ -300,6 +300,9 @@ def test_csv_errors_name_file_and_line(tmp_path):
     m.write_text("path,label\nok.png,\n")
     with pytest.raises(ValueError, match=r"line 2"):
         CsvImages(m)
+    m.write_text("path,label\nok.png,cat;dog\nok.png, ; ; ; \n")
+    with pytest.raises(ValueError, match=r"m\.csv, line 3: label '; ; ;' names no class"):
+        CsvImages(m)
 
 
 def test_open_dataset_unknown_spec_lists_forms(tmp_path):

@@ -55,6 +55,49 @@ def test_embed_matches_forward_features(trained, capsys, tmp_path):
         np.testing.assert_allclose(model.forward_features(to_model_input(x)).numpy(), features, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_is_reported_and_the_rest_still_done(trained, capsys, tmp_path, workers):
+    """One corrupt file among many gets an error entry (predict) or a NaN row (embed) and exit status 1; the
+    other images' outputs are those of a run without it, in the order given, folders read recursively."""
+    ckpt = trained / "run" / "model.safetensors"
+    good = sorted((trained / "shapes" / "class1").glob("*.png"))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(good[0].read_bytes()[:60])  # a truncated PNG
+    args = [good[0], corrupt, trained / "shapes" / "class1", "--model", ckpt, "--batch", "3", "--workers", workers]
+    assert main(["predict", *map(str, args), "--top-k", "1"]) == 1
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert [r["file"] for r in results] == [str(good[0]), str(corrupt), *map(str, good)]
+    assert str(corrupt) in results[1]["error"] and "top" not in results[1]
+    assert f"bit predict: 1 of {len(good) + 2} images could not be read" in captured.err
+    assert str(corrupt) in captured.err
+    alone = json.loads(run_cli(capsys, "predict", *good, "--model", ckpt, "--top-k", "1"))
+    def top(entries):
+        return [(e["top"][0]["label"], e["top"][0]["probability"]) for e in entries]
+
+    labels, probabilities = zip(*top(alone), strict=True)
+    for got in (top(results[2:]), top(results[:1]) + top(alone)[1:]):  # batches of other sizes: equal to rounding
+        assert [g[0] for g in got] == list(labels)
+        np.testing.assert_allclose([g[1] for g in got], probabilities, rtol=1e-5)
+
+    assert main(["embed", *map(str, args), "--out", str(tmp_path / "f.safetensors")]) == 1
+    assert "their rows are NaN" in capsys.readouterr().err
+    features = load_file(str(tmp_path / "f.safetensors"))["features"]
+    assert np.isnan(features[1]).all() and not np.isnan(np.delete(features, 1, axis=0)).any()
+    run_cli(capsys, "embed", *good, "--model", ckpt, "--out", tmp_path / "alone.npy")
+    np.testing.assert_allclose(features[2:], np.load(tmp_path / "alone.npy"), rtol=1e-5, atol=1e-6)
+
+
+def test_missing_image_names_and_empty_folders_fail_up_front(trained, capsys, tmp_path):
+    ckpt = str(trained / "run" / "model.safetensors")
+    assert main(["predict", str(tmp_path / "nope.png"), "--model", ckpt]) == 2
+    assert "nope.png: no such image file or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["embed", str(tmp_path / "empty"), "--model", ckpt, "--out", str(tmp_path / "f.npy")]) == 2
+    assert "empty: no image files in this folder" in capsys.readouterr().err
+    assert not (tmp_path / "f.npy").exists()
+
+
 def test_folding_weight_standardization_is_exact():
     model = bt.create_model("BiT-R14x0.25", num_classes=5, zero_head=False).eval()
     x = torch.randn(2, 3, 48, 48)

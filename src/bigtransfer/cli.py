@@ -270,19 +270,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model, classes, resolution = load_model(args.model)
     results = predict(model, args.images, classes, args.top_k, args.resolution or resolution, args.batch,
-                      args.device or "cpu")
+                      args.device or "cpu", args.workers, progress=not args.quiet)
     print(json.dumps(results, indent=1))
-    return 0
+    return _unreadable("predict", [r["error"] for r in results if "error" in r], len(results))
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .inference import embed, load_model, save_embeddings
 
     model, _, resolution = load_model(args.model)
-    features = embed(model, args.images, args.resolution or resolution, args.batch, args.device or "cpu")
-    out = save_embeddings(features, args.images, args.out)
+    features, files, errors = embed(model, args.images, args.resolution or resolution, args.batch,
+                                    args.device or "cpu", args.workers, progress=not args.quiet)
+    out = save_embeddings(features, files, args.out)
     console.print(f"{features.shape[0]} x {features.shape[1]} features -> {out}")
-    return 0
+    return _unreadable("embed", list(errors.values()), len(files), "their rows are NaN")
+
+
+def _unreadable(command: str, reports: list[str], total: int, consequence: str = "") -> int:
+    """Exit status 1 when some images did not decode (the output is complete otherwise), naming them."""
+    if not reports:
+        return 0
+    consequence = f"; {consequence}" if consequence else ""
+    print(f"bit {command}: {len(reports)} of {total} images could not be read{consequence}:", *reports,
+          sep="\n  ", file=sys.stderr)
+    return 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -494,9 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
             p.add_argument("--out", required=True, help="output file")
         else:
-            p.add_argument("images", nargs="+", help="image files")
+            p.add_argument("images", nargs="+", help="image files, or folders to read recursively")
             p.add_argument("--batch", type=COUNT, default=32, help="batch size (default 32)")
             p.add_argument("--device", help="cpu (default), cuda")
+            p.add_argument("--workers", type=INDEX, default=0, help="decoding worker processes (default 0)")
+            p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
             if name == "predict":
                 p.add_argument("--top-k", type=COUNT, default=5, help="classes per image (default 5)")
             else:

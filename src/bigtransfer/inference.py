@@ -9,6 +9,7 @@ see an ordinary ResNet-v2 with GroupNorm.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,8 @@ from torch import nn
 
 from .checkpoints import SUFFIX_FORMATS, load_weights, read_checkpoint
 from .checkpoints.formats import atomic_path
-from .data import HyperRuleTransform, decode_image, to_model_input
+from .data import HyperRuleTransform, eval_loader, to_model_input
+from .data.sources import ImageFiles
 from .models import ResNetV2, create_model, get_model_spec, list_models
 from .models.resnetv2 import StdConv2d, standardize
 from .runtime import resolve_device
@@ -53,41 +55,63 @@ def _resolution(metadata: dict[str, str], path: Path) -> int:
     return 224
 
 
-@torch.no_grad()
-def _batches(model: nn.Module, files: Sequence[str | os.PathLike], resolution: int, batch_size: int,
-             device: torch.device, fn) -> list:
-    transform = HyperRuleTransform(resolution, resolution, train=False)
-    out = []
-    for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        x = torch.stack([transform(decode_image(f), 0) for f in chunk]).to(device)
-        with torch.inference_mode():
-            out.append(fn(to_model_input(x)))
-    return out
+def _outputs(model: nn.Module, images: ImageFiles, width: int, fn, resolution: int, batch_size: int,
+             device: torch.device, workers: int, progress: bool) -> tuple[torch.Tensor, dict[str, str]]:
+    """(fn's output row of every image in order, {file: why} for those that do not decode). An unreadable
+    image gets a row of NaN and a report rather than stopping a run over thousands of files."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    loader = eval_loader(images, HyperRuleTransform(resolution, resolution, train=False), batch_size, workers,
+                         pin_memory=device.type == "cuda")
+    rows: list[torch.Tensor] = []
+    errors: dict[str, str] = {}
+    done = 0
+    with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
+        task = bar.add_task("images", total=len(images))
+        for x, _, reports in loader:
+            good = torch.tensor([not r for r in reports])
+            out = torch.full((len(reports), width), math.nan)
+            if good.any():
+                with torch.inference_mode():
+                    out[good] = fn(to_model_input(x[good].to(device, non_blocking=True))).float().cpu()
+            errors.update({images.paths[done + i]: r for i, r in enumerate(reports) if r})
+            rows.append(out)
+            done += len(reports)
+            bar.advance(task, len(reports))
+    return torch.cat(rows), errors
 
 
-def predict(model: nn.Module, files: Sequence[str | os.PathLike], classes: Sequence[str] | None = None,
-            top_k: int = 5, resolution: int = 224, batch_size: int = 32, device: str = "cpu") -> list[dict]:
-    """Top-k classes with probabilities for every image file."""
+def predict(model: ResNetV2, files: Sequence[str | os.PathLike], classes: Sequence[str] | None = None,
+            top_k: int = 5, resolution: int = 224, batch_size: int = 32, device: str = "cpu", workers: int = 0,
+            progress: bool = False) -> list[dict]:
+    """Top-k classes with probabilities for every image file (folders are read recursively), in order; an
+    image that does not decode gets ``{"file", "error"}`` instead of ``"top"``."""
     _require_head(model)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    probs = torch.cat(_batches(model, files, resolution, batch_size, dev, lambda x: model(x).softmax(-1).cpu()))
-    k = min(top_k, probs.shape[1])
-    values, indices = probs.topk(k, dim=1)
+    images = ImageFiles(files)
+    probs, errors = _outputs(model, images, model.num_classes, lambda x: model(x).softmax(-1), resolution,
+                             batch_size, dev, workers, progress)
+    values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
     names = list(classes) if classes is not None else [str(i) for i in range(probs.shape[1])]
-    return [{"file": str(f), "top": [{"label": names[j], "index": int(j), "probability": float(p)}
-                                     for p, j in zip(v.tolist(), ix.tolist(), strict=True)]}
-            for f, v, ix in zip(files, values, indices, strict=True)]
+    return [{"file": f, "error": errors[f]} if f in errors else
+            {"file": f, "top": [{"label": names[j], "index": int(j), "probability": float(p)}
+                                for p, j in zip(v.tolist(), ix.tolist(), strict=True)]}
+            for f, v, ix in zip(images.paths, values, indices, strict=True)]
 
 
 def embed(model: ResNetV2, files: Sequence[str | os.PathLike], resolution: int = 224, batch_size: int = 32,
-          device: str = "cpu") -> np.ndarray:
-    """Pre-logit features (N, C) of every image file."""
+          device: str = "cpu", workers: int = 0, progress: bool = False
+          ) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """(pre-logit features (N, C), the N files they are of, {file: why} for those that do not decode): folders
+    are read recursively, and an unreadable image gets a row of NaN, so that row i is always file i."""
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    return torch.cat(_batches(model, files, resolution, batch_size, dev,
-                              lambda x: model.forward_features(x).float().cpu())).numpy()
+    images = ImageFiles(files)
+    features, errors = _outputs(model, images, model.num_features, model.forward_features, resolution, batch_size, dev,
+                           workers, progress)
+    return features.numpy(), images.paths, errors
 
 
 def save_embeddings(features: np.ndarray, files: Sequence[str], path: str | os.PathLike) -> Path:

@@ -305,6 +305,29 @@ class ImageFolderImages(_FileImages):
         self.targets = [t for _, t in samples]
 
 
+class ImageFiles(_FileImages):
+    """Unlabelled images for inference: the files named, and every image under a folder named (recursively,
+    sorted, with the extensions ImageFolder reads), in that order. A name that does not exist fails here,
+    up front; a file that does not decode is reported per image by the loader."""
+
+    def __init__(self, names: Sequence[str | os.PathLike]) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        self.name, self.classes, self.paths = "images", [], []
+        for name in map(os.fspath, names):
+            if os.path.isdir(name):
+                found = sorted(os.path.join(d, f) for d, _, files in os.walk(name, followlinks=True) for f in files
+                               if f.lower().endswith(IMG_EXTENSIONS))
+                if not found:
+                    raise ValueError(f"{name}: no image files in this folder (looked for {', '.join(IMG_EXTENSIONS)})")
+                self.paths += found
+            elif os.path.exists(name):
+                self.paths.append(name)
+            else:
+                raise FileNotFoundError(f"{name}: no such image file or folder")
+        self.targets = [0] * len(self.paths)
+
+
 class CsvImages(_FileImages):
     """A ``path,label`` manifest: for datasets whose labels live in a spreadsheet rather than folder names.
 
@@ -336,6 +359,8 @@ class CsvImages(_FileImages):
                 label = (row.get("label") or "").strip()
                 if not rel or not label:
                     raise ValueError(f"{csv_path}, line {line}: empty 'path' or 'label' in {row}")
+                if not any(part.strip() for part in label.split(";")):
+                    raise ValueError(f"{csv_path}, line {line}: label {label!r} names no class")
                 path = rel if os.path.isabs(rel) else os.path.join(base, rel)
                 if not os.path.isfile(path):
                     raise ValueError(f"{csv_path}, line {line}: image file not found: {path}")
