@@ -188,7 +188,8 @@ def test_ddp_two_processes_equal_one(tmp_path):
 def test_killed_run_resumes_bit_identically(tmp_path):
     """SIGKILL mid-run (a real process), run the same command again: same weights, bit for bit."""
     args = ["finetune", "--model", TINY, "--data", "digits", "--eval-data", "none", "--steps", "40", "--batch",
-            "48", "--lr", "0.05", "--resolution", "72", "64", "--checkpoint-every", "4", "--no-progress"]
+            "48", "--lr", "0.05", "--resolution", "72", "64", "--checkpoint-every", "4", "--log-every", "4",
+            "--no-progress"]
     bit(*args, "--out", tmp_path / "straight")
 
     killed = tmp_path / "killed"
@@ -197,8 +198,11 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     resumed = bit(*args, "--out", killed)
     assert "resuming" in resumed.stderr
     assert_same_weights(tmp_path / "straight" / "model.safetensors", killed / "model.safetensors")
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # nothing logged twice
+    elapsed = [r["elapsed_s"] for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0  # the training time of both attempts, not restarted
 
 
 def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path):

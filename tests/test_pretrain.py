@@ -241,6 +241,9 @@ def test_shard_streams_of_unequal_length_move_through_epochs_in_step(tmp_path):
     assert len({first.targets[i] for i in range(12)}) > 1  # `bit shards` mixes the classes in every shard
     with pytest.raises(ValueError, match="holds no images to write"):
         write_shards(first.subset([]), tmp_path / "empty", progress=False)
+    with pytest.raises(ValueError, match="--in-memory: .*shards holds shards, which are streamed"):
+        pretrain(TINY, str(tmp_path / "shards"), out=tmp_path / "never", in_memory=True, progress=False)
+    assert not (tmp_path / "never").exists()
     shard = tmp_path / "shards" / "shard-000002.tar"
     shard.write_bytes(shard.read_bytes()[:5000])  # truncated: the error names the shard
     stream = ShardStream(tmp_path / "shards", InceptionCropTransform(16), 4, seed=1)

@@ -51,7 +51,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint)
     same = [n for n in list_models() if get_model_spec(n).arch == ckpt.arch]
     table = Table(show_header=False, title=str(ckpt.path))
-    rows = [("format", ckpt.format), ("architecture", f"BiT-{ckpt.arch.name}"),
+    names = {"safetensors": "bigtransfer's own", "npz": "npz (the authors' release)"}.get(ckpt.format, ckpt.format)
+    rows = [("parameter names", names), ("architecture", f"BiT-{ckpt.arch.name}"),
             ("units per stage", str(list(ckpt.arch.depths))), ("width factor", f"{ckpt.arch.width:g}"),
             ("parameters", f"{ckpt.num_params:,}"), ("head size", str(ckpt.num_classes or "none")),
             ("registry names", ", ".join(same) or "(none)")]

@@ -96,7 +96,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
         config = replace(config, channels_last=_graphs_wanted(model, config, runtime))
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    start = _resume(model, optimizer, run, runtime)
+    start, elapsed = _resume(model, optimizer, run, runtime)
     local_batch = config.global_batch // runtime.world_size
     split = _batch_split(config, model, local_batch, runtime)
     net: nn.Module = model
@@ -113,7 +113,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
         return None if evaluator is None else evaluator(net, max(1, local_batch // split))
 
     def checkpoint(step: int) -> None:
-        run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "elapsed_s": time.perf_counter() - started})
 
     bad_seen: set[str] = set()
     bad_count = 0
@@ -122,7 +123,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
     last_save = time.monotonic()
     done = start
     with _signals() as stop, _progress(config.progress and runtime.is_main, total, start) as bar:
-        t0 = started = time.perf_counter()
+        t0 = time.perf_counter()
+        started = t0 - elapsed  # elapsed_s counts the training time of every attempt, as the steps do
         for step, (images, labels, reports) in zip(range(start, total), batches(start), strict=False):
             lr = learning_rate(step, config.schedule, config.base_lr)
             for group in optimizer.param_groups:
@@ -290,18 +292,20 @@ def _capture_cuda_graphs(model: nn.Module, config: EngineConfig, runtime: Runtim
         model.__dict__.pop("forward", None)  # make_graphed_callables replaced it on the instance
 
 
-def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, run: RunDir, runtime: Runtime) -> int:
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, run: RunDir, runtime: Runtime
+            ) -> tuple[int, float]:
+    """(step, seconds of training before it) of the run's checkpoint; (0, 0.0) for a fresh start."""
     state = run.load_checkpoint()
     if state is None:
         run.rewind_metrics(0)  # lines of an attempt that stopped before its first checkpoint
-        return 0
+        return 0, 0.0
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     step = int(state["step"])
     run.rewind_metrics(step)
     if runtime.is_main:
         log.info("resuming %s from step %d", run.path, step)
-    return step
+    return step, float(state.get("elapsed_s", 0.0))
 
 
 def _batch_split(config: EngineConfig, model: nn.Module, local_batch: int, runtime: Runtime) -> int:

@@ -221,6 +221,9 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     runtime = setup(device)
     shards = _shards_dir(data)
     if shards is not None:
+        if in_memory:
+            raise ValueError(f"--in-memory: {shards} holds shards, which are streamed, not decoded into RAM; "
+                             "leave the flag out")
         manifest = read_manifest(shards)
         name, n, classes, multi = f"shards:{shards}", manifest["total"], manifest["classes"], manifest["multi_label"]
         flip = manifest.get("flip", True)
