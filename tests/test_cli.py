@@ -102,6 +102,13 @@ def test_registered_checkpoint_with_checksum(tmp_path, monkeypatch):
         model = bt.create_model("test-tiny-pretrained", pretrained=True)
         with pytest.raises(bt.checkpoints.DownloadError, match="sha256 mismatch"):
             bt.create_model("test-tiny-bad-sum", pretrained=True)
+    # the server is gone, as on an offline machine: the error says why and where a copy fetched elsewhere goes
+    register_model(ModelSpec("test-tiny-offline", source.arch, 4, 64, "test", "mine/offline.safetensors"))
+    with pytest.raises(bt.checkpoints.DownloadError) as excinfo:
+        bt.create_model("test-tiny-offline", pretrained=True)
+    message = str(excinfo.value)
+    assert "0 bytes received (last error: <urlopen error" in message and "refused" in message
+    assert f"copy it to {bt.checkpoints.cache_dir() / 'checkpoints' / 'mine' / 'offline.safetensors'} " in message
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
 

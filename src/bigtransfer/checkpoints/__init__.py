@@ -42,7 +42,13 @@ def download_pretrained(name: str | ModelSpec, progress: bool = True) -> Path:
         return bundled_path(spec.bundled)
     if spec.url is None:
         raise DownloadError(f"{spec.name} has no released weights to download")
-    return download(spec.url, cached_path(spec), spec.sha256, progress=progress)
+    dest = cached_path(spec)
+    try:
+        return download(spec.url, dest, spec.sha256, progress=progress)
+    except DownloadError as e:  # an offline machine: say where a copy fetched elsewhere goes
+        raise DownloadError(f"{e}. Without internet here, fetch {spec.url} elsewhere and copy it to {dest} "
+                            "(the cache; $BIT_HOME moves it), or pass the file's path (--pretrained FILE, or "
+                            "pretrained=FILE in Python)") from e
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Checkpoint:

@@ -212,6 +212,7 @@ def _fetch_with_retries(
     return the file's size when the server announced it."""
     attempt = 0
     restarted = False
+    last_error = ""
     while True:
         try:
             return _fetch_once(url, part, bar, timeout=timeout)
@@ -221,6 +222,7 @@ def _fetch_with_retries(
                 restarted = True
                 continue
         except _Dropped as exc:
+            last_error = str(exc)
             logger.info("connection to %s dropped (%s)", url, exc)
         attempt += 1
         if attempt > retries:
@@ -231,7 +233,8 @@ def _fetch_with_retries(
                 _discard(part)
                 kept = ""
             raise DownloadError(
-                f"download of {url} failed after {retries} retries with {received} bytes received{kept}"
+                f"download of {url} failed after {retries} retries with {received} bytes received (last error: "
+                f"{last_error}){kept}"
             )
         time.sleep(0.2 * attempt)
 
