@@ -118,6 +118,16 @@ def test_written_files_get_the_usual_permissions_and_conversions_keep_metadata(t
         bt.save_weights(model, tmp_path / "hf_dir")
 
 
+def test_a_tensors_only_target_says_what_it_leaves_out(tmp_path, caplog):
+    model = bt.create_model("BiT-R14x0.25", num_classes=3)
+    meta = {"bigtransfer.classes": '["a", "b", "c"]', "bigtransfer.resolution": "48"}
+    ckpt = bt.read_checkpoint(bt.save_weights(model, tmp_path / "ft.safetensors", metadata=meta))
+    for name, fmt in (("ft.pth", "timm"), ("ft.npz", "npz")):
+        bt.checkpoints.write_checkpoint(ckpt.state, ckpt.arch, tmp_path / name, fmt, metadata=ckpt.metadata)
+        assert f"{name}: a {'torch' if fmt == 'timm' else 'npz'} file holds tensors only: the checkpoint's " \
+               "classes and resolution are left out" in caplog.text
+
+
 def test_wrong_shape_is_named(tmp_path, tiny_npz):
     arrays = dict(tiny_npz[1])
     arrays["resnet/block3/unit01/c/standardized_conv2d/kernel"] = np.zeros((1, 1, 64, 255), np.float32)

@@ -64,8 +64,13 @@ def test_info_and_convert(tmp_path, capsys):
 
     code, _, err = run_main(capsys, "info", tmp_path / "absent.npz")
     assert code == 2 and "bit info: error: " in err and "absent.npz: no such checkpoint file" in err
-    with pytest.raises(SystemExit, match="pass --to"):
-        run_main(capsys, "convert", tmp_path / "w.npz", tmp_path / "out.xyz")
+    code, _, err = run_main(capsys, "convert", tmp_path / "w.npz", tmp_path / "out.xyz")
+    assert code == 2 and "cannot tell the checkpoint format from 'out.xyz'" in err
+    # in Python too, the name says the format unless one is given
+    model = bt.ResNetV2(bt.Architecture((1, 1, 1, 1), 1), num_classes=3)  # width 1: HF's 32 groups fit
+    for name, fmt in (("s.pth", "timm"), ("s.npz", "npz"), ("s.safetensors", "safetensors"), ("s_hf", "hf")):
+        assert bt.read_checkpoint(bt.save_weights(model, tmp_path / name)).format == fmt
+    assert bt.read_checkpoint(bt.save_weights(model, tmp_path / "s.bin", format="safetensors")).format == "safetensors"
 
 
 def test_download_command_and_pretrained_true_through_a_mirror(tmp_path):
@@ -120,10 +125,25 @@ def test_fewshot_and_probe_commands(tmp_path, capsys):
     rows = json.loads((tmp_path / "fs" / "summary.json").read_text())["rows"]
     assert [(r["init"], r["examples_per_class"], r["seed"]) for r in rows] == [("scratch", 2, 0), ("scratch", 2, 1)]
     assert (tmp_path / "fs" / "runs" / "scratch_k2_seed1" / "model.safetensors").exists()
-    _, out, _ = run_main(capsys, "probe", *common, "--full", "--resolution", "32", "32", "--out", tmp_path / "pr")
+    _, out, _ = run_main(capsys, "probe", *common, "--full", "--resolution", "32", "--out", tmp_path / "pr")
     rows = json.loads((tmp_path / "pr" / "summary.json").read_text())["rows"]
     assert [r["examples_per_class"] for r in rows] == [2, 2, None] and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert (tmp_path / "pr" / "accuracy.png").exists() and "linear probe" in out
+    # neither overwrites the other's results: a sweep's folder is no run, a run's folder takes no sweep results
+    run = tmp_path / "fs" / "runs" / "scratch_k2_seed1"
+    code, _, err = run_main(capsys, "probe", *common, "--out", run)
+    assert code == 2 and f"{run} holds a training run (config.json)" in err
+    code, _, err = run_main(capsys, "finetune", "--model", "BiT-R14x0.25", "--data", "digits", "--steps", "1",
+                            "--out", tmp_path / "pr")
+    assert code == 2 and "holds summary.json but no config.json" in err
+    with pytest.raises(SystemExit):  # a probe trains no network: it has no HyperRule flags to ignore
+        run_main(capsys, "probe", *common, "--lr", "0.1", "--out", tmp_path / "never")
+    assert "unrecognized arguments: --lr 0.1" in capsys.readouterr().err
+    from bigtransfer.protocols import few_shot_sweep
+
+    digits = bt.data.open_dataset("digits")
+    with pytest.raises(TypeError, match="few_shot_sweep takes a registry name .* not a ResNetV2"):
+        few_shot_sweep(bt.create_model("BiT-R14x0.25"), digits, digits, tmp_path / "never")  # trained in place
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -149,8 +169,6 @@ def test_nonsense_numbers_stop_at_their_flag(capsys, args, message):
      "bit finetune: error: device 'gpu': not a device name"),
     (("vtab", "nowhere", "--model", "BiT-R14x0.25", "--out", "x"), "bit vtab: error: VTAB folder not found: nowhere"),
     (("info", "missing.npz"), "bit info: error: "),
-    (("probe", "--model", "BiT-R14x0.25", "--data", "digits", "--lr", "0.1", "--steps", "3", "--out", "x"),
-     "bit probe: error: --lr, --steps: bit probe trains no network"),
     (("vtab", ".", "--model", "BiT-R14x0.25", "--out", "x", "--search", "2", "--steps", "9"),
      "bit vtab: error: --steps: --search picks these per trial"),
     (("fewshot", "--model", "BiT-R14x0.25", "--data", "digits", "--examples-per-class", "3", "--out", "x"),

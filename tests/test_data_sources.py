@@ -17,12 +17,14 @@ from bigtransfer.data.sources import (
     ImageFolderImages,
     LabelledImages,
     TorchDatasetImages,
+    _file_size,
     decode_image,
     match_classes,
     measure_image_size,
     open_dataset,
 )
 from bigtransfer.finetuning import open_sources
+from images import make_image_folder
 
 
 def _png(path: Path, size=(6, 4), color=(10, 20, 30)) -> Path:
@@ -139,10 +141,28 @@ def _truncated_jpeg(tmp_path) -> Path:
     return p
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "text", "missing"])
+def _bomb_png(path: Path) -> Path:
+    """A valid PNG whose header says 100,000 x 100,000 pixels, which Pillow refuses to open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "text", "missing", "bomb"])
 def test_decode_bad_files_name_the_path(tmp_path, kind):
     if kind == "truncated":
         p = _truncated_jpeg(tmp_path)
+    elif kind == "bomb":  # planning reads only its header: that must be a bad image too, not a crash
+        p = _bomb_png(tmp_path / "bomb.png")
+        with pytest.raises(BadImageError, match="bomb.png: refused as a decompression bomb"):
+            _file_size(str(p))
     else:
         p = tmp_path / f"{kind}.jpg"
         if kind == "random":
@@ -303,6 +323,12 @@ def test_csv_errors_name_file_and_line(tmp_path):
     m.write_text("path,label\nok.png,cat;dog\nok.png, ; ; ; \n")
     with pytest.raises(ValueError, match=r"m\.csv, line 3: label '; ; ;' names no class"):
         CsvImages(m)
+
+
+def test_all_of_a_split_folder_is_its_training_split(tmp_path):
+    make_image_folder(tmp_path / "train", classes=2, per_class=3)
+    make_image_folder(tmp_path / "test", classes=2, per_class=1)
+    assert len(open_dataset(str(tmp_path), "all")) == 6 and len(open_dataset(str(tmp_path / "train"), "all")) == 6
 
 
 def test_open_dataset_unknown_spec_lists_forms(tmp_path):

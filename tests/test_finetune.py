@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bigtransfer.checkpoints import save_weights
+from bigtransfer.checkpoints import load_weights, save_weights
 from bigtransfer.data import LabelledImages, open_dataset, sample_per_class
 from bigtransfer.evaluate import metrics_from_confusion
-from bigtransfer.finetuning import finetune
+from bigtransfer.finetuning import finetune, make_plan
 from bigtransfer.models import create_model
 from bit_process import bit, bit_command, bit_env, kill_after_checkpoint
 
@@ -52,6 +52,22 @@ def test_few_shot_sampler():
         sample_per_class(targets, 4, seed=0, classes=["dog", "cat", "emu"])
     with pytest.raises(ValueError, match="class 'yak' has only 0 examples, 3 per class"):  # not silently left out
         sample_per_class(targets, 3, seed=0, classes=["dog", "cat", "emu", "yak"])
+
+
+def test_plan_checks_the_resolution_it_will_use():
+    digits = open_dataset("digits")
+    with pytest.raises(ValueError, match="crop 200 is larger than resize 100"):
+        make_plan(TINY, digits, resize=100, crop=200)  # set one by one, not as resolution=(resize, crop)
+    with pytest.raises(ValueError, match="crop 0 "):
+        make_plan(TINY, digits, crop=0)
+    with pytest.raises(TypeError, match=r"resolution=\(resize, crop\): two sides, e.g. \(160, 128\); got 32"):
+        make_plan(TINY, digits, resolution=32)
+
+
+def test_a_model_passed_in_takes_no_pretrained_weights(tmp_path):
+    with pytest.raises(ValueError, match="pretrained= picks the starting weights of a registry name"):
+        finetune(create_model(TINY), "digits", out=tmp_path / "run", pretrained=True, **FAST)  # was ignored
+    assert not (tmp_path / "run").exists()
 
 
 def test_metrics_by_hand():
@@ -109,7 +125,7 @@ def test_digits_finetune_beats_chance_by_far(tmp_path):
     assert plan["flip"] is False  # digits are never flipped
     # a finished run is not trained again; another plan in the same folder is refused
     again = finetune(TINY, "digits", test, out=run, steps=200, batch_size=64, base_lr=0.03, **FAST)
-    assert again["top1"] == r["eval"]["top1"]
+    assert again == json.loads(json.dumps(r)) and again["top1"] == r["eval"]["top1"]  # what the run returned
     with pytest.raises(ValueError, match="base_lr: 0.03 -> 0.1"):
         finetune(TINY, "digits", out=run, steps=200, batch_size=64, base_lr=0.1, **FAST)
 
@@ -128,6 +144,20 @@ def test_transfer_starts_from_a_zero_head_and_a_run_folder_keeps_its_starting_we
     assert finetune(TINY, "digits", out="run", pretrained="upstream.safetensors", **common)["steps"] == 1
     with pytest.raises(ValueError, match="pretrained: '.*upstream.safetensors' -> 'random'"):
         finetune(TINY, "digits", out="run", **common)
+    test = open_dataset("digits", "test")
+    with pytest.raises(ValueError, match=r"eval_data: 'none' -> 'digits \(797 images\)'"):  # old results, else
+        finetune(TINY, "digits", test, out="run", pretrained="upstream.safetensors", **common)
+    # a model passed in: its weights are the start
+    finetune(upstream, "digits", out="module", **common)  # trains `upstream` in place
+    with pytest.raises(ValueError, match="pretrained: 'weights sha256:[0-9a-f]{16}' -> 'weights sha256:"):
+        finetune(upstream, "digits", out="module", **common)
+    assert finetune(load_weights_into(create_model(TINY, num_classes=10), tmp_path / "upstream.safetensors"),
+                    "digits", out="module", **common)["steps"] == 1  # the same start again: its results
+
+
+def load_weights_into(model, path):
+    load_weights(model, path)
+    return model
 
 
 def test_few_shot_run_saves_its_examples(tmp_path):
@@ -224,18 +254,24 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path):
 def test_a_run_cut_short_in_its_final_evaluation_only_evaluates_again(tmp_path):
     """A signal's default action during the final evaluation (here: an interrupt from the evaluation data)
     must find the last step checkpointed, so that the same command only evaluates."""
-    class Interrupting(LabelledImages):
-        name, classes, targets = "interrupting", [str(i) for i in range(10)], list(range(10))
+    test = open_dataset("digits", "test")
+
+    class InterruptedOnce(LabelledImages):  # the held-out digits, whose first read is interrupted
+        name, classes, targets, interrupt = "digits-test", test.classes, test.targets, True
 
         def __getitem__(self, i):
-            raise KeyboardInterrupt
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return test[i]
 
+    held_out = InterruptedOnce()
     common = dict(steps=6, batch_size=16, base_lr=0.05, **FAST)
     with pytest.raises(KeyboardInterrupt):
-        finetune(TINY, "digits", Interrupting(), out=tmp_path / "run", **common)
+        finetune(TINY, "digits", held_out, out=tmp_path / "run", **common)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 6
     trained = weights(tmp_path / "run" / "model.safetensors")
-    r = finetune(TINY, "digits", open_dataset("digits", "test"), out=tmp_path / "run", **common)
+    r = finetune(TINY, "digits", held_out, out=tmp_path / "run", **common)
     assert r["steps"] == 6 and r["eval"]["examples"] == 797 and r["final_loss"] > 0
     for key, value in weights(tmp_path / "run" / "model.safetensors").items():
         assert torch.equal(value, trained[key]), key
@@ -269,6 +305,73 @@ def test_bad_images_are_reported_not_trained_on(tmp_path):
     assert "bad image left out of training" in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_bad_images_alone_in_a_batch_and_across_a_resume(tmp_path):
+    """With batch 1 a bad image is a whole batch: that step makes no update (it used to stop the run). A run
+    interrupted after its checkpoint and resumed reports the bad images met before, as a straight run does."""
+    from bigtransfer.data.sources import ImageFolderImages
+
+    root = _folder_with_bad_images(tmp_path / "shapes")
+    common = dict(steps=30, batch_size=1, checkpoint_every=5, **FAST)  # two epochs of the 15 images
+    finetune(TINY, ImageFolderImages(root), out=tmp_path / "straight", **common)
+    straight = json.loads((tmp_path / "straight" / "bad_images.json").read_text())
+    assert straight["count"] == 2 and straight["times_left_out"] == 4
+    assert "every image of the batch was bad: no update at this step" in (tmp_path / "straight" / "log.txt").read_text()
+
+    class InterruptedOnce(ImageFolderImages):  # Ctrl-C at the 22nd image read: after the checkpoint of step 20
+        reads = 0
+
+        def __getitem__(self, i):
+            InterruptedOnce.reads += 1
+            if InterruptedOnce.reads == 22:
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
+
+    source = InterruptedOnce(root)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(TINY, source, out=tmp_path / "resumed", **common)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 20
+    finetune(TINY, source, out=tmp_path / "resumed", **common)
+    assert json.loads((tmp_path / "resumed" / "bad_images.json").read_text()) == straight
+    assert not list((tmp_path / "resumed").glob("bad_images.rank*"))
+
+
+def test_damaged_run_files_are_named_or_a_torn_last_line_dropped(tmp_path):
+    """A crash (or full disk) while a metrics line was appended leaves half a line: the rerun drops it and
+    resumes. A checkpoint.pt or config.json damaged since they were written is named, with what to do."""
+    from bigtransfer.data.sources import ImageFolderImages
+
+    class InterruptedOnce(ImageFolderImages):  # Ctrl-C at the 40th image read: after the checkpoint of step 4
+        reads = 0
+
+        def __getitem__(self, i):
+            InterruptedOnce.reads += 1
+            if InterruptedOnce.reads == 40:
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
+
+    source = InterruptedOnce(_folder_with_bad_images(tmp_path / "shapes"))
+    common = dict(steps=6, batch_size=8, checkpoint_every=2, log_every=1, **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(TINY, source, out=tmp_path / "run", **common)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "lo')  # cut short
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    intact = checkpoint.read_bytes()
+    checkpoint.write_bytes(intact[:1000])
+    with pytest.raises(ValueError, match=r"checkpoint.pt: damaged, cannot be read .*delete it to start this run over"):
+        finetune(TINY, source, out=tmp_path / "run", **common)
+    checkpoint.write_bytes(intact)
+    assert finetune(TINY, source, out=tmp_path / "run", **common)["steps"] == 6
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    (tmp_path / "run" / "config.json").write_text('{"plan": ')
+    with pytest.raises(ValueError, match=r"config.json: damaged, not JSON"):
+        finetune(TINY, source, out=tmp_path / "run", **common)
+    (tmp_path / "run" / "config.json").unlink()  # a folder whose settings are lost is not resumed blindly
+    with pytest.raises(ValueError, match=r"holds checkpoint.pt, summary.json, model.safetensors but no config.json"):
+        finetune(TINY, source, out=tmp_path / "run", **common)
+
+
 def test_any_torch_dataset_from_python(tmp_path):
     class Squares(torch.utils.data.Dataset):
         def __len__(self):
@@ -287,6 +390,8 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     r = finetune(TINY, "digits", out=tmp_path / "run", steps=3, batch_size=16, precision="bf16",
                  channels_last=True, **FAST)
     assert np.isfinite(r["final_loss"]) and r["plan"]["precision"] == "bf16"
+    fp32 = finetune(TINY, "digits", out=tmp_path / "fp32", steps=3, batch_size=16, channels_last=True, **FAST)
+    assert r["final_loss"] != fp32["final_loss"] and r["final_loss"] == pytest.approx(fp32["final_loss"], rel=0.05)
 
 
 def test_layout_defaults_to_channels_last_only_where_the_step_runs_as_cuda_graphs(monkeypatch):
@@ -348,6 +453,23 @@ def test_crop_and_flip_draws_are_uniform_and_the_same_alone_or_batched():
         assert transform.params(seeds[i]) == (top[i], left[i], flip[i])
     assert not HyperRuleTransform(40, 32, train=False).batch_params(seeds)[2].any()
     assert not HyperRuleTransform(40, 32, random_crop=False).batch_params(seeds)[0].any()
+
+
+def test_images_of_several_sizes_in_memory_train_exactly_as_from_files(tmp_path):
+    """--in-memory keeps them at the HyperRule's resize side, which the training transform resizes every image
+    to first: the same weights, bit for bit. Pre-training's Inception crop needs the originals: refused there."""
+    from bigtransfer.pretraining import pretrain
+    from images import make_image_folder
+
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=6, size=36)
+    for i, path in enumerate(sorted(root.glob("*/*.png"))[::2]):
+        Image.open(path).resize((30 + i, 44)).save(path)
+    common = dict(steps=4, batch_size=6, base_lr=0.05, examples_per_class=4, **FAST)
+    finetune(TINY, str(root), out=tmp_path / "files", **common)
+    finetune(TINY, str(root), out=tmp_path / "memory", in_memory=True, **common)
+    assert_same_weights(tmp_path / "files" / "model.safetensors", tmp_path / "memory" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"images of 10 sizes \(36x36, 44x30, .*\) cannot share one in-memory array"):
+        pretrain(TINY, str(root), out=tmp_path / "pre", in_memory=True, epochs=1, batch_size=6, progress=False)
 
 
 def test_device_data_finetune(tmp_path):

@@ -55,8 +55,11 @@ def test_learning_rate_matches_the_authors_rule_at_every_step():
     assert learning_rate(0, sched) == 0.0 and learning_rate(50, sched) == pytest.approx(0.0015)
     assert learning_rate(200, sched) == pytest.approx(0.003) and learning_rate(201, sched) == pytest.approx(3e-4)
     assert learning_rate(499, sched) == pytest.approx(3e-6)
-    with pytest.raises(ValueError, match="past the end"):
-        learning_rate(500, sched)
+    for step in (500, -1):
+        with pytest.raises(ValueError, match=f"step {step} is outside the schedule's steps 0..499"):
+            learning_rate(step, sched)
+    with pytest.raises(ValueError, match="a training set of 0 examples has no schedule"):
+        schedule(0)
     paper = schedule(1_000, "paper")
     lrs = [learning_rate(s, paper, 0.01) for s in (0, 150, 151, 301, 451)]
     assert lrs == pytest.approx([0.01, 0.01, 1e-3, 1e-4, 1e-5])

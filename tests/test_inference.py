@@ -1,6 +1,7 @@
 """predict / embed / export, through the command line where users meet them."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -120,6 +121,14 @@ def test_export_matches_pytorch(trained, capsys, tmp_path, fmt):
     else:
         got = torch.jit.load(str(out))(x).detach().numpy()
     assert np.abs(got - reference).max() <= 1e-4 * np.abs(reference).max()
+
+
+def test_onnx_export_without_onnx_says_what_to_install(trained, capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as where it is not installed: `import onnx` fails
+    ckpt = str(trained / "run" / "model.safetensors")
+    assert main(["export", "--model", ckpt, "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "bit export: error: ONNX export needs the onnx package: pip install onnx" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_user_errors_name_the_file(trained, capsys, tmp_path):

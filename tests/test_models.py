@@ -6,6 +6,7 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,12 @@ def test_shapes_head_and_stages():
     with pytest.raises(RuntimeError, match="no classification head"):
         model(x)
     assert bt.create_model("BiT-R14x0.25", num_classes=5, zero_head=False).head.weight.abs().sum() > 0
+    model.reset_head(np.int64(4))  # a count from numpy is a count
+    assert model.num_classes == 4
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+        bt.create_model("BiT-R14x0.25", num_classes=-1)  # built a headless model before
+    with pytest.raises(TypeError, match="num_classes must be a whole number, got 2.5"):
+        bt.create_model("BiT-R14x0.25", num_classes=2.5)
 
 
 @pytest.mark.parametrize("name,res", [("BiT-M-R50x1", 224), ("BiT-R14x0.25", 97), ("BiT-M-R101x3", 33)])

@@ -53,6 +53,8 @@ def test_recipe_in_steps_for_ilsvrc():
     assert small.warmup_steps == 13  # never past the first decay
     lr = [bt.hyperrule.learning_rate(s, plan.schedule, plan.base_lr) for s in (2500, 9360, 9361, 18721, 24961)]
     assert lr == pytest.approx([0.24, 0.48, 0.048, 0.0048, 0.00048])
+    with pytest.raises(TypeError, match="unknown pre-training options: decay_steps, steps .steps follow from epochs"):
+        make_pretrain_plan(TINY, "x", 64, 4, False, steps=7, decay_steps=(3,))  # were overwritten silently
 
 
 def test_sigmoid_loss_and_head_bias_by_hand():
@@ -99,6 +101,13 @@ def test_shards_manifest_checksums_and_webdataset_interop(shards):
     assert len(samples) == 16 and {"jpg", "cls"} <= set(samples[0])
     with pytest.raises(ValueError, match="single split"):
         open_dataset(str(shards / "shards"), "test")
+
+
+def test_shards_of_a_standard_dataset_hold_its_training_split_and_keep_its_flip_rule(tmp_path):
+    bit("shards", "digits", tmp_path / "digits", "--shard-size", "400", "--quiet")
+    shards = ShardImages(tmp_path / "digits")
+    assert len(shards) == 1000 and shards.flip is False  # digits' training split; a mirrored digit is no digit
+    assert open_dataset(str(tmp_path / "digits"), "train").flip is False
 
 
 def test_multi_label_csv_to_shards(tmp_path):

@@ -36,3 +36,5 @@ def test_probe_rows_for_shots_and_seeds():
     rows = linear_probe(model, train, test, 32, setup("cpu"), shots=(1, 5, None), seeds=(0, 1))
     assert [(r["examples_per_class"], r["seed"]) for r in rows] == [(1, 0), (1, 1), (5, 0), (5, 1), (None, 0)]
     assert rows[-1]["accuracy"] > 0.5  # even random GN+WS features separate digits with all 1,000 examples
+    # the package's top level has it too, and the runtime defaults to the model's device
+    assert bt.linear_probe(model, train, test, 32, shots=(1,), seeds=(1,))[0] == rows[1]

@@ -19,8 +19,11 @@ def test_split_of_the_thousand():
 
 def test_trials_and_task_settings(tmp_path):
     assert draw_trials(5, seed=1) == draw_trials(5, seed=1) and draw_trials(5, seed=1) != draw_trials(5, seed=2)
-    assert all(t["base_lr"] in (0.001, 0.003, 0.01, 0.03) and t["steps"] in (500, 1000, 2500)
-               for t in draw_trials(20, 0))
+    trials = draw_trials(20, 0)
+    assert all(t["base_lr"] in (0.001, 0.003, 0.01, 0.03) and t["steps"] in (500, 1000, 2500) for t in trials)
+    assert len({json.dumps(t) for t in trials}) == 20  # no trial repeats another
+    with pytest.raises(ValueError, match="49 trials asked of a search space of 48 points"):
+        draw_trials(49, 0)
     assert task_settings(tmp_path / "dsprites_orientation") == {"group": "structured", "flip": False, "crop": True}
     assert task_settings(tmp_path / "clevr_count")["crop"] is False
     (tmp_path / "mine").mkdir()
@@ -58,6 +61,9 @@ def test_search_then_retrain_on_two_tasks(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "out" / "vtab.json").read_text())
     assert saved["groups"]["mean"] == pytest.approx((results[0]["test_accuracy"] + results[1]["test_accuracy"]) / 2)
     assert set(group_means(results)) == {"natural", "structured", "mean"}
+    with pytest.raises(FileNotFoundError, match=r"train/ and test/ for nosuch \(found: pets, shapes"):
+        run_vtab("BiT-R14x0.25", ".", tmp_path / "typo", tasks=["pets", "nosuch"])
+    assert not (tmp_path / "typo").exists()
 
 
 def test_summary_and_markdown_table():

@@ -16,11 +16,11 @@ from rich.table import Table
 from . import __version__
 from .checkpoints import (
     FORMATS,
-    SUFFIX_FORMATS,
     CheckpointError,
     DownloadError,
     cached_path,
     download_pretrained,
+    format_for,
     read_checkpoint,
     write_checkpoint,
 )
@@ -64,12 +64,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    dst = Path(args.dst)
-    fmt = args.to or SUFFIX_FORMATS.get(dst.suffix) or ("hf" if not dst.suffix else None)
-    if fmt is None:
-        raise SystemExit(f"bit convert: cannot tell the format from {dst.name!r}; pass --to {{{','.join(FORMATS)}}}")
     ckpt = read_checkpoint(args.src)
-    out = write_checkpoint(ckpt.state, ckpt.arch, dst, fmt, metadata=ckpt.metadata)  # class names, resolution
+    fmt = args.to or format_for(args.dst)
+    out = write_checkpoint(ckpt.state, ckpt.arch, args.dst, fmt, metadata=ckpt.metadata)  # class names, resolution
     console.print(f"{ckpt.path} ({ckpt.format}, BiT-{ckpt.arch.name}) -> {out} ({fmt})")
     return 0
 
@@ -82,6 +79,19 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _plan_inputs(args: argparse.Namespace) -> tuple:
     """(train source, eval source or None, plan overrides) from the shared fine-tuning flags."""
+    train_source, eval_source = _data_inputs(args)
+    overrides = {"variant": args.variant, "steps": args.steps, "base_lr": args.lr, "batch_size": args.batch,
+                 "batch_split": args.batch_split, "resolution": tuple(args.resolution) if args.resolution else None,
+                 "mixup_alpha": args.mixup_alpha, "flip": False if args.no_flip else None,
+                 "random_crop": False if args.no_crop else None, "examples_per_class": args.examples_per_class,
+                 "examples_per_class_seed": args.examples_per_class_seed, "seed": args.seed,
+                 "precision": args.precision, "channels_last": args.channels_last,
+                 "compile": args.compile or None}
+    return train_source, eval_source, {k: v for k, v in overrides.items() if v is not None}
+
+
+def _data_inputs(args: argparse.Namespace) -> tuple:
+    """(train source, eval source or None) from --data, --eval-data and --download."""
     from .data import match_classes
     from .finetuning import as_source, open_sources
 
@@ -101,14 +111,7 @@ def _plan_inputs(args: argparse.Namespace) -> tuple:
                                                      "evaluation (pass --eval-data)", args.data)
         if eval_source is not None:
             eval_source = match_classes(train_source.classes, eval_source, multi_label=train_source.multi_label)
-    overrides = {"variant": args.variant, "steps": args.steps, "base_lr": args.lr, "batch_size": args.batch,
-                 "batch_split": args.batch_split, "resolution": tuple(args.resolution) if args.resolution else None,
-                 "mixup_alpha": args.mixup_alpha, "flip": False if args.no_flip else None,
-                 "random_crop": False if args.no_crop else None, "examples_per_class": args.examples_per_class,
-                 "examples_per_class_seed": args.examples_per_class_seed, "seed": args.seed,
-                 "precision": args.precision, "channels_last": args.channels_last,
-                 "compile": args.compile or None}
-    return train_source, eval_source, {k: v for k, v in overrides.items() if v is not None}
+    return train_source, eval_source
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -207,15 +210,15 @@ def _k_list(shots: list[int], full: bool) -> list[int | None]:
 
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
-    from .protocols import few_shot_sweep, results_table, write_results
+    from .protocols import few_shot_sweep, results_folder, results_table, write_results
 
+    results_folder(args.out)
     train, test, overrides = _plan_inputs(args)
     if test is None:
         raise ValueError("bit fewshot needs evaluation data (--eval-data)")
     _refuse_flags(overrides, ("examples_per_class", "examples_per_class_seed", "seed"),
                   "bit fewshot draws the examples and seeds itself (--shots, --seeds)")
-    init = "pretrained" if args.pretrained else "scratch"
-    rows = few_shot_sweep(args.model, train, test, Path(args.out) / "runs", init=init, pretrained=args.pretrained,
+    rows = few_shot_sweep(args.model, train, test, Path(args.out) / "runs", pretrained=args.pretrained,
                           shots=_k_list(args.shots, args.full), seeds=list(range(args.seeds)), device=args.device,
                           **overrides)
     title = f"{args.model} few-shot on {train.name}"
@@ -229,16 +232,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     from .models import create_model
     from .probe import linear_probe
-    from .protocols import results_table, write_results
+    from .protocols import results_folder, results_table, write_results
     from .runtime import setup
 
-    train, test, overrides = _plan_inputs(args)
-    _refuse_flags(overrides, set(overrides) - {"resolution"}, "bit probe trains no network (it takes --resolution)")
+    results_folder(args.out)
+    train, test = _data_inputs(args)
     if test is None:
         raise ValueError("bit probe needs evaluation data (--eval-data)")
-    model = create_model(args.model, pretrained=args.pretrained).to(setup(args.device).device)
-    resolution = args.resolution[1] if args.resolution else get_model_spec(args.model).resolution
-    rows = linear_probe(model, train, test, resolution, setup(args.device), shots=_k_list(args.shots, args.full),
+    runtime = setup(args.device)
+    model = create_model(args.model, pretrained=args.pretrained).to(runtime.device)
+    resolution = args.resolution or get_model_spec(args.model).resolution
+    rows = linear_probe(model, train, test, resolution, runtime, shots=_k_list(args.shots, args.full),
                         seeds=list(range(args.seeds)), l2=args.l2)
     for row in rows:
         row["init"] = "pretrained" if args.pretrained else "scratch"
@@ -277,8 +281,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .inference import embed, load_model, save_embeddings
+    from .inference import embed, embeddings_path, load_model, save_embeddings
 
+    embeddings_path(args.out)
     model, _, resolution = load_model(args.model)
     features, files, errors = embed(model, args.images, args.resolution or resolution, args.batch,
                                     args.device or "cpu", args.workers, progress=not args.quiet)
@@ -333,17 +338,22 @@ def _positive_or_auto(value: str) -> int | str:
     return value if value == "auto" else COUNT(value)
 
 
-def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `bit plan` and `bit finetune`: data, model and every HyperRule override."""
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """Model and data flags, shared by every command that reads a labelled dataset."""
     p.add_argument("--model", required=True, help="registry name, e.g. BiT-M-R50x1 (see `bit models`)")
     p.add_argument("--data", required=True,
-                   help="digits | cifar10[:ROOT] | cifar100[:ROOT] | pets[:ROOT] | flowers102[:ROOT] | "
-                        "imagenet[:ROOT] | an image folder (class sub-folders, or train/val/test of them) | a CSV "
-                        "manifest (path,label)")
+                   help="digits | glyphs[:PER_CLASS] | fractals[:CLASSES] | cifar10[:ROOT] | cifar100[:ROOT] | "
+                        "pets[:ROOT] | flowers102[:ROOT] | imagenet[:ROOT] | an image folder (class sub-folders, or "
+                        "train/val/test of them) | a CSV manifest (path,label) | a shards folder (`bit shards`)")
     p.add_argument("--eval-data", help="evaluation data (default: the test, else val split of --data; 'none': no "
                                        "evaluation)")
     p.add_argument("--download", action="store_true", help="let torchvision download a standard dataset "
                                                            "(needs a network)")
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that fine-tune (plan, finetune, fewshot): data, model and every HyperRule override."""
+    add_data_arguments(p)
     g = p.add_argument_group("HyperRule overrides (default: the rule's value for this data)")
     g.add_argument("--variant", choices=("release", "paper"), help="release: authors' code (default); paper: "
                                                                    "448/384, decays at 30/60/90%%")
@@ -459,7 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
                            ("probe", "linear probe: frozen features + closed-form ridge classifier")):
         p = sub.add_parser(name, help=helptext, description=helptext + "; table + summary.json + report.md + "
                                                                      "accuracy.png in --out.")
-        add_plan_arguments(p)
+        if name == "fewshot":
+            add_plan_arguments(p)
+        else:  # no network is trained: no HyperRule flags
+            add_data_arguments(p)
+            p.add_argument("--resolution", type=COUNT, metavar="SIDE",
+                           help="input side of the features (default: the registry's)")
         p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="CKPT",
                        help="released weights (flag alone) or a checkpoint file")
         p.add_argument("--shots", type=COUNT, nargs="+", default=[1, 5, 10], help="examples per class")
@@ -519,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shards", help="write WebDataset tar shards from an image folder or CSV manifest",
                        description="Re-encode a dataset (image folder, CSV manifest with ';'-separated labels for "
-                                   "multi-label data, or any spec `--data` takes) into WebDataset tar shards of JPEGs "
+                                   "multi-label data, or any spec `--data` takes: a standard dataset's training "
+                                   "split, a split folder's train/) into WebDataset tar shards of JPEGs "
                                    "with a manifest.json (classes, counts, sha256 per shard), for streaming "
                                    "upstream training. Unreadable images are reported and left out.")
     p.add_argument("src", help="image folder or CSV manifest (path,label)")
@@ -577,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (CheckpointError, DownloadError, FloatingPointError, KeyError, OSError, ValueError) as e:
+    except (CheckpointError, DownloadError, FloatingPointError, ImportError, KeyError, OSError, ValueError) as e:
         if args.verbose:  # the traceback too
             raise
         print(f"bit {args.command}: error: {_message(e)}", file=sys.stderr)

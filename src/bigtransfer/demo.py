@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import hyperrule
 from .data import open_dataset
 from .models.registry import DEMO_MODEL, get_model_spec
-from .protocols import few_shot_sweep, results_table, summarize, write_results
+from .protocols import few_shot_sweep, results_table, shots_label, summarize, write_results
 
 # The HyperRule for digits (1,000 images of 8x8 px): resize 160 -> crop 128, 500 steps of 512, lr 0.003,
 # warmup 100, x0.1 after 200/300/400, no MixUp, no flip. Scaled for two CPU cores:
@@ -62,20 +62,21 @@ def demo(out: str | os.PathLike = "bit-demo", seeds: int = 3, shots: tuple[int, 
     level = logger.level
     logger.setLevel(logging.WARNING)  # twenty runs' "loaded weights" lines would hide the progress bar
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task = bar.add_task("fine-tuning", total=total)
+    try:
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            task = bar.add_task("fine-tuning", total=total)
 
-        def done(row: dict) -> None:
-            k = "all" if row["examples_per_class"] is None else f"{row['examples_per_class']}-shot"
-            bar.update(task, advance=1, description=f"{row['init']} {k} seed {row['seed']}: "
-                                                    f"{100 * row['accuracy']:.1f}%")
+            def done(row: dict) -> None:
+                bar.update(task, advance=1, description=f"{row['init']} {shots_label(row['examples_per_class'])} "
+                                                        f"seed {row['seed']}: {100 * row['accuracy']:.1f}%")
 
-        rows += few_shot_sweep(DEMO_MODEL, train, test, Path(out) / "runs", init="pretrained", pretrained=True,
-                               shots=ks, seeds=seed_list, device=device, on_run=done, base_lr=PRETRAINED_LR,
-                               **budget)
-        rows += few_shot_sweep(SCRATCH_MODEL, train, test, Path(out) / "runs", init="scratch", shots=ks,
-                               seeds=seed_list, device=device, on_run=done, base_lr=SCRATCH_LR, **budget)
-    logger.setLevel(level)
+            rows += few_shot_sweep(DEMO_MODEL, train, test, Path(out) / "runs", pretrained=True,
+                                   shots=ks, seeds=seed_list, device=device, on_run=done, base_lr=PRETRAINED_LR,
+                                   **budget)
+            rows += few_shot_sweep(SCRATCH_MODEL, train, test, Path(out) / "runs", shots=ks,
+                                   seeds=seed_list, device=device, on_run=done, base_lr=SCRATCH_LR, **budget)
+    finally:
+        logger.setLevel(level)
     title = "BiT transfer on 2 CPU cores: digits, glyph-pretrained vs. random init"
     elapsed = time.monotonic() - started
     notes = [f"upstream: {DEMO_MODEL} (bigtransfer/weights/{DEMO_MODEL}.json: command, seed, data version)",
@@ -93,5 +94,5 @@ def demo(out: str | os.PathLike = "bit-demo", seeds: int = 3, shots: tuple[int, 
 def _gains(rows: list[dict]) -> dict[str, float]:
     """Median pre-trained minus median scratch accuracy, in points, per k."""
     med = {(s["init"], s["examples_per_class"]): s["median"] for s in summarize(rows)}
-    return {("all" if k is None else f"{k}-shot"): 100 * (med[("pretrained", k)] - med[("scratch", k)])
+    return {shots_label(k): 100 * (med[("pretrained", k)] - med[("scratch", k)])
             for (init, k) in med if init == "pretrained" and ("scratch", k) in med}

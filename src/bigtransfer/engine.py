@@ -11,6 +11,7 @@ nothing and skips nothing; SIGTERM/SIGINT write a checkpoint and stop cleanly.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoints import save_weights
+from .checkpoints.formats import atomic_path
 from .data import to_model_input
 from .hyperrule import MOMENTUM, Schedule, learning_rate
 from .runs import RunDir
@@ -113,11 +115,11 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
         return None if evaluator is None else evaluator(net, max(1, local_batch // split))
 
     def checkpoint(step: int) -> None:
+        _save_bad_images(run, runtime, step, bad_seen, bad_count)
         run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "elapsed_s": time.perf_counter() - started})
 
-    bad_seen: set[str] = set()
-    bad_count = 0
+    bad_seen, bad_count = _load_bad_images(run, runtime, start)
     last_loss = next((r["loss"] for r in reversed(run.metrics()) if "loss" in r), math.nan) if start else math.nan
     speed = 0.0
     last_save = time.monotonic()
@@ -177,6 +179,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
     if bad_seen:
         run.write_json("bad_images.json", {"count": len(bad_seen), "times_left_out": bad_count,
                                            "files": sorted(bad_seen)})
+    if runtime.is_main:
+        for path in run.path.glob("bad_images.rank*.json"):
+            path.unlink()
     return {"steps": total, "final_loss": last_loss, "images_per_s": round(speed, 2), "batch_split": split,
             "bad_images": len(bad_seen), "eval": final, "run_dir": str(run.path)}
 
@@ -188,6 +193,28 @@ def _finite(value: float, step: int) -> float:
         raise FloatingPointError(f"the training loss is {value} at step {step}: the run diverged (is the learning "
                                  "rate too high?); its last checkpoint is kept")
     return value
+
+
+def _save_bad_images(run: RunDir, runtime: Runtime, step: int, seen: set[str], count: int) -> None:
+    """This process's bad images up to `step`, beside the checkpoint of `step`, so that a resumed run reports
+    them too. Each process writes its own file: a checkpoint on a signal may not wait in a collective."""
+    if seen:
+        with atomic_path(run.path / f"bad_images.rank{runtime.rank}.json") as tmp:
+            tmp.write_text(json.dumps({"step": step, "count": count, "files": sorted(seen)}))
+
+
+def _load_bad_images(run: RunDir, runtime: Runtime, step: int) -> tuple[set[str], int]:
+    """The bad images every process had met by the resumed `step` (any number of processes then), for the main
+    process to carry on; files of other steps are another attempt's, whose images will come again."""
+    seen: set[str] = set()
+    count = 0
+    if step and runtime.is_main:
+        for path in run.path.glob("bad_images.rank*.json"):
+            record = json.loads(path.read_text())
+            if record["step"] == step:
+                seen.update(record["files"])
+                count += record["count"]
+    return seen, count
 
 
 def _gather_bad_images(seen: set[str], count: int, runtime: Runtime) -> tuple[set[str], int]:
@@ -204,17 +231,18 @@ def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.op
             step: int, config: EngineConfig, runtime: Runtime) -> torch.Tensor:
     """One SGD update over this process's share of the global batch, in `split` micro-batches."""
     n = len(labels)
-    if n == 0:
-        raise RuntimeError(f"step {step}: every image of the batch was bad; see the warnings above")
-    images = images.to(runtime.device, non_blocking=True)
-    labels = labels.to(runtime.device, non_blocking=True)
+    count: float | torch.Tensor = n  # the loss is the mean over the global batch's good images: DDP averages the
+    if runtime.distributed:  # gradients, so each process divides by the global count over the number of processes
+        count = all_reduce_sum(torch.tensor(float(n), device=runtime.device), runtime) / runtime.world_size
+    if float(count) == 0:  # the same answer in every process: all skip, none waits in a collective
+        log.warning("step %d: every image of the batch was bad: no update at this step", step)
+        return torch.zeros((), device=runtime.device)
+    images = images.to(runtime.device, non_blocking=True)  # a process whose share was all bad runs an empty
+    labels = labels.to(runtime.device, non_blocking=True)  # micro-batch, to take part in the gradient average
     lam, perm = 1.0, None
     if config.mixup_alpha > 0:  # one lambda per global batch; partners from a permutation of this process's share
         lam = float(np.random.default_rng([config.seed, step]).beta(config.mixup_alpha, config.mixup_alpha))
         perm = upload(np.random.default_rng([config.seed, step, runtime.rank]).permutation(n), runtime.device)
-    count: float | torch.Tensor = n  # the loss is the mean over the global batch's good images: DDP averages the
-    if runtime.distributed:  # gradients, so each process divides by the global count over the number of processes
-        count = all_reduce_sum(torch.tensor(float(n), device=runtime.device), runtime) / runtime.world_size
     optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=runtime.device)
     chunks = torch.arange(n, device=runtime.device).tensor_split(split)

@@ -40,7 +40,7 @@ from .data.memory import InMemoryImages
 from .engine import EngineConfig, momentum_sgd, train
 from .evaluate import evaluate
 from .models import ResNetV2, create_model
-from .runs import RunDir, starting_weights
+from .runs import RunDir, held_out_data, starting_weights
 from .runtime import setup
 
 log = logging.getLogger("bigtransfer")
@@ -94,6 +94,8 @@ def make_plan(model: str, data: LabelledImages, **overrides) -> FinetunePlan:
     n = len(data)
     size = measure_image_size(data)
     resolution = overrides.pop("resolution", None)
+    if resolution is not None and (isinstance(resolution, int | str) or len(resolution) != 2):
+        raise TypeError(f"resolution=(resize, crop): two sides, e.g. (160, 128); got {resolution!r}")
     resize, crop = resolution or hyperrule.resolution(size, variant)
     sched = hyperrule.schedule(n, variant)
     if overrides.get("steps") is not None:
@@ -107,9 +109,10 @@ def make_plan(model: str, data: LabelledImages, **overrides) -> FinetunePlan:
     plan.overridden = sorted(given) + (["steps"] if overrides.get("steps") is not None else [])
     if resolution is not None:
         plan.overridden.append("resolution")
-    if crop > resize:
-        raise ValueError(f"crop {crop} is larger than resize {resize}")
-    wrong = [f"{k} {v}" for k, v in {"steps": plan.steps, "batch_size": plan.batch_size, "crop": crop}.items() if v < 1]
+    if plan.crop > plan.resize:
+        raise ValueError(f"crop {plan.crop} is larger than resize {plan.resize}")
+    wrong = [f"{k} {v}" for k, v in {"steps": plan.steps, "batch_size": plan.batch_size, "crop": plan.crop}.items()
+             if v < 1]
     wrong += [] if math.isfinite(plan.base_lr) and plan.base_lr > 0 else [f"base_lr {plan.base_lr}"]
     wrong += [] if math.isfinite(plan.mixup_alpha) and plan.mixup_alpha >= 0 else [f"mixup_alpha {plan.mixup_alpha}"]
     if wrong:
@@ -201,34 +204,39 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     """Fine-tune with the BiT-HyperRule and return the results (also written to the run directory).
 
     model_or_name: a registry name (created with a new zero head of the right size, weights from
-    `pretrained`) or a ResNetV2 (its head is replaced if its size differs). Overrides: any field of
+    `pretrained`) or a ResNetV2 (its head is replaced if its size differs). `eval_data` None: no evaluation
+    (the command line evaluates on the data's test, else val split by default). Overrides: any field of
     `FinetunePlan` plus ``steps`` and ``resolution=(resize, crop)``. Running again with the same
     `out` resumes an interrupted run; a finished run returns its saved results. `in_memory` decodes
     the training images once into RAM (small sets: no per-epoch decoding); `device_data` further
     keeps them on the device and augments there in batch (implies `in_memory`).
     """
+    if not isinstance(model_or_name, str) and pretrained is not False:
+        raise ValueError("pretrained= picks the starting weights of a registry name; a model passed in starts from "
+                         "its own weights (load a checkpoint into it with load_weights first)")
     runtime = setup(device)
     source, eval_source = open_sources(train_data, eval_data)
     if source.multi_label:
         raise ValueError(f"{source.name} has several labels per image; the HyperRule fine-tunes single-label "
                          "tasks (softmax): `bit pretrain` trains multi-label data (sigmoid)")
-    if in_memory or device_data:
-        source = InMemoryImages(source, workers=max(1, workers), progress=progress)
     train_source, chosen = select_examples(source, overrides.get("examples_per_class"),
                                            overrides.get("examples_per_class_seed") or 0)
     name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
     plan = make_plan(name, train_source, **overrides)
+    if in_memory or device_data:  # after the few-shot choice: a 5-shot run decodes its 5 images per class
+        train_source = InMemoryImages(train_source, plan.resize, workers=max(1, workers), progress=progress)
     run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
     handler = run.log_to_file()
     try:
-        done = run.previous_results(dataclasses.asdict(plan), pretrained)
-        if done is not None:
-            return done
+        settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_or_name, pretrained),
+                    "eval_data": held_out_data(eval_source)}
+        done = run.previous_results(settings)
+        if done is not None:  # what the run returned when it finished
+            return {**done, "eval": run.read_json("eval.json")}
         if runtime.is_main and progress:
             Console(stderr=True).print(plan_table(plan))
         if runtime.is_main:
-            run.write_json("config.json", {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(pretrained),
-                                           "world_size": runtime.world_size, "device": str(runtime.device)})
+            run.write_json("config.json", {**settings, "world_size": runtime.world_size, "device": str(runtime.device)})
             if chosen is not None:
                 run.write_json("examples.json", {"indices": chosen, "files": [source.describe(i) for i in chosen]})
         model = _build_model(model_or_name, plan, pretrained)
@@ -282,10 +290,11 @@ def _build_model(model_or_name: nn.Module | str, plan: FinetunePlan, pretrained:
 
 
 def _write_summary(run: RunDir, plan: FinetunePlan, results: dict) -> None:
+    """summary.json: `results` but the full evaluation (in eval.json), with its top-1 and top-5 (also added to
+    `results`, so that a fresh run and a finished one return the same keys)."""
     ev = results.get("eval") or {}
-    summary = {k: v for k, v in results.items() if k != "eval"}
-    summary["top1"], summary["top5"] = ev.get("top1"), ev.get("top5")
-    run.write_json("summary.json", summary)
+    results["top1"], results["top5"] = ev.get("top1"), ev.get("top5")
+    run.write_json("summary.json", {k: v for k, v in results.items() if k != "eval"})
     if run.writer:
         lines = [f"# {plan.model} on {plan.data}", "",
                  f"- examples: {plan.n_examples} ({plan.num_classes} classes), steps: {plan.steps}, "

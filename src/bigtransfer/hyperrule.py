@@ -59,6 +59,8 @@ def resolution(size: tuple[int, int], variant: str = "release") -> tuple[int, in
 def schedule(n_examples: int, variant: str = "release") -> Schedule:
     """Steps, warmup and decay points for a training set of `n_examples`."""
     _check_variant(variant)
+    if n_examples < 1:
+        raise ValueError(f"a training set of {n_examples} examples has no schedule")
     limit = next(k for k in RELEASE_BOUNDARIES if k is None or n_examples < k)
     warmup, *decays, total = RELEASE_BOUNDARIES[limit]
     if variant == "release":
@@ -74,8 +76,8 @@ def mixup_alpha(n_examples: int) -> float:
 def learning_rate(step: int, schedule: Schedule, base_lr: float = BASE_LR) -> float:
     """Learning rate of update `step` (0-based), exactly as the authors' ``get_lr``: warmup from 0,
     then base_lr / 10 for every decay boundary strictly before `step`."""
-    if step >= schedule.total_steps:
-        raise ValueError(f"step {step} is past the end of the schedule ({schedule.total_steps} steps)")
+    if not 0 <= step < schedule.total_steps:
+        raise ValueError(f"step {step} is outside the schedule's steps 0..{schedule.total_steps - 1}")
     if step < schedule.warmup_steps:
         return base_lr * step / schedule.warmup_steps
     return base_lr * 0.1 ** sum(1 for boundary in schedule.decay_steps if boundary < step)

@@ -27,7 +27,7 @@ from .models.resnetv2 import StdConv2d, standardize
 from .runtime import resolve_device
 
 
-def load_model(model: str | os.PathLike, pretrained: bool = True) -> tuple[ResNetV2, list[str] | None, int]:
+def load_model(model: str | os.PathLike) -> tuple[ResNetV2, list[str] | None, int]:
     """(model in eval mode, class names or None, default resolution) from a checkpoint path (a file, or an HF
     folder) or a registry name."""
     path = Path(model)
@@ -40,7 +40,7 @@ def load_model(model: str | os.PathLike, pretrained: bool = True) -> tuple[ResNe
     if path.suffix in SUFFIX_FORMATS or os.sep in str(model):
         raise FileNotFoundError(f"{model}: no such checkpoint file")
     spec = get_model_spec(str(model))
-    return create_model(spec.name, pretrained=pretrained).eval(), None, spec.resolution
+    return create_model(spec.name, pretrained=True).eval(), None, spec.resolution
 
 
 def _resolution(metadata: dict[str, str], path: Path) -> int:
@@ -114,11 +114,17 @@ def embed(model: ResNetV2, files: Sequence[str | os.PathLike], resolution: int =
     return features.numpy(), images.paths, errors
 
 
-def save_embeddings(features: np.ndarray, files: Sequence[str], path: str | os.PathLike) -> Path:
-    """.npy (features only) or .safetensors (features, with the file list in the metadata), atomically."""
+def embeddings_path(path: str | os.PathLike) -> Path:
+    """`path` if its name says a format features are written in (checked before any image is read)."""
     path = Path(path)
     if path.suffix not in (".npy", ".safetensors"):
         raise ValueError(f"{path}: features are written as .npy or .safetensors; name the file so")
+    return path
+
+
+def save_embeddings(features: np.ndarray, files: Sequence[str], path: str | os.PathLike) -> Path:
+    """.npy (features only) or .safetensors (features, with the file list in the metadata), atomically."""
+    path = embeddings_path(path)
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.numpy import save_file
@@ -160,6 +166,12 @@ def export(model: ResNetV2, path: str | os.PathLike, fmt: str = "onnx", resoluti
     if fmt not in ("onnx", "torchscript"):
         raise ValueError(f"unknown export format {fmt!r}; choose onnx or torchscript")
     _require_head(model)
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401 (torch.onnx.export needs it, and says so only after tracing)
+        except ImportError as e:
+            raise ImportError("ONNX export needs the onnx package: pip install onnx (TorchScript needs nothing "
+                              "more: --format torchscript)") from e
     folded = fold_weight_standardization(model)
     # an image-like input: on zeros every norm sees a constant and the tracer's own check reports noise
     example = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1

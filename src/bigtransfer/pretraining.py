@@ -24,6 +24,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .checkpoints.formats import atomic_path
 from .data import (
     HyperRuleTransform,
     InceptionCropTransform,
@@ -42,7 +43,7 @@ from .finetuning import as_source, open_sources
 from .hyperrule import MOMENTUM, Schedule
 from .models import ResNetV2, create_model
 from .probe import linear_probe
-from .runs import RunDir, starting_weights
+from .runs import RunDir, held_out_data, read_jsonl, starting_weights
 from .runtime import Runtime, setup
 
 log = logging.getLogger("bigtransfer")
@@ -87,12 +88,22 @@ class PretrainPlan:
         return Schedule(self.warmup_steps, tuple(self.decay_steps), self.steps)
 
 
+# What a user sets; the rest of the plan is the data's (model, sizes, flip rule) or derived from these (steps).
+PRETRAIN_OPTIONS = {f.name for f in dataclasses.fields(PretrainPlan)} - {
+    "model", "data", "n_examples", "num_classes", "multi_label", "recipe", "steps_per_epoch", "steps", "decay_steps",
+    "loss", "overridden"}
+
+
 def make_pretrain_plan(model: str, data_name: str, n_examples: int, num_classes: int, multi_label: bool,
                        recipe: str = "bit", data_flip: bool = True, **overrides) -> PretrainPlan:
     """The paper's epoch recipe converted to steps for this dataset size and global batch; `data_flip` is the
     data's own rule (digits and text are never mirrored), which a `flip` override replaces."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    unknown = set(overrides) - PRETRAIN_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown pre-training options: {', '.join(sorted(unknown))} (steps follow from epochs, "
+                        f"decay_epochs and batch_size; the options are {', '.join(sorted(PRETRAIN_OPTIONS))})")
     given = {k: v for k, v in overrides.items() if v is not None}
     plan = PretrainPlan(model, data_name, n_examples, num_classes, multi_label, recipe, flip=data_flip,
                         **RECIPES[recipe])
@@ -241,7 +252,10 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     run = RunDir(out, writer=runtime.is_main)
     handler = run.log_to_file()
     try:
-        done = run.previous_results(dataclasses.asdict(plan), pretrained)
+        probe = None if probe_data is None else f"probe {probe_data}, {probe_shots} per class"
+        settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_name, pretrained),
+                    "eval_data": held_out_data(eval_source, probe)}
+        done = run.previous_results(settings)
         if done is not None:
             return done
         saved = run.read_json("config.json")
@@ -260,9 +274,8 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
         if runtime.is_main:
             memory = memory_plan(model, micro, plan.crop, plan.precision, plan.activation_checkpointing)
             Console(stderr=True).print(plan_table(plan, memory))
-            run.write_json("config.json", {"plan": dataclasses.asdict(plan), "memory": memory, "world_size":
-                                           runtime.world_size, "workers": workers,
-                                           "pretrained": starting_weights(pretrained)})
+            run.write_json("config.json", {**settings, "memory": memory, "world_size": runtime.world_size,
+                                           "workers": workers})
         optimizer = momentum_sgd(parameter_groups(model, plan.weight_decay), plan.base_lr, runtime.device)
         config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
                               input_size=plan.crop, batch_split=plan.batch_split, precision=plan.precision,
@@ -315,8 +328,9 @@ def _batch_source(shards: Path | None, source: LabelledImages | None, transform,
 
 def _rewind_sample_log(path: Path, start: int) -> None:
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_jsonl(path) if r["step"] < start]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _evaluator(eval_source: LabelledImages | None, probe_data: str | None, probe_shots: int, plan: PretrainPlan,

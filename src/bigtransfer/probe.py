@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .data import HyperRuleTransform, LabelledImages, eval_loader, match_classes, sample_per_class, to_model_input
-from .runtime import Runtime, autocast
+from .runtime import Runtime, autocast, setup
 
 DEFAULT_L2 = 2.0**10
 
@@ -61,11 +61,13 @@ def ridge_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray,
     return float((predictions == test[1]).mean())
 
 
-def linear_probe(model: nn.Module, train: LabelledImages, test: LabelledImages, resolution: int, runtime: Runtime,
-                 shots: Sequence[int | None] = (None,), seeds: Sequence[int] = (0,), l2: float = DEFAULT_L2,
-                 batch_size: int = 256, precision: str = "fp32") -> list[dict]:
+def linear_probe(model: nn.Module, train: LabelledImages, test: LabelledImages, resolution: int,
+                 runtime: Runtime | None = None, shots: Sequence[int | None] = (None,), seeds: Sequence[int] = (0,),
+                 l2: float = DEFAULT_L2, batch_size: int = 256, precision: str = "fp32") -> list[dict]:
     """Test accuracy of the probe for every (examples per class, seed); None means all training data.
-    Features are extracted once; every k and seed only re-fits the closed form."""
+    Features are extracted once; every k and seed only re-fits the closed form. `runtime`: by default the
+    model's device (`runtime.setup`)."""
+    runtime = runtime or setup(str(next(model.parameters()).device))
     test = match_classes(train.classes, test, multi_label=train.multi_label)
     train_x, train_y = extract_features(model, train, resolution, runtime, batch_size, precision)
     test_xy = extract_features(model, test, resolution, runtime, batch_size, precision)

@@ -21,13 +21,18 @@ from .finetuning import finetune
 
 
 def few_shot_sweep(model: str, train: LabelledImages, test: LabelledImages, out: str | os.PathLike, *,
-                   init: str = "pretrained", pretrained: bool | str | os.PathLike = False,
+                   init: str | None = None, pretrained: bool | str | os.PathLike = False,
                    shots: Sequence[int | None] = (1, 5, 10, None), seeds: Sequence[int] = (0, 1, 2),
                    full_seeds: Sequence[int] | None = None, device: str | None = None,
                    on_run: Callable[[dict], None] | None = None, **overrides) -> list[dict]:
     """Fine-tune `model` for every (examples per class, seed) and evaluate on `test`. `None` in
     `shots` is the whole training set (run for `full_seeds`, default the first seed only). Every run
-    keeps its own folder under `out`, so an interrupted sweep resumes run by run."""
+    keeps its own folder under `out`, so an interrupted sweep resumes run by run. `init` names the rows
+    (default "pretrained" or "scratch", as `pretrained` says)."""
+    if not isinstance(model, str):  # one module trained in place would carry each run into the next
+        raise TypeError(f"few_shot_sweep takes a registry name (every run starts afresh from it), not a "
+                        f"{type(model).__name__}; pass pretrained=CHECKPOINT for other starting weights")
+    init = init or ("pretrained" if pretrained is not False else "scratch")
     rows = []
     for k in shots:
         for seed in seeds if k is not None else (full_seeds or seeds[:1]):
@@ -35,16 +40,11 @@ def few_shot_sweep(model: str, train: LabelledImages, test: LabelledImages, out:
             result = finetune(model, train, test, out=Path(out) / name, pretrained=pretrained, device=device,
                               progress=False, examples_per_class=k, examples_per_class_seed=seed, seed=seed,
                               **overrides)
-            row = {"init": init, "examples_per_class": k, "seed": seed, "accuracy": result_accuracy(result)}
+            row = {"init": init, "examples_per_class": k, "seed": seed, "accuracy": result["top1"]}
             rows.append(row)
             if on_run is not None:
                 on_run(row)
     return rows
-
-
-def result_accuracy(result: dict) -> float:
-    """Top-1 of a fine-tuning result, fresh (eval dict) or loaded from a finished run's summary."""
-    return result["eval"]["top1"] if result.get("eval") else result["top1"]
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:
@@ -64,7 +64,8 @@ def _shots(rows: Iterable[dict]) -> list[int | None]:
     return sorted(k for k in ks if k is not None) + ([None] if None in ks else [])
 
 
-def _label(k: int | None) -> str:
+def shots_label(k: int | None) -> str:
+    """How tables and progress lines name a number of examples per class (None: the whole training set)."""
     return "all" if k is None else f"{k}-shot"
 
 
@@ -75,7 +76,7 @@ def results_table(rows: Sequence[dict], title: str) -> Table:
     table = Table(title=title)
     table.add_column("init")
     for k in _shots(rows):
-        table.add_column(_label(k), justify="center")
+        table.add_column(shots_label(k), justify="center")
     for init in inits:
         cells = []
         for k in _shots(rows):
@@ -94,16 +95,25 @@ def _cell(s: dict) -> str:
 def markdown_table(rows: Sequence[dict]) -> str:
     stats = {(s["init"], s["examples_per_class"]): s for s in summarize(rows)}
     shots = _shots(rows)
-    lines = ["| init | " + " | ".join(_label(k) for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
+    lines = ["| init | " + " | ".join(shots_label(k) for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
     for init in dict.fromkeys(r["init"] for r in rows):
         cells = [_cell(stats[(init, k)]) if (init, k) in stats else "-" for k in shots]
         lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def results_folder(out: str | os.PathLike) -> Path:
+    """`out`, unless it holds a training run (its config.json), whose summary.json the results would replace.
+    Checked before the work, and again before writing."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        raise ValueError(f"{out} holds a training run (config.json); pass another output folder (--out)")
+    return out
+
+
 def write_results(rows: Sequence[dict], out: str | os.PathLike, title: str, notes: Sequence[str] = ()) -> None:
     """summary.json, report.md and accuracy.png into `out`."""
-    out = Path(out)
+    out = results_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps({"rows": list(rows), "summary": summarize(rows)}, indent=1) + "\n")
@@ -130,7 +140,7 @@ def plot_accuracy(rows: Sequence[dict], path: Path, title: str) -> None:
         ax.plot([x for x, _ in pts], [100 * s["median"] for _, s in pts], "o-", label=init)
         ax.fill_between([x for x, _ in pts], [100 * s["min"] for _, s in pts], [100 * s["max"] for _, s in pts],
                         alpha=0.2)
-    ax.set_xticks(xs, [_label(k) for k in shots])
+    ax.set_xticks(xs, [shots_label(k) for k in shots])
     ax.set(xlabel="training examples per class", ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -12,14 +12,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .checkpoints.formats import atomic_path
+from .data.sources import LabelledImages
 
 log = logging.getLogger("bigtransfer")
 
@@ -28,12 +31,42 @@ log = logging.getLogger("bigtransfer")
 SAME_UPDATE = ("overridden", "batch_split")
 
 
-def starting_weights(pretrained: bool | str | os.PathLike) -> str:
+def starting_weights(model_or_name: nn.Module | str, pretrained: bool | str | os.PathLike = False) -> str:
     """What a run starts from, as config.json records it: "random", "registry" (the model's released
-    checkpoint) or a checkpoint's absolute path, so that a run started from other weights is never resumed."""
+    checkpoint), a checkpoint's absolute path, or for a model passed in, a digest of its weights; so that a run
+    started from other weights is never resumed, nor its results returned."""
+    if isinstance(model_or_name, nn.Module):
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model_or_name.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return f"weights sha256:{digest.hexdigest()[:16]}"
     if pretrained is False:
         return "random"
     return "registry" if pretrained is True else str(Path(pretrained).resolve())
+
+
+def held_out_data(*sources: LabelledImages | str | None) -> str:
+    """How config.json names the data a run evaluates on (compared on a re-run, like the plan)."""
+    names = [s if isinstance(s, str) else f"{s.name} ({len(s)} images)" for s in sources if s is not None]
+    return "; ".join(names) or "none"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a log we append to (none if it is not there); a last line cut short (a crash or a full
+    disk while it was appended) is left out, since the step it logged is done again on resume."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not a JSON record ({e})") from e
+            log.warning("%s: its last line was cut short (%r); left out", path, line[:60])
+    return records
 
 
 class RunDir:
@@ -55,23 +88,36 @@ class RunDir:
 
     def read_json(self, name: str) -> object | None:
         p = self / name
-        return json.loads(p.read_text()) if p.exists() else None
-
-    def previous_results(self, plan: dict, pretrained: bool | str | os.PathLike) -> dict | None:
-        """For a folder that already holds a run: refuse another plan or other starting weights (naming what
-        differs), return the saved results of a finished run, None for an interrupted one (the caller resumes
-        it) or for one that stopped before its first checkpoint (nothing to resume: it starts afresh)."""
-        saved = self.read_json("config.json")
-        if saved is None or not ((self / "checkpoint.pt").exists() or (self / "summary.json").exists()):
+        if not p.exists():
             return None
-        now = json.loads(json.dumps(plan))
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:  # written atomically by us: damaged since
+            raise ValueError(f"{p}: damaged, not JSON ({e}); restore it or pass another output folder (--out)") from e
+
+    def previous_results(self, settings: dict) -> dict | None:
+        """For a folder that already holds a run: refuse other `settings` (config.json's "plan", "pretrained",
+        "eval_data"; naming what differs), return the saved results of a finished run, None for an interrupted
+        one (the caller resumes it) or for one that stopped before its first checkpoint (it starts afresh)."""
+        saved = self.read_json("config.json")
+        if saved is None:
+            held = [n for n in ("checkpoint.pt", "summary.json", "model.safetensors") if (self / n).exists()]
+            if held:  # another command's results, or a run whose settings are lost: never resumed blindly
+                raise ValueError(f"{self.path} holds {', '.join(held)} but no config.json, so no run this command "
+                                 "can resume or return; pass another output folder (--out)")
+            return None
+        if not ((self / "checkpoint.pt").exists() or (self / "summary.json").exists()):
+            return None
+        now = json.loads(json.dumps(settings["plan"]))
         then = saved["plan"]
         changed = [k for k in sorted(now) if k not in SAME_UPDATE and then.get(k) != now[k]]
         old = {"False": "random", "True": "registry"}  # earlier versions recorded str(pretrained)
-        now["pretrained"] = starting_weights(pretrained)
         then["pretrained"] = old.get(saved.get("pretrained"), saved.get("pretrained"))
-        if now["pretrained"] != then["pretrained"]:
-            changed.append("pretrained")
+        then["eval_data"] = saved.get("eval_data", settings["eval_data"])  # not recorded by earlier versions
+        for key in ("pretrained", "eval_data"):
+            now[key] = settings[key]
+            if now[key] != then[key]:
+                changed.append(key)
         if changed:
             diffs = "; ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
             raise ValueError(f"{self.path} holds a run with other settings ({diffs}); "
@@ -82,10 +128,7 @@ class RunDir:
         return summary
 
     def metrics(self) -> list[dict]:
-        p = self / "metrics.jsonl"
-        if not p.exists():
-            return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return read_jsonl(self / "metrics.jsonl")
 
     def append_metrics(self, record: dict) -> None:
         if self.writer:
@@ -106,7 +149,14 @@ class RunDir:
 
     def load_checkpoint(self) -> dict | None:
         p = self / "checkpoint.pt"
-        return torch.load(p, map_location="cpu", weights_only=True) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+            why = (str(e).splitlines() or [""])[0][:200]
+            raise ValueError(f"{p}: damaged, cannot be read ({type(e).__name__}: {why}); delete it to start this "
+                             "run over, or pass another output folder (--out)") from e
 
     def log_to_file(self) -> logging.Handler | None:
         if not self.writer:

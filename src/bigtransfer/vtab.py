@@ -11,6 +11,7 @@ on an 800/200 split of the 1,000, then retrains the best on all 1,000 and tests 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -24,7 +25,6 @@ from rich.table import Table
 from .checkpoints.formats import atomic_path
 from .data import open_dataset
 from .finetuning import finetune
-from .protocols import result_accuracy
 
 log = logging.getLogger("bigtransfer")
 TRAIN_EXAMPLES, SEARCH_TRAIN = 1000, 800
@@ -83,10 +83,14 @@ def split_train(n: int, seed: int, train_examples: int = TRAIN_EXAMPLES,
 
 
 def draw_trials(n: int, seed: int, space: dict | None = None) -> list[dict]:
-    """N random points of the search space, reproducible from the seed."""
+    """N distinct random points of the search space (a repeat would only fine-tune the same model again),
+    reproducible from the seed."""
     space = space or SEARCH_SPACE
-    rng = np.random.default_rng([seed, 1])
-    return [{k: values[int(rng.integers(len(values)))] for k, values in space.items()} for _ in range(n)]
+    points = list(itertools.product(*space.values()))
+    if n > len(points):
+        raise ValueError(f"{n} trials asked of a search space of {len(points)} points")
+    chosen = np.random.default_rng([seed, 1]).choice(len(points), size=n, replace=False)
+    return [dict(zip(space, points[i], strict=True)) for i in chosen]
 
 
 def run_task(model: str, folder: str | os.PathLike, out: str | os.PathLike, *, pretrained=False, search: int = 0,
@@ -111,12 +115,12 @@ def run_task(model: str, folder: str | os.PathLike, out: str | os.PathLike, *, p
         for i, params in enumerate(draw_trials(search, seed, space)):
             r = finetune(model, train_all.subset(search_train_idx), train_all.subset(search_val_idx),
                          out=out / f"trial{i:02d}", **common, **(overrides | params))
-            trials.append({"trial": i, "params": params, "val_accuracy": result_accuracy(r)})
+            trials.append({"trial": i, "params": params, "val_accuracy": r["top1"]})
             log.info("%s trial %d %s: val %.2f%%", folder.name, i, params, 100 * trials[-1]["val_accuracy"])
         best = max(trials, key=lambda t: t["val_accuracy"])["params"]
     final = finetune(model, train_all.subset(chosen), test, out=out / "final", **common, **(overrides | best))
     result = {"task": folder.name, **settings, "train_examples": len(chosen), "search_trials": trials,
-              "best_params": best, "test_accuracy": result_accuracy(final), "test_examples": len(test)}
+              "best_params": best, "test_accuracy": final["top1"], "test_examples": len(test)}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "result.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1, default=list) + "\n")
@@ -129,9 +133,14 @@ def run_vtab(model: str, root: str | os.PathLike, out: str | os.PathLike, tasks:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"VTAB folder not found: {root}")
-    names = tasks or sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
+    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
+    names = tasks or found
     if not names:
         raise FileNotFoundError(f"{root}: no task folders with train/ and test/ inside")
+    missing = [name for name in names if name not in found]
+    if missing:  # before the first task trains, not after
+        raise FileNotFoundError(f"{root}: no task folder with train/ and test/ for {', '.join(missing)} (found: "
+                                f"{', '.join(found) or 'none'})")
     results = [run_task(model, root / name, Path(out) / name, **kwargs) for name in names]
     with atomic_path(Path(out) / "vtab.json") as tmp:
         tmp.write_text(json.dumps({"tasks": results, "groups": group_means(results)}, indent=1, default=list))

@@ -11,10 +11,18 @@ from torch import nn
 
 from ..models.registry import ModelSpec, get_model_spec
 from .download import DownloadError, cache_dir, download
-from .formats import FORMATS, SUFFIX_FORMATS, Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
+from .formats import (
+    FORMATS,
+    SUFFIX_FORMATS,
+    Checkpoint,
+    CheckpointError,
+    format_for,
+    read_checkpoint,
+    write_checkpoint,
+)
 
 __all__ = ["FORMATS", "SUFFIX_FORMATS", "Checkpoint", "CheckpointError", "DownloadError", "cache_dir", "cached_path",
-           "download", "download_pretrained", "load_weights", "read_checkpoint", "save_weights",
+           "download", "download_pretrained", "format_for", "load_weights", "read_checkpoint", "save_weights",
            "write_checkpoint"]
 
 log = logging.getLogger("bigtransfer")
@@ -69,11 +77,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Chec
         log.info("%s: checkpoint head has %d classes, model has %d: keeping the model's new head",
                  ckpt.path.name, ckpt.num_classes, model.num_classes)
     missing, unexpected = model.load_state_dict(state, strict=head_fits)
-    assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+    if unexpected or any(not k.startswith("head.") for k in missing):  # a model whose modules were changed
+        raise CheckpointError(f"{ckpt.path}: does not fit the model (missing {missing}, unexpected {unexpected})")
     return ckpt
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, format: str = "safetensors",
+def save_weights(model: nn.Module, path: str | os.PathLike, format: str | None = None,
                  metadata: dict[str, str] | None = None) -> Path:
-    """Write `model`'s weights in any supported format (see `formats.write_checkpoint`)."""
-    return write_checkpoint(model.state_dict(), model.arch, path, format, metadata)
+    """Write `model`'s weights in any supported format (see `formats.write_checkpoint`); by default the one the
+    name asks for (`format_for`: .safetensors ours, .pth/.pt/.bin timm, .npz the authors', no suffix HF)."""
+    return write_checkpoint(model.state_dict(), model.arch, path, format or format_for(path), metadata)

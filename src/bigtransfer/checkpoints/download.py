@@ -143,7 +143,7 @@ def _cache_matches(dest: pathlib.Path, sha256: str | None, rehash: bool = False)
         return True
     if not rehash:
         return False
-    if _sha256_of(dest) != sha256.lower():
+    if sha256_of(dest) != sha256.lower():
         return False
     sidecar.write_text(sha256.lower())
     return True
@@ -327,7 +327,7 @@ def _check_size(url: str, part: pathlib.Path, total: int | None) -> None:
 
 def _verify(url: str, part: pathlib.Path, sha256: str) -> None:
     """Hash the finished part file; on mismatch delete it, since resuming it could never succeed."""
-    actual = _sha256_of(part)
+    actual = sha256_of(part)
     if actual != sha256.lower():
         _discard(part)
         raise DownloadError(
@@ -336,7 +336,8 @@ def _verify(url: str, part: pathlib.Path, sha256: str) -> None:
         )
 
 
-def _sha256_of(path: pathlib.Path) -> str:
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints and shards are gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(CHUNK_SIZE):

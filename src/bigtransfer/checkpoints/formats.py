@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +31,19 @@ import torch
 
 from ..models.resnetv2 import Architecture, ResNetV2, group_norm_groups
 
+log = logging.getLogger("bigtransfer")
+
 FORMATS = ("npz", "timm", "hf", "safetensors")
 SUFFIX_FORMATS = {".npz": "npz", ".pth": "timm", ".pt": "timm", ".bin": "timm", ".safetensors": "safetensors"}
+
+
+def format_for(path: str | os.PathLike) -> str:
+    """The format a file name asks for: by suffix, and a name without one is an HF transformers folder."""
+    suffix = Path(path).suffix
+    if suffix in SUFFIX_FORMATS or not suffix:
+        return SUFFIX_FORMATS.get(suffix, "hf")
+    raise ValueError(f"cannot tell the checkpoint format from {Path(path).name!r} (known suffixes: "
+                     f"{', '.join(SUFFIX_FORMATS)}, none for an HF folder); name the format ({', '.join(FORMATS)})")
 
 
 class CheckpointError(ValueError):
@@ -185,15 +197,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:  # created 0666 less the umask (without setting the process's umask, which threads share)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            continue
+    mode = os.fstat(fd).st_mode & 0o777
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        yield Path(tmp)
-        # mkstemp makes 0600, and so does safetensors for the file it writes in its place: the result should look
-        # like any other file the user writes
-        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
+        os.chmod(tmp, mode)  # safetensors writes its file in tmp's place as 0600: make it look like any other file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -303,6 +318,11 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
     if misnamed or (container == "npz") != (path.suffix == ".npz"):
         raise ValueError(f"{path}: a {fmt} checkpoint is written as a {container} file, which the name's "
                          f"{path.suffix} would misname")
+    kept = sorted(k.removeprefix("bigtransfer.") for k in metadata or {} if k in ("bigtransfer.classes",
+                                                                                 "bigtransfer.resolution"))
+    if kept and container != "safetensors":
+        log.warning("%s: a %s file holds tensors only: the checkpoint's %s are left out (a .safetensors file "
+                    "keeps them)", path, container, " and ".join(kept))
     tensors = {foreign_name(fmt, k): to_foreign(fmt, k, v.detach().cpu().float()).contiguous()
                for k, v in state.items()}
     if fmt == "hf" and not path.suffix:

@@ -19,7 +19,7 @@ from .transforms import HyperRuleTransform
 
 class DeviceImages:
     """A data set (decoded into memory first if it is not) moved to `device` as one (N, 3, H, W) uint8
-    tensor; images of different sizes need an `InMemoryImages(source, size=...)` first."""
+    tensor; images of several sizes need an `InMemoryImages(source, size)` first."""
 
     def __init__(self, source: LabelledImages, device: torch.device) -> None:
         if source.multi_label:

@@ -17,7 +17,7 @@ from .sources import BadImageError, LabelledImages
 from .transforms import HyperRuleTransform
 
 log = logging.getLogger("bigtransfer")
-_SEED_STRIDE = 1_000_003
+SEED_STRIDE = 1_000_003  # seed * stride + epoch (or step): one stream of draws per seed, apart from the others
 
 
 def process_share(global_batch: int, world_size: int) -> int:
@@ -44,14 +44,14 @@ class StepSampler:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
+            g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
             self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
     def global_items(self, step: int) -> list[int]:
         """All item indices of the global batch of `step`."""
         if self.n < self.batch_size:
-            g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + step)
+            g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + step)
             return torch.randint(self.n, (self.batch_size,), generator=g).tolist()
         first = step * self.batch_size
         return [int(self._permutation(p // self.n)[p % self.n]) for p in range(first, first + self.batch_size)]
@@ -61,7 +61,7 @@ class StepSampler:
         lo = self.rank * self.local
         items = self.global_items(step)[lo:lo + self.local]
         first = step * self.batch_size + lo
-        return [(item, (self.seed * _SEED_STRIDE + first + j) % 2**62) for j, item in enumerate(items)]
+        return [(item, (self.seed * SEED_STRIDE + first + j) % 2**62) for j, item in enumerate(items)]
 
 
 class _Steps(Sampler[list[tuple[int, int]]]):

@@ -11,13 +11,22 @@ from .sources import BadImageError, LabelledImages
 
 
 class InMemoryImages(LabelledImages):
-    """Every image of `source` decoded (and, if sizes differ, resized to `size`) into an (N, H, W, 3)
-    uint8 array. Bad images are reported by path when the array is built, not later."""
+    """Every image of `source` decoded into an (N, H, W, 3) uint8 array. Images of several sizes are resized to
+    a `size` square: fine-tuning passes the HyperRule's resize side, to which its training transform resizes
+    every image first anyway, so the copy changes nothing. Bad images are reported by path when the array is
+    built, not later."""
 
     def __init__(self, source: LabelledImages, size: int | None = None, workers: int = 1,
                  progress: bool = False) -> None:
         self.name, self.classes, self.flip = f"memory:{source.name}", list(source.classes), source.flip
         self.multi_label, self.targets = source.multi_label, list(source.targets)
+        sizes = sorted({source.size_of(i) for i in range(len(source))})  # headers only, for file sources
+        if len(sizes) <= 1:
+            size = None  # one size: kept as it is (CIFAR stays 32 px, not 160)
+        elif size is None:
+            shown = ", ".join(f"{h}x{w}" for h, w in sizes[:3]) + (", ..." if len(sizes) > 3 else "")
+            raise ValueError(f"{source.name}: images of {len(sizes)} sizes ({shown}) cannot share one in-memory array "
+                             "without a size to resize them to; leave out --in-memory")
         self._describe = [source.describe(i) for i in range(len(source))] if len(source) <= 100_000 else None
         chunks = [(range(i, min(i + 2048, len(source))), size) for i in range(0, len(source), 2048)]
         parts = map_with_progress(_decode_chunk, source, chunks, workers=workers, description=f"decoding {source.name} "
@@ -45,7 +54,4 @@ def _decode_chunk(source: LabelledImages, indices: range, size: int | None) -> n
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)
         out.append(np.asarray(image, dtype=np.uint8))
-    try:
-        return np.stack(out)
-    except ValueError as e:
-        raise ValueError(f"{source.name}: images differ in size; pass size= to keep them in memory") from e
+    return np.stack(out)

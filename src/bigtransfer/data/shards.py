@@ -20,7 +20,6 @@ Streaming (`ShardStream`) is exact and resumable:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -34,14 +33,14 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..checkpoints.download import sha256_of
 from ..checkpoints.formats import atomic_path
-from .loader import target_tensor
+from .loader import SEED_STRIDE, target_tensor
 from .parallel import map_with_progress
 from .sources import BadImageError, LabelledImages, decode_image
 
 log = logging.getLogger("bigtransfer")
 MANIFEST = "manifest.json"
-_SEED_STRIDE = 1_000_003
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -95,15 +94,7 @@ def _write_shard(source: LabelledImages, indices: Sequence[int], path: Path, max
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
             count += 1
-    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": _sha256(path), "bad": bad}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256_of(path), "bad": bad}
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -123,7 +114,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
 def verify_shards(root: str | os.PathLike) -> None:
     """Check every shard against the manifest's sha256 (reads all bytes once)."""
     for shard in read_manifest(root)["shards"]:
-        actual = _sha256(Path(root) / shard["name"])
+        actual = sha256_of(Path(root) / shard["name"])
         if actual != shard["sha256"]:
             raise ValueError(f"{root}/{shard['name']}: sha256 {actual} does not match the manifest's {shard['sha256']}")
 
@@ -170,6 +161,7 @@ class ShardImages(LabelledImages):
         manifest = read_manifest(root)
         self.name = f"shards:{root}"
         self.classes, self.multi_label = manifest["classes"], manifest["multi_label"]
+        self.flip = manifest.get("flip", True)  # the source's rule, as `write_shards` recorded it
         self.locations: list[tuple[str, int, int, str]] = []  # shard, data offset, size, key
         self.targets = []
         for shard in manifest["shards"]:
@@ -206,6 +198,7 @@ class ShardStream(IterableDataset):
         manifest = read_manifest(root)
         self.shards = [(s["name"], s["count"]) for s in manifest["shards"]]
         self.classes, self.multi_label = manifest["classes"], manifest["multi_label"]
+        self.flip = manifest.get("flip", True)  # the source's rule, as `write_shards` recorded it
         self.total = manifest["total"]
         self.transform, self.local_batch, self.seed = transform, local_batch, seed
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
@@ -216,7 +209,7 @@ class ShardStream(IterableDataset):
                              f"{self.num_workers} loader workers; write smaller shards (bit shards --shard-size)")
 
     def _epoch_order(self, epoch: int) -> list[tuple[str, int]]:
-        g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
+        g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
         return [self.shards[i] for i in torch.randperm(len(self.shards), generator=g).tolist()]
 
     def worker_shards(self, epoch: int, worker: int) -> list[tuple[str, int]]:
@@ -277,7 +270,7 @@ class ShardStream(IterableDataset):
         batches_before = (self.start_step - worker + k - 1) // k
         for key, members, ordinal in self.raw_stream(worker, batches_before * self.local_batch):
             target = target_tensor(_target(members, self.multi_label), self)
-            seed = (self.seed * _SEED_STRIDE + (self.rank * k + worker) * 2**40 + ordinal) % 2**62
+            seed = (self.seed * SEED_STRIDE + (self.rank * k + worker) * 2**40 + ordinal) % 2**62
             try:
                 image = self.transform(_decode(key, members, str(self.root)), seed)
                 report = ""

@@ -151,7 +151,9 @@ def _file_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.height, img.width
-    except (OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # its header is read; Pillow refuses the size it states
+        raise BadImageError(path, f"refused as a decompression bomb ({e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImageError(path, f"cannot read image header ({e})") from e
 
 
@@ -629,7 +631,8 @@ _SPLIT_DIRS = {
     "validation": ("validation", "val"),
     "test": ("test",),
     "eval": ("test", "val", "validation"),  # the held-out part, whatever it is called; all of a CSV or shards
-    "all": (),  # every image of a one-split source or a single class tree (what `bit shards` writes)
+    # what `bit shards` writes: every image of a one-split source or a single class tree, else the training split
+    "all": ("train",),
 }
 
 _SPEC_HELP = (
@@ -657,19 +660,20 @@ def open_dataset(
     """
     if split not in _SPLIT_DIRS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_DIRS)}, got {split!r}")
+    standard = {"eval": "test", "all": "train"}.get(split, split)  # for data that comes with its own splits
     if spec == "digits":
-        return DigitsImages("test" if split == "eval" else split)
+        return DigitsImages(standard)
     kind, _, arg = spec.partition(":")
     if kind in ("glyphs", "fractals"):  # generated upstream data: "glyphs[:PER_CLASS]", "fractals[:CLASSES]"
         from .synthetic import FractalImages, GlyphImages
 
-        part = {"eval": "test", "all": "train", "val": "test", "validation": "test"}.get(split, split)
+        part = {"val": "test", "validation": "test"}.get(standard, standard)
         if kind == "glyphs":
             return GlyphImages(per_class=int(arg or 100), split=part)
         return FractalImages(classes=int(arg or 100), split=part)
     kind, _, root = spec.partition(":")
     if kind in _TORCHVISION:  # names always mean torchvision; write ./pets for a local folder called pets
-        return TorchvisionImages(kind, root or "./data", "test" if split == "eval" else split, download=download)
+        return TorchvisionImages(kind, root or "./data", standard, download=download)
     path = Path(spec).expanduser()
     single = path.suffix.lower() == ".csv" or (path / "manifest.json").is_file()
     if single and split not in ("train", "eval", "all"):  # never evaluate on the training data by accident

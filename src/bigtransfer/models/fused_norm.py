@@ -37,7 +37,7 @@ RESIDUAL = ENABLED and os.environ.get("BIGTRANSFER_FUSED_RESIDUAL", "0") == "1"
 
 def usable(x: torch.Tensor) -> bool:
     """Whether `x` (the norm's input) goes through the fused kernels."""
-    return ENABLED and x.is_cuda and x.dim() == 4 and plain_eager()
+    return ENABLED and x.is_cuda and x.dim() == 4 and plain_eager() and x.numel() > 0  # empty: torch's own
 
 
 def plain_eager() -> bool:

@@ -14,6 +14,7 @@ Layout of the module tree (our checkpoint names follow it)::
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -328,7 +329,13 @@ class ResNetV2(nn.Module):
 
     def reset_head(self, num_classes: int, zero_init: bool = True) -> None:
         """Replace the classifier (0 removes it). Zero-initialised by default, as BiT transfer prescribes."""
-        if num_classes <= 0:
+        try:
+            num_classes = operator.index(num_classes)  # ints of any kind (numpy's too), not 2.5
+        except TypeError:
+            raise TypeError(f"num_classes must be a whole number, got {num_classes!r}") from None
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no head), got {num_classes}")
+        if num_classes == 0:
             self.head = None
             return
         ref = self.norm.weight
