@@ -2,8 +2,8 @@
 
     python scripts/build_demo_model.py            # about 7-10 minutes on 2 CPU cores
 
-Runs the recorded `bit pretrain` command on generated glyphs (a finished run in runs/ is reused, as
-`bit pretrain` does for any finished run folder), copies the final weights into
+Runs the recorded `bit pretrain` command on generated glyphs from scratch (an earlier run in runs/ is
+deleted first, so that the weights are always rebuilt), copies the final weights into
 src/bigtransfer/weights/ and writes the provenance next to them: the command, seed, data version,
 font checksums and library versions (same versions -> same images -> same weights on CPU).
 """

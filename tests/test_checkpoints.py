@@ -1,5 +1,6 @@
 """Reading checkpoints: formats detected from content, and clear errors for every kind of bad file."""
 
+import errno
 import os
 import pickle
 import shutil
@@ -115,7 +116,7 @@ def test_written_files_get_the_usual_permissions_and_conversions_keep_metadata(t
             assert torch.equal(net.state_dict()[key], value), key
     assert bt.read_checkpoint(tmp_path / "hf_dir").format == "hf"
     with pytest.raises(IsADirectoryError, match="is a folder"):
-        bt.save_weights(model, tmp_path / "hf_dir")
+        bt.save_weights(model, tmp_path / "hf_dir", format="safetensors")
 
 
 def test_a_tensors_only_target_says_what_it_leaves_out(tmp_path, caplog):
@@ -203,3 +204,26 @@ def test_writes_are_atomic(tmp_path, tiny_npz, monkeypatch):
         bt.save_weights(model, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.npz", "w.safetensors"]
+
+
+def test_a_write_that_fails_names_the_file(tmp_path):
+    """A file size limit (as a full disk) fails the write with errno's words only; the error names the file, and
+    nothing half-written is left."""
+    import resource
+
+    from bigtransfer.runs import RunDir
+
+    model = bt.create_model("BiT-R14x0.25")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with pytest.raises(OSError) as npz:
+            bt.save_weights(model, tmp_path / "w.npz")
+        with pytest.raises(OSError) as checkpoint:
+            RunDir(tmp_path / "run").save_checkpoint({"step": 1, "model": model.state_dict()})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert npz.value.filename == str(tmp_path / "w.npz") and npz.value.errno == errno.EFBIG
+    assert checkpoint.value.filename == str(tmp_path / "run" / "checkpoint.pt")
+    assert "could not be written" in str(checkpoint.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["run"]

@@ -52,6 +52,9 @@ def test_few_shot_sampler():
         sample_per_class(targets, 4, seed=0, classes=["dog", "cat", "emu"])
     with pytest.raises(ValueError, match="class 'yak' has only 0 examples, 3 per class"):  # not silently left out
         sample_per_class(targets, 3, seed=0, classes=["dog", "cat", "emu", "yak"])
+    assert sample_per_class(targets, 3, seed=1, usable=lambda i: True) == a
+    b = sample_per_class(targets, 3, seed=1, usable=lambda i: i != a[0])  # an unreadable draw is replaced
+    assert a[0] not in b and set(a[1:]) <= set(b) and len(b) == 9
 
 
 def test_plan_checks_the_resolution_it_will_use():
@@ -303,6 +306,18 @@ def test_bad_images_are_reported_not_trained_on(tmp_path):
     assert any("broken.png" in f for f in report["files"]) and any("cut.jpg" in f for f in report["files"])
     assert report["count"] == r["bad_images"] == 2 and report["times_left_out"] >= 2
     assert "bad image left out of training" in (tmp_path / "run" / "log.txt").read_text()
+    # few-shot: k readable images per class (class b has 6 of 7); the probe fits and scores the readable ones
+    k6 = finetune(TINY, str(root), out=tmp_path / "k6", steps=1, batch_size=12, examples_per_class=6, **FAST)
+    files = json.loads((tmp_path / "k6" / "examples.json").read_text())["files"]
+    assert len(files) == 12 and not any(name in f for f in files for name in ("broken.png", "cut.jpg"))
+    assert k6["bad_images"] == 0
+    with pytest.raises(ValueError, match="class 'b' has only 6 readable examples, 7 per class"):
+        finetune(TINY, str(root), out=tmp_path / "k7", steps=1, batch_size=14, examples_per_class=7, **FAST)
+    from bigtransfer.probe import linear_probe
+
+    rows = linear_probe(create_model(TINY, num_classes=0), open_dataset(str(root), hold_out=False),
+                        open_dataset(str(root), hold_out=False), 32, shots=(6,))
+    assert 0 <= rows[0]["accuracy"] <= 1
 
 
 def test_bad_images_alone_in_a_batch_and_across_a_resume(tmp_path):
@@ -362,7 +377,10 @@ def test_damaged_run_files_are_named_or_a_torn_last_line_dropped(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint.pt: damaged, cannot be read .*delete it to start this run over"):
         finetune(TINY, source, out=tmp_path / "run", **common)
     checkpoint.write_bytes(intact)
+    stale = tmp_path / "run" / ".checkpoint.pt.0123456789ab.tmp"  # what atomic_path leaves when SIGKILLed
+    stale.write_bytes(intact)
     assert finetune(TINY, source, out=tmp_path / "run", **common)["steps"] == 6
+    assert not stale.exists()
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     (tmp_path / "run" / "config.json").write_text('{"plan": ')
     with pytest.raises(ValueError, match=r"config.json: damaged, not JSON"):

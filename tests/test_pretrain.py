@@ -132,20 +132,25 @@ def test_shard_stream_is_exact_per_epoch_and_resumable(shards, world, workers):
     tf = InceptionCropTransform(16)
     local = 8
 
-    def keys(rank, worker, start, n):
+    def keys(rank, worker, n):
         s = ShardStream(shards / "shards", tf, local, seed=3, rank=rank, world_size=world, workers=workers,
-                        start_step=start, shuffle_buffer=5)
-        skip = ((start - worker + workers - 1) // workers) * local  # as __iter__ computes it for this worker
-        return [k for k, _, _ in _take(s.raw_stream((worker + start) % workers, skip), n)]
+                        shuffle_buffer=5)
+        return [k for k, _, _ in _take(s.raw_stream(worker), n)]
 
-    epoch = [k for r in range(world) for w in range(workers) for k in keys(r, w, 0, 64 // (world * workers))]
+    epoch = [k for r in range(world) for w in range(workers) for k in keys(r, w, 64 // (world * workers))]
     assert sorted(epoch) == sorted(set(epoch)) and len(epoch) == 64  # each sample exactly once
-    two = [k for r in range(world) for w in range(workers) for k in keys(r, w, 0, 128 // (world * workers))]
+    two = [k for r in range(world) for w in range(workers) for k in keys(r, w, 128 // (world * workers))]
     assert Counter(two) == {k: 2 for k in epoch}  # and again, reshuffled, in the second epoch
     assert two[:64 // (world * workers)] != two[64 // (world * workers):128 // (world * workers)]
-    full = keys(0, 0, 0, 40)
-    if workers == 1:
-        assert keys(0, 0, 3, 16) == full[3 * local:3 * local + 16]
+
+
+    def batches(start, n):  # through a DataLoader with its worker processes, as training reads them
+        stream = ShardStream(shards / "shards", tf, local, seed=3, rank=0, world_size=world, workers=workers,
+                             start_step=start, shuffle_buffer=5)
+        loader = torch.utils.data.DataLoader(stream, batch_size=local, num_workers=workers if workers > 1 else 0)
+        return [list(keys) for _, (_, _, _, keys) in zip(range(n), loader, strict=False)]
+
+    assert batches(3, 4) == batches(0, 7)[3:]  # restarted at step 3: the same batches from there on
 
 
 def _take(it, n):
@@ -254,7 +259,20 @@ def test_shard_streams_of_unequal_length_move_through_epochs_in_step(tmp_path):
         pretrain(TINY, str(tmp_path / "shards"), out=tmp_path / "never", in_memory=True, progress=False)
     assert not (tmp_path / "never").exists()
     shard = tmp_path / "shards" / "shard-000002.tar"
-    shard.write_bytes(shard.read_bytes()[:5000])  # truncated: the error names the shard
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:5000])  # truncated: the error names the shard
     stream = ShardStream(tmp_path / "shards", InceptionCropTransform(16), 4, seed=1)
     with pytest.raises(ValueError, match="shard-000002.tar: unreadable shard"):
         _take(stream.raw_stream(0), 64)
+    with pytest.raises(ValueError, match="shard-000002.tar: unreadable shard"):
+        ShardImages(tmp_path / "shards")
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(intact)) as tar, tarfile.open(shard, "w") as cut:
+        for info in tar.getmembers()[:10]:  # a valid tar of 5 samples, not 12: tar itself sees nothing wrong
+            cut.addfile(info, tar.extractfile(info))
+    with pytest.raises(ValueError, match=r"shard-000002.tar: unreadable shard \(5 samples, the manifest says 12\)"):
+        _take(ShardStream(tmp_path / "shards", InceptionCropTransform(16), 4, seed=1).raw_stream(0), 64)
+    with pytest.raises(ValueError, match=r"shard-000002.tar: unreadable shard \(5 images, the manifest says 12\)"):
+        ShardImages(tmp_path / "shards")

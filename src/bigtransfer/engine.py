@@ -57,7 +57,7 @@ class EngineConfig:
     schedule: Schedule
     base_lr: float
     global_batch: int
-    input_size: int  # side of the training crops (for --batch-split auto)
+    input_size: int  # side of the training crops (the probe of --batch-split auto, the CUDA-graph capture)
     batch_split: int | str = 1  # or "auto": the largest micro-batch that fits in GPU memory
     mixup_alpha: float = 0.0
     precision: str = "fp32"

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from . import hyperrule
 from .data import (
+    BadImageError,
     HyperRuleTransform,
     LabelledImages,
     StepSampler,
@@ -184,7 +185,16 @@ def select_examples(source: LabelledImages, examples_per_class: int | None,
     """The few-shot training set (and the chosen indices), or the whole source when k is None."""
     if examples_per_class is None:
         return source, None
-    chosen = sample_per_class(source.targets, examples_per_class, seed, source.classes)
+
+    def readable(i: int) -> bool:  # k examples means k images to learn from: an unreadable one is drawn again
+        try:
+            source[i]
+            return True
+        except BadImageError as e:
+            log.warning("few-shot draw: %s; another example of its class is drawn instead", e)
+            return False
+
+    chosen = sample_per_class(source.targets, examples_per_class, seed, source.classes, usable=readable)
     return source.subset(chosen), chosen
 
 
@@ -223,8 +233,6 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
                                            overrides.get("examples_per_class_seed") or 0)
     name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
     plan = make_plan(name, train_source, **overrides)
-    if in_memory or device_data:  # after the few-shot choice: a 5-shot run decodes its 5 images per class
-        train_source = InMemoryImages(train_source, plan.resize, workers=max(1, workers), progress=progress)
     run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
     handler = run.log_to_file()
     try:
@@ -239,6 +247,8 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
             run.write_json("config.json", {**settings, "world_size": runtime.world_size, "device": str(runtime.device)})
             if chosen is not None:
                 run.write_json("examples.json", {"indices": chosen, "files": [source.describe(i) for i in chosen]})
+        if in_memory or device_data:  # after the few-shot choice: a 5-shot run decodes its 5 images per class
+            train_source = InMemoryImages(train_source, plan.resize, workers=max(1, workers), progress=progress)
         model = _build_model(model_or_name, plan, pretrained)
         optimizer = momentum_sgd(model.parameters(), plan.base_lr, runtime.device)
         config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,

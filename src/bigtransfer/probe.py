@@ -7,6 +7,7 @@ and targets centred on the training mean, unregularised intercept, so the two ag
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,12 +18,14 @@ from .data import HyperRuleTransform, LabelledImages, eval_loader, match_classes
 from .runtime import Runtime, autocast, setup
 
 DEFAULT_L2 = 2.0**10
+log = logging.getLogger("bigtransfer")
 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, source: LabelledImages, resolution: int, runtime: Runtime,
                      batch_size: int = 256, precision: str = "fp32", workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-logit features (N, C) of every item, images resized straight to `resolution`, and labels."""
+    """Pre-logit features (N, C) of every item, images resized straight to `resolution`, and labels. Images
+    that do not decode are left out, named in a warning: a probe is fitted and scored on the readable ones."""
     was_training = model.training
     model.eval()
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
@@ -30,12 +33,13 @@ def extract_features(model: nn.Module, source: LabelledImages, resolution: int, 
     feats, labels = [], []
     loader = eval_loader(source, HyperRuleTransform(resolution, resolution, train=False), batch_size, workers)
     for images, targets, reports in loader:
-        if any(reports):
-            raise ValueError(f"cannot extract features of bad images: {[r for r in reports if r]}")
+        good = torch.tensor([not r for r in reports])
+        for report in filter(None, reports):
+            log.warning("bad image left out of the probe: %s", report)
         with autocast(runtime.device, precision):
-            out = inner.forward_features(to_model_input(images.to(runtime.device)))
+            out = inner.forward_features(to_model_input(images[good].to(runtime.device)))
         feats.append(out.float().cpu().numpy())
-        labels.append(targets.numpy())
+        labels.append(targets[good].numpy())
     model.train(was_training)
     return np.concatenate(feats).astype(np.float64), np.concatenate(labels)
 

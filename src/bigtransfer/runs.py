@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints.formats import atomic_path
+from .checkpoints.formats import atomic_path, remove_stale_temporaries
 from .data.sources import LabelledImages
 
 log = logging.getLogger("bigtransfer")
@@ -39,7 +40,7 @@ def starting_weights(model_or_name: nn.Module | str, pretrained: bool | str | os
         digest = hashlib.sha256()
         for name, tensor in sorted(model_or_name.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return f"weights sha256:{digest.hexdigest()[:16]}"
     if pretrained is False:
         return "random"
@@ -77,6 +78,7 @@ class RunDir:
         self.writer = writer
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.path)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -145,7 +147,11 @@ class RunDir:
     def save_checkpoint(self, state: dict) -> None:
         if self.writer:
             with atomic_path(self / "checkpoint.pt") as tmp:
-                torch.save(state, tmp)
+                try:
+                    torch.save(state, tmp)
+                except RuntimeError as e:  # torch's writer reports a full disk as "[enforce fail ...]"
+                    raise OSError(errno.EIO, f"could not be written ({str(e).splitlines()[0]})",
+                                  str(self / "checkpoint.pt")) from e
 
     def load_checkpoint(self) -> dict | None:
         p = self / "checkpoint.pt"

@@ -210,9 +210,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, mode)  # safetensors writes its file in tmp's place as 0600: make it look like any other file
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a full disk or a file size limit says only "File too large": name the file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete what `atomic_path` left in `folder` when its process was killed (no `finally` runs then): a
+    near-complete checkpoint each time. Only for a folder one process writes, before it writes."""
+    for path in Path(folder).glob(".*.*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 # --- checkpoints as a whole --------------------------------------------------------------------

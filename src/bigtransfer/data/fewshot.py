@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 
 def sample_per_class(targets: Sequence[int], examples_per_class: int, seed: int,
-                     classes: Sequence[str] | None = None) -> list[int]:
+                     classes: Sequence[str] | None = None, usable: Callable[[int], bool] | None = None) -> list[int]:
     """Indices of `examples_per_class` items of every class (of `classes` where given, else of those present
     in `targets`), drawn without replacement with `seed`. A class with fewer items, none included, is an error
-    naming it (a silently smaller k, or a class left out, would change what the experiment measures)."""
+    naming it (a silently smaller k, or a class left out, would change what the experiment measures). Items
+    `usable` rejects (images that do not decode) are replaced by further draws from their class, so that k
+    stays k; the draws of every other item are the same as without `usable`."""
     if examples_per_class < 1:
         raise ValueError(f"examples_per_class must be >= 1, got {examples_per_class}")
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
     chosen = []
     for label in range(len(classes)) if classes is not None else np.unique(targets):
+        name = classes[label] if classes is not None else str(label)
         members = np.flatnonzero(targets == label)
         if len(members) < examples_per_class:
-            name = classes[label] if classes is not None else str(label)
             raise ValueError(f"class {name!r} has only {len(members)} examples, "
                              f"{examples_per_class} per class were asked for")
-        chosen.extend(rng.choice(members, size=examples_per_class, replace=False).tolist())
+        drawn = rng.choice(members, size=examples_per_class, replace=False).tolist()
+        if usable is not None:
+            good = [i for i in drawn if usable(i)]
+            rest = np.random.default_rng([seed, int(label)]).permutation(np.setdiff1d(members, drawn)).tolist()
+            good += itertools.islice((i for i in rest if usable(i)), examples_per_class - len(good))
+            if len(good) < examples_per_class:
+                raise ValueError(f"class {name!r} has only {len(good)} readable examples, "
+                                 f"{examples_per_class} per class were asked for")
+            drawn = good
+        chosen.extend(drawn)
     return sorted(chosen)

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..checkpoints.download import sha256_of
-from ..checkpoints.formats import atomic_path
+from ..checkpoints.formats import atomic_path, remove_stale_temporaries
 from .loader import SEED_STRIDE, target_tensor
 from .parallel import map_with_progress
 from .sources import BadImageError, LabelledImages, decode_image
@@ -55,6 +55,7 @@ def write_shards(source: LabelledImages, out_dir: str | os.PathLike, shard_size:
         raise ValueError(f"{source.name} holds no images to write")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     order = np.random.default_rng(0).permutation(len(source)).tolist()  # classes mixed in every shard
     groups = [order[i:i + shard_size] for i in range(0, len(source), shard_size)]
     jobs = [(idx, out / f"shard-{k:06d}.tar", max_side, quality) for k, idx in enumerate(groups)]
@@ -119,9 +120,15 @@ def verify_shards(root: str | os.PathLike) -> None:
             raise ValueError(f"{root}/{shard['name']}: sha256 {actual} does not match the manifest's {shard['sha256']}")
 
 
-def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample, reading the tar front to back (streaming-friendly)."""
-    key, members = None, {}
+def _unreadable(path: Path, why: object) -> ValueError:
+    return ValueError(f"{path}: unreadable shard ({why}); `verify_shards` checks every shard against the manifest's "
+                      "sha256, `bit shards` writes it again")
+
+
+def _samples(path: Path, expected: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, reading the tar front to back (streaming-friendly); a shard that
+    ends before the manifest's `expected` count (cut at a member boundary, which tar does not notice) fails."""
+    key, members, count = None, {}, 0
     try:
         with tarfile.open(path, "r|") as tar:
             for info in tar:
@@ -130,14 +137,16 @@ def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 k, _, ext = info.name.partition(".")
                 if key is not None and k != key:
                     yield key, members
-                    members = {}
+                    members, count = {}, count + 1
                 key = k
                 members[ext] = tar.extractfile(info).read()
     except tarfile.TarError as e:
-        raise ValueError(f"{path}: unreadable shard ({e}); `verify_shards` checks every shard against the "
-                         "manifest's sha256, `bit shards` writes it again") from e
+        raise _unreadable(path, e) from e
     if key is not None:
         yield key, members
+        count += 1
+    if expected is not None and count != expected:
+        raise _unreadable(path, f"{count} samples, the manifest says {expected}")
 
 
 def _target(members: dict[str, bytes], multi_label: bool) -> int | tuple[int, ...]:
@@ -165,13 +174,19 @@ class ShardImages(LabelledImages):
         self.locations: list[tuple[str, int, int, str]] = []  # shard, data offset, size, key
         self.targets = []
         for shard in manifest["shards"]:
-            with tarfile.open(self.root / shard["name"]) as tar:
-                for info in tar.getmembers():
-                    key, _, ext = info.name.partition(".")
-                    if ext == "jpg":
-                        self.locations.append((shard["name"], info.offset_data, info.size, key))
-                    elif ext in ("cls", "json"):
-                        self.targets.append(_target({ext: tar.extractfile(info).read()}, self.multi_label))
+            path, before = self.root / shard["name"], len(self.locations)
+            try:
+                with tarfile.open(path) as tar:
+                    for info in tar.getmembers():
+                        key, _, ext = info.name.partition(".")
+                        if ext == "jpg":
+                            self.locations.append((shard["name"], info.offset_data, info.size, key))
+                        elif ext in ("cls", "json"):
+                            self.targets.append(_target({ext: tar.extractfile(info).read()}, self.multi_label))
+            except tarfile.TarError as e:
+                raise _unreadable(path, e) from e
+            if len(self.locations) - before != shard["count"] or len(self.targets) != len(self.locations):
+                raise _unreadable(path, f"{len(self.locations) - before} images, the manifest says {shard['count']}")
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int | tuple[int, ...]]:
         i = self._check_index(i)
@@ -250,8 +265,8 @@ class ShardStream(IterableDataset):
 
     def _shuffled(self, group: list[tuple[str, int]], rng: np.random.Generator) -> Iterator[tuple[str, dict]]:
         buffer: list = []
-        for name, _ in group:
-            for sample in _samples(self.root / name):
+        for name, count in group:
+            for sample in _samples(self.root / name, count):
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(sample)
                     continue

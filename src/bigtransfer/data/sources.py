@@ -1,8 +1,9 @@
 """Labelled image sources: every dataset the fine-tuner reads, behind one small interface.
 
-Each source maps an index to ``(PIL RGB image, int label)`` and exposes ``targets`` without decoding anything, so
-few-shot sampling and stratified splits stay cheap. File discovery and dataset formats are delegated to torchvision
-and scikit-learn; this module only normalises what they return (colour modes, bit depths, broken files).
+Each source maps an index to ``(PIL RGB image, label)`` (a class index; a tuple of them for multi-label data) and
+exposes ``targets`` without decoding anything, so few-shot sampling and stratified splits stay cheap. File discovery
+and dataset formats are delegated to torchvision and scikit-learn; this module only normalises what they return
+(colour modes, bit depths, broken files).
 """
 
 from __future__ import annotations
@@ -638,8 +639,8 @@ _SPLIT_DIRS = {
 _SPEC_HELP = (
     "accepted dataset specs: 'digits'; 'glyphs[:PER_CLASS]', 'fractals[:CLASSES]' (generated); 'cifar10[:ROOT]', "
     "'cifar100[:ROOT]', 'pets[:ROOT]', 'flowers102[:ROOT]', "
-    "'imagenet[:ROOT]' (ROOT defaults to ./data); a path to a .csv manifest with columns path,label; or a directory "
-    "of class folders, optionally inside train/ val/ test/ sub-folders"
+    "'imagenet[:ROOT]' (ROOT defaults to ./data); a path to a .csv manifest with columns path,label; a folder of "
+    "shards written by `bit shards`; or a directory of class folders, optionally inside train/ val/ test/ sub-folders"
 )
 
 
