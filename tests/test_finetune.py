@@ -376,6 +376,7 @@ def test_damaged_run_files_are_named_or_a_torn_last_line_dropped(tmp_path):
     checkpoint.write_bytes(intact[:1000])
     with pytest.raises(ValueError, match=r"checkpoint.pt: damaged, cannot be read .*delete it to start this run over"):
         finetune(TINY, source, out=tmp_path / "run", **common)
+    assert "ERROR stopped by ValueError: " in (tmp_path / "run" / "log.txt").read_text()  # the log says why, too
     checkpoint.write_bytes(intact)
     stale = tmp_path / "run" / ".checkpoint.pt.0123456789ab.tmp"  # what atomic_path leaves when SIGKILLed
     stale.write_bytes(intact)

@@ -120,8 +120,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
                              "elapsed_s": time.perf_counter() - started})
 
     bad_seen, bad_count = _load_bad_images(run, runtime, start)
-    last_loss = next((r["loss"] for r in reversed(run.metrics()) if "loss" in r), math.nan) if start else math.nan
-    speed = 0.0
+    logged = [r for r in run.metrics() if "loss" in r] if start else []  # what a resumed run reports until it logs
+    last_loss = logged[-1]["loss"] if logged else math.nan
+    speed = logged[-1]["images_per_s"] if logged else 0.0
     last_save = time.monotonic()
     done = start
     with _signals() as stop, _progress(config.progress and runtime.is_main, total, start) as bar:

@@ -234,8 +234,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
     plan = make_plan(name, train_source, **overrides)
     run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
-    handler = run.log_to_file()
-    try:
+    with run.log_to_file():
         settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_or_name, pretrained),
                     "eval_data": held_out_data(eval_source)}
         done = run.previous_results(settings)
@@ -280,10 +279,6 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
         results["plan"] = dataclasses.asdict(plan)
         _write_summary(run, plan, results)
         return results
-    finally:
-        if handler is not None:
-            logging.getLogger("bigtransfer").removeHandler(handler)
-            handler.close()
 
 
 def _build_model(model_or_name: nn.Module | str, plan: FinetunePlan, pretrained: bool | str | os.PathLike) -> ResNetV2:

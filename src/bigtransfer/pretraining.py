@@ -250,8 +250,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     plan = make_pretrain_plan(model_name, name, n, len(classes), multi, recipe, data_flip=flip, **overrides)
     process_share(plan.batch_size, runtime.world_size)  # refused here for shards too, before anything is written
     run = RunDir(out, writer=runtime.is_main)
-    handler = run.log_to_file()
-    try:
+    with run.log_to_file():
         probe = None if probe_data is None else f"probe {probe_data}, {probe_shots} per class"
         settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_name, pretrained),
                     "eval_data": held_out_data(eval_source, probe)}
@@ -294,10 +293,6 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
         results["plan"] = dataclasses.asdict(plan)
         run.write_json("summary.json", results)
         return results
-    finally:
-        if handler is not None:
-            logging.getLogger("bigtransfer").removeHandler(handler)
-            handler.close()
 
 
 def _batch_source(shards: Path | None, source: LabelledImages | None, transform, plan: PretrainPlan,

@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -164,13 +166,24 @@ class RunDir:
             raise ValueError(f"{p}: damaged, cannot be read ({type(e).__name__}: {why}); delete it to start this "
                              "run over, or pass another output folder (--out)") from e
 
-    def log_to_file(self) -> logging.Handler | None:
+    @contextlib.contextmanager
+    def log_to_file(self) -> Iterator[None]:
+        """log.txt gets the package's log while the block runs, and the error that stopped it, if one did (the
+        terminal that showed it may be gone by the time anyone looks)."""
         if not self.writer:
-            return None
+            yield
+            return
         handler = logging.FileHandler(self / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger("bigtransfer").addHandler(handler)
-        return handler
+        log.addHandler(handler)
+        try:
+            yield
+        except BaseException as e:
+            log.error("stopped by %s: %s", type(e).__name__, e)
+            raise
+        finally:
+            log.removeHandler(handler)
+            handler.close()
 
     def plot(self) -> Path | None:
         """Loss and learning rate per step, and evaluation accuracy, in one PNG."""
