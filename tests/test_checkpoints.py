@@ -116,7 +116,7 @@ def test_written_files_get_the_usual_permissions_and_conversions_keep_metadata(t
             assert torch.equal(net.state_dict()[key], value), key
     assert bt.read_checkpoint(tmp_path / "hf_dir").format == "hf"
     with pytest.raises(IsADirectoryError, match="is a folder"):
-        bt.save_weights(model, tmp_path / "hf_dir", format="safetensors")
+        bt.save_weights(model, tmp_path / "hf_dir")
 
 
 def test_a_tensors_only_target_says_what_it_leaves_out(tmp_path, caplog):

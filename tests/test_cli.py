@@ -68,7 +68,7 @@ def test_info_and_convert(tmp_path, capsys):
     assert code == 2 and "cannot tell the checkpoint format from 'out.xyz'" in err
     # in Python too, the name says the format unless one is given
     model = bt.ResNetV2(bt.Architecture((1, 1, 1, 1), 1), num_classes=3)  # width 1: HF's 32 groups fit
-    for name, fmt in (("s.pth", "timm"), ("s.npz", "npz"), ("s.safetensors", "safetensors"), ("s_hf", "hf")):
+    for name, fmt in (("s.pth", "timm"), ("s.npz", "npz"), ("s.safetensors", "safetensors"), ("v1.5", "safetensors")):
         assert bt.read_checkpoint(bt.save_weights(model, tmp_path / name)).format == fmt
     assert bt.read_checkpoint(bt.save_weights(model, tmp_path / "s.bin", format="safetensors")).format == "safetensors"
 

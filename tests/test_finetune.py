@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bigtransfer.checkpoints import load_weights, save_weights
+from bigtransfer.checkpoints import save_weights
 from bigtransfer.data import LabelledImages, open_dataset, sample_per_class
 from bigtransfer.evaluate import metrics_from_confusion
 from bigtransfer.finetuning import finetune, make_plan
@@ -150,17 +150,12 @@ def test_transfer_starts_from_a_zero_head_and_a_run_folder_keeps_its_starting_we
     test = open_dataset("digits", "test")
     with pytest.raises(ValueError, match=r"eval_data: 'none' -> 'digits \(797 images\)'"):  # old results, else
         finetune(TINY, "digits", test, out="run", pretrained="upstream.safetensors", **common)
-    # a model passed in: its weights are the start
-    finetune(upstream, "digits", out="module", **common)  # trains `upstream` in place
-    with pytest.raises(ValueError, match="pretrained: 'weights sha256:[0-9a-f]{16}' -> 'weights sha256:"):
-        finetune(upstream, "digits", out="module", **common)
-    assert finetune(load_weights_into(create_model(TINY, num_classes=10), tmp_path / "upstream.safetensors"),
-                    "digits", out="module", **common)["steps"] == 1  # the same start again: its results
-
-
-def load_weights_into(model, path):
-    load_weights(model, path)
-    return model
+    # a model passed in is trained in place: calling again with it returns the run's results; a registry name's
+    # random start in that folder is another start
+    first = finetune(upstream, "digits", out="module", **common)
+    assert finetune(upstream, "digits", out="module", **common) == json.loads(json.dumps(first))
+    with pytest.raises(ValueError, match="pretrained: 'model passed in' -> 'random'"):
+        finetune(TINY, "digits", out="module", **common)
 
 
 def test_few_shot_run_saves_its_examples(tmp_path):
@@ -326,10 +321,12 @@ def test_bad_images_alone_in_a_batch_and_across_a_resume(tmp_path):
     from bigtransfer.data.sources import ImageFolderImages
 
     root = _folder_with_bad_images(tmp_path / "shapes")
-    common = dict(steps=30, batch_size=1, checkpoint_every=5, **FAST)  # two epochs of the 15 images
+    common = dict(steps=30, batch_size=1, checkpoint_every=5, log_every=1, **FAST)  # two epochs of the 15 images
     finetune(TINY, ImageFolderImages(root), out=tmp_path / "straight", **common)
     straight = json.loads((tmp_path / "straight" / "bad_images.json").read_text())
     assert straight["count"] == 2 and straight["times_left_out"] == 4
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines())]
+    assert len(losses) == 30 - 4 and min(losses) > 0  # the 4 skipped steps log no loss (it was 0.0)
     assert "every image of the batch was bad: no update at this step" in (tmp_path / "straight" / "log.txt").read_text()
 
     class InterruptedOnce(ImageFolderImages):  # Ctrl-C at the 22nd image read: after the checkpoint of step 20
@@ -474,16 +471,18 @@ def test_crop_and_flip_draws_are_uniform_and_the_same_alone_or_batched():
     assert not HyperRuleTransform(40, 32, random_crop=False).batch_params(seeds)[0].any()
 
 
-def test_images_of_several_sizes_in_memory_train_exactly_as_from_files(tmp_path):
-    """--in-memory keeps them at the HyperRule's resize side, which the training transform resizes every image
-    to first: the same weights, bit for bit. Pre-training's Inception crop needs the originals: refused there."""
+@pytest.mark.parametrize("random_crop", [True, False])
+def test_images_of_several_sizes_in_memory_train_exactly_as_from_files(tmp_path, random_crop):
+    """--in-memory keeps them at the side the training transform resizes every image to first (resize, or crop
+    without random crops): the same weights, bit for bit. Pre-training's Inception crop needs the originals:
+    refused there."""
     from bigtransfer.pretraining import pretrain
     from images import make_image_folder
 
     root = make_image_folder(tmp_path / "images", classes=3, per_class=6, size=36)
     for i, path in enumerate(sorted(root.glob("*/*.png"))[::2]):
         Image.open(path).resize((30 + i, 44)).save(path)
-    common = dict(steps=4, batch_size=6, base_lr=0.05, examples_per_class=4, **FAST)
+    common = dict(steps=4, batch_size=6, base_lr=0.05, examples_per_class=4, random_crop=random_crop, **FAST)
     finetune(TINY, str(root), out=tmp_path / "files", **common)
     finetune(TINY, str(root), out=tmp_path / "memory", in_memory=True, **common)
     assert_same_weights(tmp_path / "files" / "model.safetensors", tmp_path / "memory" / "model.safetensors")

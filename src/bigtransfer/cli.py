@@ -16,11 +16,11 @@ from rich.table import Table
 from . import __version__
 from .checkpoints import (
     FORMATS,
+    SUFFIX_FORMATS,
     CheckpointError,
     DownloadError,
     cached_path,
     download_pretrained,
-    format_for,
     read_checkpoint,
     write_checkpoint,
 )
@@ -63,9 +63,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_named_by(dst: Path) -> str:
+    """The format a target's name asks for: by suffix, and a name without one is an HF transformers folder."""
+    if dst.suffix in SUFFIX_FORMATS or not dst.suffix:
+        return SUFFIX_FORMATS.get(dst.suffix, "hf")
+    raise ValueError(f"cannot tell the checkpoint format from {dst.name!r} (known suffixes: "
+                     f"{', '.join(SUFFIX_FORMATS)}, none for an HF folder); name it: --to {{{','.join(FORMATS)}}}")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.src)
-    fmt = args.to or format_for(args.dst)
+    fmt = args.to or _format_named_by(Path(args.dst))
     out = write_checkpoint(ckpt.state, ckpt.arch, args.dst, fmt, metadata=ckpt.metadata)  # class names, resolution
     console.print(f"{ckpt.path} ({ckpt.format}, BiT-{ckpt.arch.name}) -> {out} ({fmt})")
     return 0

@@ -144,8 +144,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
             done = step + 1
             now = time.perf_counter()  # images/s of the whole loop, data loading included
             rate, t0 = config.global_batch / (now - t0), now
-            speed = 0.9 * speed + 0.1 * rate if speed else rate
-            if done % config.log_every == 0 or done == total:
+            if loss is not None:  # a step skipped for bad images has neither a loss nor a speed to report
+                speed = 0.9 * speed + 0.1 * rate if speed else rate
+            if loss is not None and (done % config.log_every == 0 or done == total):
                 last_loss = _finite(float(all_reduce_sum(loss.detach().clone(), runtime)) / runtime.world_size, done)
                 run.append_metrics({"step": done, "loss": last_loss, "lr": lr, "images_per_s": round(speed, 2),
                                     "elapsed_s": round(now - started, 3)})
@@ -156,12 +157,14 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
                     run.append_metrics({"step": done, "eval": _scalars(metrics)})
                     log.info("step %d: %s", done, _format(metrics))
             if stop.signum is not None:
-                _finite(float(loss), done)  # this process's loss: no collective where processes may part ways
+                if loss is not None:  # this process's loss: no collective where processes may part ways
+                    _finite(float(loss), done)
                 checkpoint(done)
                 raise TrainingInterrupted(done, stop.signum)
             due = config.checkpoint_every and done % config.checkpoint_every == 0
             if due or time.monotonic() - last_save > 60 * config.checkpoint_minutes:
-                _finite(float(loss), done)  # a diverged model is never checkpointed over a good one
+                if loss is not None:  # a diverged model is never checkpointed over a good one
+                    _finite(float(loss), done)
                 checkpoint(done)
                 last_save = time.monotonic()
 
@@ -229,15 +232,16 @@ def _gather_bad_images(seen: set[str], count: int, runtime: Runtime) -> tuple[se
 
 def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler, images: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn, split: int,
-            step: int, config: EngineConfig, runtime: Runtime) -> torch.Tensor:
-    """One SGD update over this process's share of the global batch, in `split` micro-batches."""
+            step: int, config: EngineConfig, runtime: Runtime) -> torch.Tensor | None:
+    """One SGD update over this process's share of the global batch, in `split` micro-batches; None (and no
+    update) where every image of the global batch was bad."""
     n = len(labels)
     count: float | torch.Tensor = n  # the loss is the mean over the global batch's good images: DDP averages the
     if runtime.distributed:  # gradients, so each process divides by the global count over the number of processes
         count = all_reduce_sum(torch.tensor(float(n), device=runtime.device), runtime) / runtime.world_size
-    if float(count) == 0:  # the same answer in every process: all skip, none waits in a collective
+    if n == 0 and float(count) == 0:  # only a process with nothing waits for the count; then all skip, or none
         log.warning("step %d: every image of the batch was bad: no update at this step", step)
-        return torch.zeros((), device=runtime.device)
+        return None
     images = images.to(runtime.device, non_blocking=True)  # a process whose share was all bad runs an empty
     labels = labels.to(runtime.device, non_blocking=True)  # micro-batch, to take part in the gradient average
     lam, perm = 1.0, None

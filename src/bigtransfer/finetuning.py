@@ -234,12 +234,12 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
     plan = make_plan(name, train_source, **overrides)
     run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
+    settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_or_name, pretrained),
+                "eval_data": held_out_data(eval_source)}
+    done = run.previous_results(settings)
+    if done is not None:  # what the run returned when it finished
+        return {**done, "eval": run.read_json("eval.json")}
     with run.log_to_file():
-        settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_or_name, pretrained),
-                    "eval_data": held_out_data(eval_source)}
-        done = run.previous_results(settings)
-        if done is not None:  # what the run returned when it finished
-            return {**done, "eval": run.read_json("eval.json")}
         if runtime.is_main and progress:
             Console(stderr=True).print(plan_table(plan))
         if runtime.is_main:
@@ -247,7 +247,8 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
             if chosen is not None:
                 run.write_json("examples.json", {"indices": chosen, "files": [source.describe(i) for i in chosen]})
         if in_memory or device_data:  # after the few-shot choice: a 5-shot run decodes its 5 images per class
-            train_source = InMemoryImages(train_source, plan.resize, workers=max(1, workers), progress=progress)
+            side = plan.resize if plan.random_crop else plan.crop  # the training transform's first resize
+            train_source = InMemoryImages(train_source, side, workers=max(1, workers), progress=progress)
         model = _build_model(model_or_name, plan, pretrained)
         optimizer = momentum_sgd(model.parameters(), plan.base_lr, runtime.device)
         config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,

@@ -250,13 +250,13 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     plan = make_pretrain_plan(model_name, name, n, len(classes), multi, recipe, data_flip=flip, **overrides)
     process_share(plan.batch_size, runtime.world_size)  # refused here for shards too, before anything is written
     run = RunDir(out, writer=runtime.is_main)
+    probe = None if probe_data is None else f"probe {probe_data}, {probe_shots} per class"
+    settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_name, pretrained),
+                "eval_data": held_out_data(eval_source, probe)}
+    done = run.previous_results(settings)
+    if done is not None:
+        return done
     with run.log_to_file():
-        probe = None if probe_data is None else f"probe {probe_data}, {probe_shots} per class"
-        settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_name, pretrained),
-                    "eval_data": held_out_data(eval_source, probe)}
-        done = run.previous_results(settings)
-        if done is not None:
-            return done
         saved = run.read_json("config.json")
         if saved is not None and shards is not None and (saved["world_size"], saved.get("workers", workers)) != (
                 runtime.world_size, workers):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -36,17 +35,17 @@ SAME_UPDATE = ("overridden", "batch_split")
 
 def starting_weights(model_or_name: nn.Module | str, pretrained: bool | str | os.PathLike = False) -> str:
     """What a run starts from, as config.json records it: "random", "registry" (the model's released
-    checkpoint), a checkpoint's absolute path, or for a model passed in, a digest of its weights; so that a run
-    started from other weights is never resumed, nor its results returned."""
+    checkpoint), a checkpoint's absolute path, or a model passed in from Python; so that a run started from other
+    weights is never resumed, nor its results returned. A model passed in is not told apart from another one:
+    fine-tuning trains it in place, so the same model holds other weights at every call."""
     if isinstance(model_or_name, nn.Module):
-        digest = hashlib.sha256()
-        for name, tensor in sorted(model_or_name.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return f"weights sha256:{digest.hexdigest()[:16]}"
+        return MODEL_PASSED_IN
     if pretrained is False:
         return "random"
     return "registry" if pretrained is True else str(Path(pretrained).resolve())
+
+
+MODEL_PASSED_IN = "model passed in"
 
 
 def held_out_data(*sources: LabelledImages | str | None) -> str:
@@ -117,6 +116,8 @@ class RunDir:
         changed = [k for k in sorted(now) if k not in SAME_UPDATE and then.get(k) != now[k]]
         old = {"False": "random", "True": "registry"}  # earlier versions recorded str(pretrained)
         then["pretrained"] = old.get(saved.get("pretrained"), saved.get("pretrained"))
+        if then["pretrained"] == "random" and settings["pretrained"] == MODEL_PASSED_IN:
+            then["pretrained"] = MODEL_PASSED_IN  # earlier versions recorded a model passed in as "random"
         then["eval_data"] = saved.get("eval_data", settings["eval_data"])  # not recorded by earlier versions
         for key in ("pretrained", "eval_data"):
             now[key] = settings[key]
@@ -178,8 +179,9 @@ class RunDir:
         log.addHandler(handler)
         try:
             yield
-        except BaseException as e:
-            log.error("stopped by %s: %s", type(e).__name__, e)
+        except BaseException as e:  # to the file only: the terminal shows the error as the caller reports it
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "stopped by %s: %s",
+                                          (type(e).__name__, e), None))
             raise
         finally:
             log.removeHandler(handler)

@@ -11,9 +11,9 @@ on an 800/200 split of the 1,000, then retrains the best on all 1,000 and tests 
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
+import math
 import os
 import statistics
 from collections.abc import Sequence
@@ -83,14 +83,19 @@ def split_train(n: int, seed: int, train_examples: int = TRAIN_EXAMPLES,
 
 
 def draw_trials(n: int, seed: int, space: dict | None = None) -> list[dict]:
-    """N distinct random points of the search space (a repeat would only fine-tune the same model again),
-    reproducible from the seed."""
+    """N distinct random points of the search space, reproducible from the seed: a point drawn again is drawn
+    anew (it would only fine-tune the same model again); the others are those earlier versions drew."""
     space = space or SEARCH_SPACE
-    points = list(itertools.product(*space.values()))
-    if n > len(points):
-        raise ValueError(f"{n} trials asked of a search space of {len(points)} points")
-    chosen = np.random.default_rng([seed, 1]).choice(len(points), size=n, replace=False)
-    return [dict(zip(space, points[i], strict=True)) for i in chosen]
+    points = math.prod(len(values) for values in space.values())
+    if n > points:
+        raise ValueError(f"{n} trials asked of a search space of {points} points")
+    rng = np.random.default_rng([seed, 1])
+    trials: list[dict] = []
+    while len(trials) < n:
+        trial = {k: values[int(rng.integers(len(values)))] for k, values in space.items()}
+        if trial not in trials:
+            trials.append(trial)
+    return trials
 
 
 def run_task(model: str, folder: str | os.PathLike, out: str | os.PathLike, *, pretrained=False, search: int = 0,

@@ -16,13 +16,12 @@ from .formats import (
     SUFFIX_FORMATS,
     Checkpoint,
     CheckpointError,
-    format_for,
     read_checkpoint,
     write_checkpoint,
 )
 
 __all__ = ["FORMATS", "SUFFIX_FORMATS", "Checkpoint", "CheckpointError", "DownloadError", "cache_dir", "cached_path",
-           "download", "download_pretrained", "format_for", "load_weights", "read_checkpoint", "save_weights",
+           "download", "download_pretrained", "load_weights", "read_checkpoint", "save_weights",
            "write_checkpoint"]
 
 log = logging.getLogger("bigtransfer")
@@ -85,5 +84,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Chec
 def save_weights(model: nn.Module, path: str | os.PathLike, format: str | None = None,
                  metadata: dict[str, str] | None = None) -> Path:
     """Write `model`'s weights in any supported format (see `formats.write_checkpoint`); by default the one the
-    name asks for (`format_for`: .safetensors ours, .pth/.pt/.bin timm, .npz the authors', no suffix HF)."""
-    return write_checkpoint(model.state_dict(), model.arch, path, format or format_for(path), metadata)
+    suffix names (.pth/.pt/.bin timm, .npz the authors'), else ours (safetensors). An HF folder: format="hf"."""
+    return write_checkpoint(model.state_dict(), model.arch, path,
+                            format or SUFFIX_FORMATS.get(Path(path).suffix, "safetensors"), metadata)

@@ -37,15 +37,6 @@ FORMATS = ("npz", "timm", "hf", "safetensors")
 SUFFIX_FORMATS = {".npz": "npz", ".pth": "timm", ".pt": "timm", ".bin": "timm", ".safetensors": "safetensors"}
 
 
-def format_for(path: str | os.PathLike) -> str:
-    """The format a file name asks for: by suffix, and a name without one is an HF transformers folder."""
-    suffix = Path(path).suffix
-    if suffix in SUFFIX_FORMATS or not suffix:
-        return SUFFIX_FORMATS.get(suffix, "hf")
-    raise ValueError(f"cannot tell the checkpoint format from {Path(path).name!r} (known suffixes: "
-                     f"{', '.join(SUFFIX_FORMATS)}, none for an HF folder); name the format ({', '.join(FORMATS)})")
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit: the message names the file and the array."""
 
