@@ -213,6 +213,24 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert one == two and one["count"] == 2 and one["times_left_out"] >= 2
 
 
+def test_sigterm_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
+    """The processes meet every --log-every steps and stop there together: each checking only its own signal,
+    one could checkpoint a step the other had already left (the other then died in a collective)."""
+    args = ["finetune", "--model", TINY, "--data", "digits", "--eval-data", "none", "--steps", "2000", "--batch",
+            "8", "--resolution", "36", "32", "--log-every", "3", "--no-progress", "--out", tmp_path / "run"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "bigtransfer", *map(str, args)]
+    proc = subprocess.Popen(torchrun, env=bit_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it on to both processes
+    _, err = proc.communicate(timeout=120)
+    step = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"]
+    assert 3 <= step < 2000 and step % 3 == 0, err[-3000:]
+    assert err.count("interrupted by SIGTERM at step") == 2 and "Connection closed by peer" not in err, err[-3000:]
+
+
 def test_killed_run_resumes_bit_identically(tmp_path):
     """SIGKILL mid-run (a real process), run the same command again: same weights, bit for bit."""
     args = ["finetune", "--model", TINY, "--data", "digits", "--eval-data", "none", "--steps", "40", "--batch",

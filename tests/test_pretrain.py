@@ -276,3 +276,8 @@ def test_shard_streams_of_unequal_length_move_through_epochs_in_step(tmp_path):
         _take(ShardStream(tmp_path / "shards", InceptionCropTransform(16), 4, seed=1).raw_stream(0), 64)
     with pytest.raises(ValueError, match=r"shard-000002.tar: unreadable shard \(5 images, the manifest says 12\)"):
         ShardImages(tmp_path / "shards")
+    with tarfile.open(fileobj=io.BytesIO(intact)) as tar, tarfile.open(shard, "w") as cut:
+        for info in tar.getmembers()[:11]:  # cut between the sixth sample's image and its label
+            cut.addfile(info, tar.extractfile(info))
+    with pytest.raises(ValueError, match=r"shard-000002.tar: unreadable shard \(sample \d+ has no label"):
+        _take(ShardStream(tmp_path / "shards", InceptionCropTransform(16), 4, seed=1).raw_stream(0), 64)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
@@ -600,7 +601,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        # under torchrun every process got here: leave the process group together (left to the interpreter's
+        # exit, gloo now and then aborts a finished process, and torchrun reports the whole run as failed)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        return code
     except (CheckpointError, DownloadError, FloatingPointError, ImportError, KeyError, OSError, ValueError) as e:
         if args.verbose:  # the traceback too
             raise

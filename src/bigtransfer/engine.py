@@ -146,27 +146,29 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
             rate, t0 = config.global_batch / (now - t0), now
             if loss is not None:  # a step skipped for bad images has neither a loss nor a speed to report
                 speed = 0.9 * speed + 0.1 * rate if speed else rate
-            if loss is not None and (done % config.log_every == 0 or done == total):
-                last_loss = _finite(float(all_reduce_sum(loss.detach().clone(), runtime)) / runtime.world_size, done)
-                run.append_metrics({"step": done, "loss": last_loss, "lr": lr, "images_per_s": round(speed, 2),
-                                    "elapsed_s": round(now - started, 3)})
+            stopping = stop.signum is not None
+            timed = time.monotonic() - last_save > 60 * config.checkpoint_minutes
+            if done % config.log_every == 0 or done == total:
+                mean, (stopping, timed) = _meet(loss, (stopping, timed), runtime)  # the same answers everywhere
+                if mean is not None:
+                    last_loss = _finite(mean, done)
+                    run.append_metrics({"step": done, "loss": last_loss, "lr": lr, "images_per_s": round(speed, 2),
+                                        "elapsed_s": round(now - started, 3)})
+            elif runtime.distributed:  # decided where the processes meet: else they would stop at other steps
+                stopping = timed = False
             bar.update(done, last_loss, lr, speed)
             if config.eval_every and done % config.eval_every == 0 and done < total:
                 metrics = run_eval()
                 if metrics is not None:
                     run.append_metrics({"step": done, "eval": _scalars(metrics)})
                     log.info("step %d: %s", done, _format(metrics))
-            if stop.signum is not None:
-                if loss is not None:  # this process's loss: no collective where processes may part ways
-                    _finite(float(loss), done)
-                checkpoint(done)
-                raise TrainingInterrupted(done, stop.signum)
-            due = config.checkpoint_every and done % config.checkpoint_every == 0
-            if due or time.monotonic() - last_save > 60 * config.checkpoint_minutes:
+            if stopping or timed or (config.checkpoint_every and done % config.checkpoint_every == 0):
                 if loss is not None:  # a diverged model is never checkpointed over a good one
                     _finite(float(loss), done)
                 checkpoint(done)
                 last_save = time.monotonic()
+            if stopping:
+                raise TrainingInterrupted(done, stop.signum or signal.SIGTERM)  # another process's signal, if not ours
 
     if done < total:
         raise RuntimeError(f"the training data ran out at step {done} of {total}")
@@ -190,6 +192,15 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
             "bad_images": len(bad_seen), "eval": final, "run_dir": str(run.path)}
 
 
+def _meet(loss: torch.Tensor | None, flags: tuple[bool, ...], runtime: Runtime) -> tuple[float | None, list[bool]]:
+    """The loss averaged over the processes, and each flag raised by any of them, in one collective (every
+    process calls it at the same steps; a step skipped for bad images is skipped by all, so its loss is None)."""
+    value = torch.zeros(1, device=runtime.device) if loss is None else loss.detach().float().reshape(1)
+    shared = all_reduce_sum(torch.cat([value, torch.tensor([float(f) for f in flags], device=runtime.device)]),
+                            runtime).tolist()
+    return (None if loss is None else shared[0] / runtime.world_size), [v > 0 for v in shared[1:]]
+
+
 def _finite(value: float, step: int) -> float:
     """The loss, if finite: a diverged run (NaN or infinite loss) stops here with its last checkpoint kept,
     rather than going on to save NaN weights as a finished model."""
@@ -200,24 +211,28 @@ def _finite(value: float, step: int) -> float:
 
 
 def _save_bad_images(run: RunDir, runtime: Runtime, step: int, seen: set[str], count: int) -> None:
-    """This process's bad images up to `step`, beside the checkpoint of `step`, so that a resumed run reports
-    them too. Each process writes its own file: a checkpoint on a signal may not wait in a collective."""
+    """This process's bad images up to `step`, written just before the checkpoint of `step`, so that a resumed
+    run reports them too. Each process writes its own file (a checkpoint on a signal may not wait in a
+    collective), keeping the record of the checkpoint before as well: a kill between this file and the
+    checkpoint leaves the checkpoint one step behind it."""
     if seen:
-        with atomic_path(run.path / f"bad_images.rank{runtime.rank}.json") as tmp:
-            tmp.write_text(json.dumps({"step": step, "count": count, "files": sorted(seen)}))
+        path = run.path / f"bad_images.rank{runtime.rank}.json"
+        records = json.loads(path.read_text())[-1:] if path.exists() else []
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps([*records, {"step": step, "count": count, "files": sorted(seen)}]))
 
 
 def _load_bad_images(run: RunDir, runtime: Runtime, step: int) -> tuple[set[str], int]:
     """The bad images every process had met by the resumed `step` (any number of processes then), for the main
-    process to carry on; files of other steps are another attempt's, whose images will come again."""
+    process to carry on; records of other steps are another attempt's, whose images will come again."""
     seen: set[str] = set()
     count = 0
     if step and runtime.is_main:
         for path in run.path.glob("bad_images.rank*.json"):
-            record = json.loads(path.read_text())
-            if record["step"] == step:
-                seen.update(record["files"])
-                count += record["count"]
+            for record in json.loads(path.read_text()):
+                if record["step"] == step:
+                    seen.update(record["files"])
+                    count += record["count"]
     return seen, count
 
 
@@ -379,7 +394,8 @@ class _Stop:
 
 @contextlib.contextmanager
 def _signals() -> Iterator[_Stop]:
-    """SIGTERM/SIGINT only set a flag; the loop checkpoints after the current step and stops."""
+    """SIGTERM/SIGINT only set a flag; the loop checkpoints after the current step and stops (under torchrun at
+    the next step where the processes meet, every `log_every` steps, so that they all stop at the same one)."""
     stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop

@@ -180,13 +180,15 @@ def open_sources(train_data: LabelledImages | Dataset | str, eval_data: Labelled
     return train, match_classes(train.classes, held_out, multi_label=train.multi_label)
 
 
-def select_examples(source: LabelledImages, examples_per_class: int | None,
-                    seed: int = 0) -> tuple[LabelledImages, list[int] | None]:
-    """The few-shot training set (and the chosen indices), or the whole source when k is None."""
+def select_examples(source: LabelledImages, examples_per_class: int | None, seed: int = 0,
+                    readable: bool = False) -> tuple[LabelledImages, list[int] | None]:
+    """The few-shot training set (and the chosen indices), or the whole source when k is None. `readable`:
+    decode the draws and replace those that do not decode (k examples means k images to learn from); without
+    it, nothing is decoded, which is all a plan needs."""
     if examples_per_class is None:
         return source, None
 
-    def readable(i: int) -> bool:  # k examples means k images to learn from: an unreadable one is drawn again
+    def decodes(i: int) -> bool:
         try:
             source[i]
             return True
@@ -194,7 +196,8 @@ def select_examples(source: LabelledImages, examples_per_class: int | None,
             log.warning("few-shot draw: %s; another example of its class is drawn instead", e)
             return False
 
-    chosen = sample_per_class(source.targets, examples_per_class, seed, source.classes, usable=readable)
+    chosen = sample_per_class(source.targets, examples_per_class, seed, source.classes,
+                              usable=decodes if readable else None)
     return source.subset(chosen), chosen
 
 
@@ -229,8 +232,8 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     if source.multi_label:
         raise ValueError(f"{source.name} has several labels per image; the HyperRule fine-tunes single-label "
                          "tasks (softmax): `bit pretrain` trains multi-label data (sigmoid)")
-    train_source, chosen = select_examples(source, overrides.get("examples_per_class"),
-                                           overrides.get("examples_per_class_seed") or 0)
+    k, k_seed = overrides.get("examples_per_class"), overrides.get("examples_per_class_seed") or 0
+    train_source, _ = select_examples(source, k, k_seed)  # what the plan describes, without decoding anything
     name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
     plan = make_plan(name, train_source, **overrides)
     run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
@@ -240,6 +243,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     if done is not None:  # what the run returned when it finished
         return {**done, "eval": run.read_json("eval.json")}
     with run.log_to_file():
+        train_source, chosen = select_examples(source, k, k_seed, readable=True)  # only for a run that trains
         if runtime.is_main and progress:
             Console(stderr=True).print(plan_table(plan))
         if runtime.is_main:

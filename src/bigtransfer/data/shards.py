@@ -127,8 +127,15 @@ def _unreadable(path: Path, why: object) -> ValueError:
 
 def _samples(path: Path, expected: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample, reading the tar front to back (streaming-friendly); a shard that
-    ends before the manifest's `expected` count (cut at a member boundary, which tar does not notice) fails."""
+    ends before the manifest's `expected` count, or inside a sample, before its label (cut at a member boundary,
+    which tar does not notice) fails."""
     key, members, count = None, {}, 0
+
+    def labelled() -> tuple[str, dict[str, bytes]]:
+        if "cls" not in members and "json" not in members:
+            raise _unreadable(path, f"sample {key} has no label (.cls or .json)")
+        return key, members
+
     try:
         with tarfile.open(path, "r|") as tar:
             for info in tar:
@@ -136,14 +143,14 @@ def _samples(path: Path, expected: int | None = None) -> Iterator[tuple[str, dic
                     continue
                 k, _, ext = info.name.partition(".")
                 if key is not None and k != key:
-                    yield key, members
+                    yield labelled()
                     members, count = {}, count + 1
                 key = k
                 members[ext] = tar.extractfile(info).read()
     except tarfile.TarError as e:
         raise _unreadable(path, e) from e
     if key is not None:
-        yield key, members
+        yield labelled()
         count += 1
     if expected is not None and count != expected:
         raise _unreadable(path, f"{count} samples, the manifest says {expected}")
