@@ -1,6 +1,7 @@
 """Reading checkpoints: formats detected from content, and clear errors for every kind of bad file."""
 
 import errno
+import json
 import os
 import pickle
 import shutil
@@ -117,6 +118,18 @@ def test_written_files_get_the_usual_permissions_and_conversions_keep_metadata(t
     assert bt.read_checkpoint(tmp_path / "hf_dir").format == "hf"
     with pytest.raises(IsADirectoryError, match="is a folder"):
         bt.save_weights(model, tmp_path / "hf_dir")
+    # the HF config carries the class names too (HF's pipelines show them; a folder HF saved again keeps them)
+    config = json.loads((tmp_path / "hf_dir" / "config.json").read_text())
+    assert config["id2label"] == {str(i): c for i, c in enumerate("abcdef")} and config["label2id"]["f"] == 5
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "hf_dir" / "model.safetensors"
+    save_file(load_file(weights), weights)  # as HF writes it: no metadata of ours
+    assert load_model(tmp_path / "hf_dir")[1] == list("abcdef")
+    # a config for another layout would load every array and compute something else
+    (tmp_path / "hf_dir" / "config.json").write_text(json.dumps({**config, "global_padding": "SAME"}))
+    with pytest.raises(CheckpointError, match=r"config.json: global_padding='SAME': not BiT's layout"):
+        bt.read_checkpoint(tmp_path / "hf_dir")
 
 
 def test_a_tensors_only_target_says_what_it_leaves_out(tmp_path, caplog):

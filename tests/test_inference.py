@@ -97,6 +97,29 @@ def test_missing_image_names_and_empty_folders_fail_up_front(trained, capsys, tm
     assert main(["embed", str(tmp_path / "empty"), "--model", ckpt, "--out", str(tmp_path / "f.npy")]) == 2
     assert "empty: no image files in this folder" in capsys.readouterr().err
     assert not (tmp_path / "f.npy").exists()
+    image = sorted((trained / "shapes" / "class0").glob("*.png"))[0]
+    (tmp_path / "loop" / "a").mkdir(parents=True)
+    (tmp_path / "loop" / "a" / "x.png").write_bytes(image.read_bytes())
+    (tmp_path / "loop" / "a" / "up").symlink_to("..")  # a link back up the tree: each folder is read once
+    assert len(json.loads(run_cli(capsys, "predict", tmp_path / "loop", "--model", ckpt))) == 1
+
+
+def test_the_python_api_takes_what_users_pass(trained, tmp_path, caplog):
+    model, classes, resolution = bt.load_model(trained / "run" / "model.safetensors")
+    image = sorted((trained / "shapes" / "class1").glob("*.png"))[0]
+    one = bt.predict(model, image, classes, top_k=1, resolution=resolution)  # one name: that file, not its letters
+    assert [r["file"] for r in one] == [str(image)] and one[0]["top"][0]["label"] in classes
+    assert "no resolution given" not in caplog.text
+    features, files, errors = bt.embed(model, str(image))  # no side given: 224, and a warning says so
+    assert files == [str(image)] and not errors and "no resolution given: 224 px" in caplog.text
+    for call, message in ((lambda: bt.predict(model, [], resolution=32), "no image files given"),
+                          (lambda: bt.predict(model, image, classes[:2], resolution=32), "2 class names for a head"),
+                          (lambda: bt.predict(model, image, top_k=0, resolution=32), "top_k must be >= 1"),
+                          (lambda: bt.embed(model, image, batch_size=0), "batch_size must be >= 1"),
+                          (lambda: bt.export(model, tmp_path / "m.onnx", "torchscript"), "name it .pt")):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert {"predict", "embed", "export", "load_model", "pretrain"} <= set(dir(bt))
 
 
 def test_folding_weight_standardization_is_exact():

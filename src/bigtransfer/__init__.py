@@ -19,6 +19,10 @@ __all__ = ["finetune", "Architecture", "ModelSpec", "ResNetV2", "create_model", 
            *_LAZY]
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib

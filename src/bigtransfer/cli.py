@@ -298,7 +298,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                                     args.device or "cpu", args.workers, progress=not args.quiet)
     out = save_embeddings(features, files, args.out)
     console.print(f"{features.shape[0]} x {features.shape[1]} features -> {out}")
-    return _unreadable("embed", list(errors.values()), len(files), "their rows are NaN")
+    return _unreadable("embed", [errors[f] for f in files if f in errors], len(files), "their rows are NaN")
 
 
 def _unreadable(command: str, reports: list[str], total: int, consequence: str = "") -> int:

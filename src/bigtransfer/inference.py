@@ -9,8 +9,10 @@ see an ordinary ResNet-v2 with GroupNorm.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from .data.sources import ImageFiles
 from .models import ResNetV2, create_model, get_model_spec, list_models
 from .models.resnetv2 import StdConv2d, standardize
 from .runtime import resolve_device
+
+log = logging.getLogger("bigtransfer")
 
 
 def load_model(model: str | os.PathLike) -> tuple[ResNetV2, list[str] | None, int]:
@@ -43,6 +47,9 @@ def load_model(model: str | os.PathLike) -> tuple[ResNetV2, list[str] | None, in
     return create_model(spec.name, pretrained=True).eval(), None, spec.resolution
 
 
+DEFAULT_RESOLUTION = 224  # the side BiT's released checkpoints were trained and evaluated at
+
+
 def _resolution(metadata: dict[str, str], path: Path) -> int:
     """The side the checkpoint's run trained at (our runs record it); else that of the registry checkpoint
     the file is named after (a downloaded or bundled one); else BiT's upstream 224."""
@@ -52,7 +59,9 @@ def _resolution(metadata: dict[str, str], path: Path) -> int:
         spec = get_model_spec(name)
         if path.name in {Path(f).name for f in (spec.file, spec.bundled) if f}:
             return spec.resolution
-    return 224
+    log.warning("%s records no input side (our runs and `bit convert` to .safetensors do): %d px, BiT's upstream "
+                "side; --resolution sets another", path, DEFAULT_RESOLUTION)
+    return DEFAULT_RESOLUTION
 
 
 def _outputs(model: nn.Module, images: ImageFiles, width: int, fn, resolution: int, batch_size: int,
@@ -82,15 +91,18 @@ def _outputs(model: nn.Module, images: ImageFiles, width: int, fn, resolution: i
     return torch.cat(rows), errors
 
 
-def predict(model: ResNetV2, files: Sequence[str | os.PathLike], classes: Sequence[str] | None = None,
-            top_k: int = 5, resolution: int = 224, batch_size: int = 32, device: str = "cpu", workers: int = 0,
-            progress: bool = False) -> list[dict]:
+def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike,
+            classes: Sequence[str] | None = None, top_k: int = 5, resolution: int | None = None, batch_size: int = 32,
+            device: str = "cpu", workers: int = 0, progress: bool = False) -> list[dict]:
     """Top-k classes with probabilities for every image file (folders are read recursively), in order; an
-    image that does not decode gets ``{"file", "error"}`` instead of ``"top"``."""
+    image that does not decode gets ``{"file", "error"}`` instead of ``"top"``. `resolution`: the side the
+    model was trained at (`load_model` returns it)."""
     _require_head(model)
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    images = ImageFiles(files)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if classes is not None and len(classes) != model.num_classes:
+        raise ValueError(f"{len(classes)} class names for a head of {model.num_classes} classes")
+    model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
     probs, errors = _outputs(model, images, model.num_classes, lambda x: model(x).softmax(-1), resolution,
                              batch_size, dev, workers, progress)
     values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
@@ -101,17 +113,31 @@ def predict(model: ResNetV2, files: Sequence[str | os.PathLike], classes: Sequen
             for f, v, ix in zip(images.paths, values, indices, strict=True)]
 
 
-def embed(model: ResNetV2, files: Sequence[str | os.PathLike], resolution: int = 224, batch_size: int = 32,
-          device: str = "cpu", workers: int = 0, progress: bool = False
+def embed(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike, resolution: int | None = None,
+          batch_size: int = 32, device: str = "cpu", workers: int = 0, progress: bool = False
           ) -> tuple[np.ndarray, list[str], dict[str, str]]:
     """(pre-logit features (N, C), the N files they are of, {file: why} for those that do not decode): folders
-    are read recursively, and an unreadable image gets a row of NaN, so that row i is always file i."""
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    images = ImageFiles(files)
+    are read recursively, and an unreadable image gets a row of NaN, so that row i is always file i.
+    `resolution`: the side the model was trained at (`load_model` returns it)."""
+    model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
     features, errors = _outputs(model, images, model.num_features, model.forward_features, resolution, batch_size, dev,
-                           workers, progress)
+                                workers, progress)
     return features.numpy(), images.paths, errors
+
+
+def _prepared(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike, resolution: int | None,
+              batch_size: int, device: str) -> tuple[ResNetV2, ImageFiles, int, torch.device]:
+    """The checks and set-up predict and embed share: the model on its device, the files (one name is one file
+    or folder, not a sequence of characters), the side."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if resolution is None:
+        log.warning("no resolution given: %d px, BiT's upstream side (load_model returns the side a checkpoint was "
+                    "trained at)", DEFAULT_RESOLUTION)
+        resolution = DEFAULT_RESOLUTION
+    dev = resolve_device(device)
+    images = ImageFiles([files] if isinstance(files, str | os.PathLike) else files)
+    return model.to(dev).eval(), images, resolution, dev
 
 
 def embeddings_path(path: str | os.PathLike) -> Path:
@@ -161,10 +187,17 @@ def fold_weight_standardization(model: ResNetV2) -> ResNetV2:
     return folded
 
 
-def export(model: ResNetV2, path: str | os.PathLike, fmt: str = "onnx", resolution: int = 224) -> Path:
-    """ONNX (dynamic batch) or TorchScript, Weight Standardization folded in."""
-    if fmt not in ("onnx", "torchscript"):
+EXPORT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}
+
+
+def export(model: ResNetV2, path: str | os.PathLike, fmt: str = "onnx", resolution: int = DEFAULT_RESOLUTION) -> Path:
+    """ONNX (dynamic batch) or TorchScript, Weight Standardization folded in, traced at `resolution` (the side
+    the model was trained at: `load_model` returns it)."""
+    if fmt not in EXPORT_SUFFIXES:
         raise ValueError(f"unknown export format {fmt!r}; choose onnx or torchscript")
+    other = [f for f, suffixes in EXPORT_SUFFIXES.items() if f != fmt and Path(path).suffix in suffixes]
+    if other:
+        raise ValueError(f"{path}: a {fmt} file under a name that says {other[0]}; name it {EXPORT_SUFFIXES[fmt][0]}")
     _require_head(model)
     if fmt == "onnx":
         try:
@@ -177,7 +210,9 @@ def export(model: ResNetV2, path: str | os.PathLike, fmt: str = "onnx", resoluti
     example = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with atomic_path(path) as tmp:
         if fmt == "torchscript":
-            torch.jit.trace(folded, example).save(str(tmp))
+            with warnings.catch_warnings():  # torch.jit's deprecation notices: TorchScript files are what is asked
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.trace(folded, example).save(str(tmp))
         else:
             torch.onnx.export(folded, (example,), str(tmp), input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)

@@ -135,7 +135,11 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     """All named arrays of a checkpoint file plus its string metadata, without unpickling anything."""
     path = Path(path)
     if path.is_dir():  # an HF transformers folder (save_pretrained, `bit convert ... --to hf`)
+        folder = path
         path = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), path)
+        if path.is_file():
+            tensors, metadata = read_tensors(path)
+            return tensors, {**_hf_folder_metadata(folder), **metadata}
     if not path.is_file():
         raise CheckpointError(f"{path}: " + ("a folder without model.safetensors or pytorch_model.bin"
                                              if path.is_dir() else "no such checkpoint file"))
@@ -156,6 +160,33 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             raise CheckpointError(f"{path}: refusing to unpickle: it holds Python objects, not only tensors "
                                   f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]})") from e
         raise CheckpointError(f"{path}: unreadable or truncated {kind} checkpoint ({type(e).__name__}: {e})") from e
+
+
+# BitConfig values that change what the weights compute, and BiT's own (HF's defaults, and google/bit-*'s)
+_HF_BIT_LAYOUT = {"layer_type": "preactivation", "global_padding": None, "embedding_dynamic_padding": False,
+                  "hidden_act": "relu", "output_stride": 32, "num_groups": 32}
+
+
+def _hf_folder_metadata(folder: Path) -> dict[str, str]:
+    """What an HF folder's config.json says that the tensors cannot: its class names. A config for another
+    layout (SAME padding, dynamic stem padding, a bottleneck ViT-hybrid backbone...) would load without a
+    missing array and compute something else, so it is refused."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not JSON ({e})") from e
+    other = {k: config[k] for k, v in _HF_BIT_LAYOUT.items() if k in config and config[k] != v}
+    if other:
+        raise CheckpointError(f"{path}: {', '.join(f'{k}={v!r}' for k, v in other.items())}: not BiT's layout "
+                              f"({', '.join(f'{k}={v!r}' for k, v in _HF_BIT_LAYOUT.items() if k in other)})")
+    labels = config.get("id2label") or {}
+    names = [labels.get(str(i), "") for i in range(len(labels))]
+    if names and any(n != f"LABEL_{i}" for i, n in enumerate(names)):
+        return {"bigtransfer.classes": json.dumps(names)}
+    return {}
 
 
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
@@ -329,6 +360,9 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
                for k, v in state.items()}
     if fmt == "hf" and not path.suffix:
         config = hf_config(arch, state["head.bias"].shape[0] if "head.bias" in state else 0)  # may refuse: no folder
+        if "bigtransfer.classes" in (metadata or {}):  # HF's pipelines and model cards show these names
+            config["id2label"] = dict(enumerate(json.loads(metadata["bigtransfer.classes"])))
+            config["label2id"] = {name: i for i, name in config["id2label"].items()}
         with atomic_path(path / "config.json") as tmp:
             tmp.write_text(json.dumps(config, indent=2))
         path = path / "model.safetensors"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,7 +319,7 @@ class ImageFiles(_FileImages):
         self.name, self.classes, self.paths = "images", [], []
         for name in map(os.fspath, names):
             if os.path.isdir(name):
-                found = sorted(os.path.join(d, f) for d, _, files in os.walk(name, followlinks=True) for f in files
+                found = sorted(os.path.join(d, f) for d, files in _walk_once(name) for f in files
                                if f.lower().endswith(IMG_EXTENSIONS))
                 if not found:
                     raise ValueError(f"{name}: no image files in this folder (looked for {', '.join(IMG_EXTENSIONS)})")
@@ -328,7 +328,22 @@ class ImageFiles(_FileImages):
                 self.paths.append(name)
             else:
                 raise FileNotFoundError(f"{name}: no such image file or folder")
+        if not self.paths:
+            raise ValueError("no image files given")
         self.targets = [0] * len(self.paths)
+
+
+def _walk_once(root: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) under `root`, following links to folders but entering each folder once: a link
+    back up the tree would otherwise list the same images again and again."""
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield folder, files
 
 
 class CsvImages(_FileImages):
