@@ -129,6 +129,17 @@ def test_fewshot_and_probe_commands(tmp_path, capsys):
     rows = json.loads((tmp_path / "pr" / "summary.json").read_text())["rows"]
     assert [r["examples_per_class"] for r in rows] == [2, 2, None] and all(0 <= r["accuracy"] <= 1 for r in rows)
     assert (tmp_path / "pr" / "accuracy.png").exists() and "linear probe" in out
+    run_main(capsys, "probe", *common, "--full", "--resolution", "32", "--out", tmp_path / "pr2")
+    again = json.loads((tmp_path / "pr2" / "summary.json").read_text())["rows"]
+    assert again == rows  # the random-init baseline is the same network every time
+    # a sweep folder holds one sweep: other settings are refused, not mixed into its table or written over it
+    code, _, err = run_main(capsys, "fewshot", *common, "--steps", "4", "--batch", "16", "--resolution", "36", "32",
+                            "--pretrained", tmp_path / "fs" / "runs" / "scratch_k2_seed0" / "model.safetensors",
+                            "--out", tmp_path / "fs")
+    assert code == 2 and "holds the results of other settings (pretrained: 'random' -> " in err
+    code, _, err = run_main(capsys, "fewshot", *common[:-4], "--shots", "2", "200", "--out", tmp_path / "big")
+    assert code == 2 and "has only" in err and "200 per class were asked for" in err
+    assert not (tmp_path / "big" / "runs").exists()  # refused before any run trained
     # neither overwrites the other's results: a sweep's folder is no run, a run's folder takes no sweep results
     run = tmp_path / "fs" / "runs" / "scratch_k2_seed1"
     code, _, err = run_main(capsys, "probe", *common, "--out", run)

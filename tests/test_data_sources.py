@@ -16,6 +16,7 @@ from bigtransfer.data.sources import (
     DigitsImages,
     ImageFolderImages,
     LabelledImages,
+    MissingSplit,
     TorchDatasetImages,
     _file_size,
     decode_image,
@@ -323,6 +324,21 @@ def test_csv_errors_name_file_and_line(tmp_path):
     m.write_text("path,label\nok.png,cat;dog\nok.png, ; ; ; \n")
     with pytest.raises(ValueError, match=r"m\.csv, line 3: label '; ; ;' names no class"):
         CsvImages(m)
+
+
+def test_a_folder_is_named_by_its_absolute_path_and_an_empty_class_by_its_folder(tmp_path, monkeypatch):
+    """A run folder compares the data's name on a re-run: `ds` from one directory and `ds` from another are
+    different data, and ./ds and its absolute path the same."""
+    make_image_folder(tmp_path / "ds" / "train", classes=2, per_class=2)
+    monkeypatch.chdir(tmp_path)
+    assert open_dataset("ds", "train").name == open_dataset(str(tmp_path / "ds"), "train").name == \
+        f"folder:{tmp_path / 'ds' / 'train'}"
+    with pytest.raises(MissingSplit, match="has split folders .* but none for split 'test'"):
+        open_dataset("ds", "test")  # no test split: what the command line's default evaluation data falls back on
+    (tmp_path / "ds" / "test" / "class1").mkdir(parents=True)  # a test split whose only class holds no image
+    with pytest.raises(ValueError, match=r"ds/test: Found no valid file for the classes class1") as info:
+        open_dataset("ds", "test")
+    assert not isinstance(info.value, MissingSplit)  # an error to report, not a split to skip
 
 
 def test_all_of_a_split_folder_is_its_training_split(tmp_path):

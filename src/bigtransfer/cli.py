@@ -26,6 +26,7 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .models import get_model_spec, list_models
+from .runtime import TrainingInterrupted
 
 console = Console()
 
@@ -102,6 +103,7 @@ def _plan_inputs(args: argparse.Namespace) -> tuple:
 def _data_inputs(args: argparse.Namespace) -> tuple:
     """(train source, eval source or None) from --data, --eval-data and --download."""
     from .data import match_classes
+    from .data.sources import MissingSplit
     from .finetuning import as_source, open_sources
 
     if args.eval_data is not None:
@@ -113,7 +115,7 @@ def _data_inputs(args: argparse.Namespace) -> tuple:
             try:
                 eval_source = as_source(args.data, split, download=args.download)
                 break
-            except (FileNotFoundError, ValueError):
+            except MissingSplit:  # not one there but unreadable: that error is the user's to see
                 continue
         else:
             logging.getLogger("bigtransfer").warning("no test or val split found for %s: training without "
@@ -134,19 +136,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .engine import TrainingInterrupted
     from .finetuning import finetune
 
     source, eval_source, overrides = _plan_inputs(args)
-    try:
-        results = finetune(args.model, source, eval_source, out=args.out, pretrained=args.pretrained,
-                           device=args.device, workers=args.workers, eval_every=args.eval_every,
-                           checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                           progress=not args.no_progress, in_memory=args.in_memory, device_data=args.device_data,
-                           **overrides)
-    except TrainingInterrupted as e:
-        print(f"bit finetune: {e}", file=sys.stderr)
-        return 128 + e.signum
+    results = finetune(args.model, source, eval_source, out=args.out, pretrained=args.pretrained, device=args.device,
+                       workers=args.workers, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                       log_every=args.log_every, progress=not args.no_progress, in_memory=args.in_memory,
+                       device_data=args.device_data, **overrides)
     ev = results.get("eval") or {}
     top1 = f", top-1 {100 * ev['top1']:.2f}%" if ev else ""
     if _main_process():
@@ -169,7 +165,6 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .engine import TrainingInterrupted
     from .pretraining import pretrain
 
     overrides = {"epochs": args.epochs, "batch_size": args.batch, "base_lr": args.lr, "warmup_steps": args.warmup_steps,
@@ -178,16 +173,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                  "channels_last": args.channels_last, "compile": args.compile or None,
                  "activation_checkpointing": args.activation_checkpointing or None, "seed": args.seed,
                  "flip": False if args.no_flip else None, "min_crop_area": args.min_crop_area}
-    try:
-        results = pretrain(args.model, args.data, args.eval_data, out=args.out, probe_data=args.probe_data,
-                           probe_shots=args.probe_shots, pretrained=args.pretrained, device=args.device,
-                           workers=args.workers, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                           log_every=args.log_every, progress=not args.no_progress, sample_log=args.sample_log,
-                           recipe=args.recipe,
-                           in_memory=args.in_memory, **overrides)
-    except TrainingInterrupted as e:
-        print(f"bit pretrain: {e}", file=sys.stderr)
-        return 128 + e.signum
+    results = pretrain(args.model, args.data, args.eval_data, out=args.out, probe_data=args.probe_data,
+                       probe_shots=args.probe_shots, pretrained=args.pretrained, device=args.device,
+                       workers=args.workers, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                       log_every=args.log_every, progress=not args.no_progress, sample_log=args.sample_log,
+                       recipe=args.recipe, in_memory=args.in_memory, **overrides)
     if _main_process():
         console.print(f"done: {results['steps']} steps; final loss {results['final_loss']:.4f}; results in {args.out}")
     return 0
@@ -214,6 +204,15 @@ def _refuse_flags(overrides: dict, keys, why: str) -> None:
         raise ValueError(f"{', '.join(given)}: {why}")
 
 
+def _sweep_settings(args: argparse.Namespace, train, test) -> dict:
+    """What a sweep's results folder holds the results of (sweep.json), as a run folder's config.json does."""
+    from .runs import held_out_data, starting_weights
+
+    return {"model": args.model, "data": train.name, "eval_data": held_out_data(test),
+            "pretrained": starting_weights(args.model, args.pretrained), "shots": _k_list(args.shots, args.full),
+            "seeds": args.seeds}
+
+
 def _k_list(shots: list[int], full: bool) -> list[int | None]:
     return list(shots) + ([None] if full else [])
 
@@ -221,12 +220,12 @@ def _k_list(shots: list[int], full: bool) -> list[int | None]:
 def cmd_fewshot(args: argparse.Namespace) -> int:
     from .protocols import few_shot_sweep, results_folder, results_table, write_results
 
-    results_folder(args.out)
     train, test, overrides = _plan_inputs(args)
     if test is None:
         raise ValueError("bit fewshot needs evaluation data (--eval-data)")
     _refuse_flags(overrides, ("examples_per_class", "examples_per_class_seed", "seed"),
                   "bit fewshot draws the examples and seeds itself (--shots, --seeds)")
+    results_folder(args.out, {"command": "fewshot", **_sweep_settings(args, train, test), "overrides": overrides})
     rows = few_shot_sweep(args.model, train, test, Path(args.out) / "runs", pretrained=args.pretrained,
                           shots=_k_list(args.shots, args.full), seeds=list(range(args.seeds)), device=args.device,
                           **overrides)
@@ -237,27 +236,28 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    import numpy as np
+    import torch
 
     from .models import create_model
     from .probe import linear_probe
     from .protocols import results_folder, results_table, write_results
     from .runtime import setup
 
-    results_folder(args.out)
     train, test = _data_inputs(args)
     if test is None:
         raise ValueError("bit probe needs evaluation data (--eval-data)")
-    runtime = setup(args.device)
-    model = create_model(args.model, pretrained=args.pretrained).to(runtime.device)
     resolution = args.resolution or get_model_spec(args.model).resolution
+    results_folder(args.out, {"command": "probe", **_sweep_settings(args, train, test), "resolution": resolution,
+                              "l2": args.l2})
+    runtime = setup(args.device)
+    torch.manual_seed(0)  # a random-init baseline is the same network at every run
+    model = create_model(args.model, pretrained=args.pretrained).to(runtime.device)
     rows = linear_probe(model, train, test, resolution, runtime, shots=_k_list(args.shots, args.full),
                         seeds=list(range(args.seeds)), l2=args.l2)
     for row in rows:
         row["init"] = "pretrained" if args.pretrained else "scratch"
     title = f"linear probe of {args.model} on {train.name} (ridge, l2 {args.l2:g})"
-    write_results(rows, args.out, title, [f"features at {resolution} px; median accuracy "
-                                          f"{100 * float(np.median([r['accuracy'] for r in rows])):.1f}%"])
+    write_results(rows, args.out, title, [f"features at {resolution} px"])
     console.print(results_table(rows, title))
     return 0
 
@@ -602,11 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         code = args.func(args)
-        # under torchrun every process got here: leave the process group together (left to the interpreter's
-        # exit, gloo now and then aborts a finished process, and torchrun reports the whole run as failed)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        return code
+    except TrainingInterrupted as e:  # any training command, sweeps too; under torchrun all stopped at one step
+        print(f"bit {args.command}: {e}", file=sys.stderr)
+        code = 128 + e.signum
     except (CheckpointError, DownloadError, FloatingPointError, ImportError, KeyError, OSError, ValueError) as e:
         if args.verbose:  # the traceback too
             raise
@@ -615,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bit {args.command}: interrupted", file=sys.stderr)
         return 130
+    # under torchrun every process got here: leave the process group together (left to the interpreter's exit,
+    # gloo now and then aborts a finished process, and torchrun reports the whole run as failed)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return code
 
 
 def _message(e: Exception) -> str:

@@ -34,22 +34,13 @@ from .checkpoints.formats import atomic_path
 from .data import to_model_input
 from .hyperrule import MOMENTUM, Schedule, learning_rate
 from .runs import RunDir
-from .runtime import Runtime, all_reduce_sum, autocast, upload
+from .runtime import Runtime, TrainingInterrupted, all_reduce_sum, autocast, upload
 
 log = logging.getLogger("bigtransfer")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> per-example loss
 BatchSource = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]]
 Evaluator = Callable[[nn.Module, int], dict | None]
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGTERM/SIGINT arrived; a checkpoint was written and the same command resumes the run."""
-
-    def __init__(self, step: int, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint written, "
-                         "run the same command again to resume")
-        self.step, self.signum = step, signum
 
 
 @dataclass

@@ -236,7 +236,8 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
             raise ValueError(f"--in-memory: {shards} holds shards, which are streamed, not decoded into RAM; "
                              "leave the flag out")
         manifest = read_manifest(shards)
-        name, n, classes, multi = f"shards:{shards}", manifest["total"], manifest["classes"], manifest["multi_label"]
+        name, n = f"shards:{os.path.abspath(shards)}", manifest["total"]
+        classes, multi = manifest["classes"], manifest["multi_label"]
         flip = manifest.get("flip", True)
         eval_source = None if eval_data is None else match_classes(  # labelled as the training data is
             classes, as_source(eval_data, "eval", hold_out=False), multi_label=multi)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from rich.table import Table
 
 from .checkpoints.formats import atomic_path
-from .data import LabelledImages
+from .data import LabelledImages, sample_per_class
 from .finetuning import finetune
+from .models import get_model_spec
 
 
 def few_shot_sweep(model: str, train: LabelledImages, test: LabelledImages, out: str | os.PathLike, *,
@@ -33,6 +35,12 @@ def few_shot_sweep(model: str, train: LabelledImages, test: LabelledImages, out:
         raise TypeError(f"few_shot_sweep takes a registry name (every run starts afresh from it), not a "
                         f"{type(model).__name__}; pass pretrained=CHECKPOINT for other starting weights")
     init = init or ("pretrained" if pretrained is not False else "scratch")
+    get_model_spec(model)  # up front, not in the first run: an unknown name, a missing file, a k too large
+    if pretrained not in (False, True) and not Path(pretrained).exists():
+        raise FileNotFoundError(f"{pretrained}: no such checkpoint file")
+    for k in shots:
+        if k is not None:
+            sample_per_class(train.targets, k, 0, train.classes)
     rows = []
     for k in shots:
         for seed in seeds if k is not None else (full_seeds or seeds[:1]):
@@ -102,12 +110,29 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def results_folder(out: str | os.PathLike) -> Path:
-    """`out`, unless it holds a training run (its config.json), whose summary.json the results would replace.
-    Checked before the work, and again before writing."""
+def results_folder(out: str | os.PathLike, settings: dict | None = None) -> Path:
+    """`out`, unless it holds a training run (its config.json), whose summary.json the results would replace,
+    or the results of other `settings` (its sweep.json: model, data, starting weights, shots...), which a table
+    of this sweep alone would silently replace. Checked before the work (recording `settings`), and again before
+    writing."""
     out = Path(out)
     if (out / "config.json").exists():
         raise ValueError(f"{out} holds a training run (config.json); pass another output folder (--out)")
+    if settings is None:
+        return out
+    now = json.loads(json.dumps(settings))
+    path = out / "sweep.json"
+    if path.exists():
+        then = json.loads(path.read_text())
+        changed = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        if changed:
+            diffs = "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise ValueError(f"{out} holds the results of other settings ({diffs}); pass another output folder "
+                             "(--out)")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(now, indent=1) + "\n")
     return out
 
 
@@ -141,7 +166,8 @@ def plot_accuracy(rows: Sequence[dict], path: Path, title: str) -> None:
         ax.fill_between([x for x, _ in pts], [100 * s["min"] for _, s in pts], [100 * s["max"] for _, s in pts],
                         alpha=0.2)
     ax.set_xticks(xs, [shots_label(k) for k in shots])
-    ax.set(xlabel="training examples per class", ylabel="test accuracy (%)", title=title)
+    ax.set(xlabel="training examples per class", ylabel="test accuracy (%)")
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize="medium")  # long titles are cut off otherwise
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

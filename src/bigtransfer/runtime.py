@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,15 @@ def _running_on_glibc() -> bool:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the same command resumes the run."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint written, "
+                         "run the same command again to resume")
+        self.step, self.signum = step, signum
 
 
 @dataclass(frozen=True)

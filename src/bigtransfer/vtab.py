@@ -60,7 +60,10 @@ def task_settings(folder: Path) -> dict:
         if name not in KNOWN_TASKS:
             log.warning("%s: not a VTAB task name and no task.json: no group, flips and crops on", folder.name)
         return settings
-    given = json.loads(path.read_text())
+    try:
+        given = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
     types = {"group": lambda v: v is None or v in GROUPS, "flip": lambda v: isinstance(v, bool),
              "crop": lambda v: isinstance(v, bool)}
     wrong = [f"{k}: {v!r}" for k, v in given.items() if k not in types or not types[k](v)] if isinstance(
@@ -125,7 +128,7 @@ def run_task(model: str, folder: str | os.PathLike, out: str | os.PathLike, *, p
         best = max(trials, key=lambda t: t["val_accuracy"])["params"]
     final = finetune(model, train_all.subset(chosen), test, out=out / "final", **common, **(overrides | best))
     result = {"task": folder.name, **settings, "train_examples": len(chosen), "search_trials": trials,
-              "best_params": best, "test_accuracy": final["top1"], "test_examples": len(test)}
+              "best_params": best, "test_accuracy": final["top1"], "test_examples": final["eval"]["examples"]}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "result.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1, default=list) + "\n")

@@ -175,7 +175,7 @@ class ShardImages(LabelledImages):
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         manifest = read_manifest(root)
-        self.name = f"shards:{root}"
+        self.name = f"shards:{os.path.abspath(root)}"
         self.classes, self.multi_label = manifest["classes"], manifest["multi_label"]
         self.flip = manifest.get("flip", True)  # the source's rule, as `write_shards` recorded it
         self.locations: list[tuple[str, int, int, str]] = []  # shard, data offset, size, key

@@ -37,6 +37,10 @@ __all__ = [
 _HELD_OUT = ("val", "validation", "test")
 
 
+class MissingSplit(ValueError):
+    """The data has no split of that name (as opposed to a split that is there but unreadable)."""
+
+
 class BadImageError(ValueError):
     """An image that cannot be decoded; carries ``.path`` and ``.reason`` so a report can name the file to fix.
 
@@ -301,9 +305,12 @@ class ImageFolderImages(_FileImages):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
         self.root = root
-        self.name = f"folder:{root}"
+        self.name = f"folder:{os.path.abspath(root)}"  # resolved: a run folder compares it on a re-run
         self.classes, class_to_idx = find_classes(root)
-        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        try:
+            samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError as e:  # a class folder without images: torchvision names the class, not the folder
+            raise ValueError(f"{root}: {e}") from e
         self.paths = [p for p, _ in samples]
         self.targets = [t for _, t in samples]
 
@@ -358,7 +365,7 @@ class CsvImages(_FileImages):
     def __init__(self, csv_path: str | os.PathLike) -> None:
         csv_path = os.fspath(csv_path)
         base = os.path.dirname(os.path.abspath(csv_path))
-        self.name = f"csv:{csv_path}"
+        self.name = f"csv:{os.path.abspath(csv_path)}"
         paths: list[str] = []
         labels: list[str] = []
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -693,7 +700,7 @@ def open_dataset(
     path = Path(spec).expanduser()
     single = path.suffix.lower() == ".csv" or (path / "manifest.json").is_file()
     if single and split not in ("train", "eval", "all"):  # never evaluate on the training data by accident
-        raise ValueError(f"{path} holds a single split; give the evaluation data explicitly (--eval-data)")
+        raise MissingSplit(f"{path} holds a single split; give the evaluation data explicitly (--eval-data)")
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise FileNotFoundError(f"CSV manifest not found: {path}")
@@ -708,7 +715,7 @@ def open_dataset(
             if (path / candidate).is_dir():
                 return ImageFolderImages(path / candidate)
         if present:
-            raise ValueError(f"{path} has split folders {present} but none for split {split!r}")
+            raise MissingSplit(f"{path} has split folders {present} but none for split {split!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         tree = ImageFolderImages(path)
