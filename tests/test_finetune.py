@@ -333,6 +333,23 @@ def test_bad_images_are_reported_not_trained_on(tmp_path):
     assert 0 <= rows[0]["accuracy"] <= 1
 
 
+def _interrupted_once(root, at_read: int):
+    """The image folder at `root`, whose `at_read`-th image read raises KeyboardInterrupt (a Ctrl-C mid-run),
+    once: the same object then serves the rerun."""
+    from bigtransfer.data.sources import ImageFolderImages
+
+    class InterruptedOnce(ImageFolderImages):
+        reads = 0
+
+        def __getitem__(self, i):
+            self.reads += 1
+            if self.reads == at_read:
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
+
+    return InterruptedOnce(root)
+
+
 def test_bad_images_alone_in_a_batch_and_across_a_resume(tmp_path):
     """With batch 1 a bad image is a whole batch: that step makes no update (it used to stop the run). A run
     interrupted after its checkpoint and resumed reports the bad images met before, as a straight run does."""
@@ -347,16 +364,7 @@ def test_bad_images_alone_in_a_batch_and_across_a_resume(tmp_path):
     assert len(losses) == 30 - 4 and min(losses) > 0  # the 4 skipped steps log no loss (it was 0.0)
     assert "every image of the batch was bad: no update at this step" in (tmp_path / "straight" / "log.txt").read_text()
 
-    class InterruptedOnce(ImageFolderImages):  # Ctrl-C at the 22nd image read: after the checkpoint of step 20
-        reads = 0
-
-        def __getitem__(self, i):
-            InterruptedOnce.reads += 1
-            if InterruptedOnce.reads == 22:
-                raise KeyboardInterrupt
-            return super().__getitem__(i)
-
-    source = InterruptedOnce(root)
+    source = _interrupted_once(root, at_read=22)  # after the checkpoint of step 20
     with pytest.raises(KeyboardInterrupt):
         finetune(TINY, source, out=tmp_path / "resumed", **common)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 20
@@ -368,18 +376,7 @@ def test_bad_images_alone_in_a_batch_and_across_a_resume(tmp_path):
 def test_damaged_run_files_are_named_or_a_torn_last_line_dropped(tmp_path):
     """A crash (or full disk) while a metrics line was appended leaves half a line: the rerun drops it and
     resumes. A checkpoint.pt or config.json damaged since they were written is named, with what to do."""
-    from bigtransfer.data.sources import ImageFolderImages
-
-    class InterruptedOnce(ImageFolderImages):  # Ctrl-C at the 40th image read: after the checkpoint of step 4
-        reads = 0
-
-        def __getitem__(self, i):
-            InterruptedOnce.reads += 1
-            if InterruptedOnce.reads == 40:
-                raise KeyboardInterrupt
-            return super().__getitem__(i)
-
-    source = InterruptedOnce(_folder_with_bad_images(tmp_path / "shapes"))
+    source = _interrupted_once(_folder_with_bad_images(tmp_path / "shapes"), at_read=40)  # after step 4's checkpoint
     common = dict(steps=6, batch_size=8, checkpoint_every=2, log_every=1, **FAST)
     with pytest.raises(KeyboardInterrupt):
         finetune(TINY, source, out=tmp_path / "run", **common)
