@@ -179,3 +179,15 @@ def test_the_bundled_file_runs_at_the_resolution_it_was_trained_at():
     spec = get_model_spec("BiT-R14x0.25-glyphs")
     path = bt.checkpoints.download_pretrained(spec)
     assert load_model(path)[2] == load_model("BiT-R14x0.25-glyphs")[2] == spec.resolution == 32
+
+
+def test_a_given_resolution_replaces_the_fallback_without_a_warning(trained, capsys, caplog, tmp_path):
+    """A file that records no side (a released .npz) runs at 224 with a warning, or silently at the side given."""
+    from npz_reference import random_bit_npz
+
+    random_bit_npz(tmp_path / "BiT-X.npz", (1, 1, 1, 1), 0.25, num_classes=5)
+    assert load_model(tmp_path / "BiT-X.npz", resolution=48)[2] == 48 and "records no input side" not in caplog.text
+    image = sorted((trained / "shapes" / "class0").glob("*.png"))[0]
+    run_cli(capsys, "embed", image, "--model", tmp_path / "BiT-X.npz", "--out", tmp_path / "f.npy", "--resolution", 40)
+    assert "records no input side" not in caplog.text
+    assert load_model(tmp_path / "BiT-X.npz")[2] == 224 and "records no input side" in caplog.text

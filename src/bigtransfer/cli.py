@@ -282,8 +282,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .inference import load_model, predict
 
-    model, classes, resolution = load_model(args.model)
-    results = predict(model, args.images, classes, args.top_k, args.resolution or resolution, args.batch,
+    model, classes, resolution = load_model(args.model, args.resolution)
+    results = predict(model, args.images, classes, args.top_k, resolution, args.batch,
                       args.device or "cpu", args.workers, progress=not args.quiet)
     print(json.dumps(results, indent=1))
     return _unreadable("predict", [r["error"] for r in results if "error" in r], len(results))
@@ -293,8 +293,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .inference import embed, embeddings_path, load_model, save_embeddings
 
     embeddings_path(args.out)
-    model, _, resolution = load_model(args.model)
-    features, files, errors = embed(model, args.images, args.resolution or resolution, args.batch,
+    model, _, resolution = load_model(args.model, args.resolution)
+    features, files, errors = embed(model, args.images, resolution, args.batch,
                                     args.device or "cpu", args.workers, progress=not args.quiet)
     out = save_embeddings(features, files, args.out)
     console.print(f"{features.shape[0]} x {features.shape[1]} features -> {out}")
@@ -314,8 +314,8 @@ def _unreadable(command: str, reports: list[str], total: int, consequence: str =
 def cmd_export(args: argparse.Namespace) -> int:
     from .inference import export, load_model
 
-    model, _, resolution = load_model(args.model)
-    out = export(model, args.out, args.format, args.resolution or resolution)
+    model, _, resolution = load_model(args.model, args.resolution)
+    out = export(model, args.out, args.format, resolution)
     console.print(f"{args.format} with Weight Standardization folded in -> {out}")
     return 0
 

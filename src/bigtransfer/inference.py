@@ -31,20 +31,21 @@ from .runtime import resolve_device
 log = logging.getLogger("bigtransfer")
 
 
-def load_model(model: str | os.PathLike) -> tuple[ResNetV2, list[str] | None, int]:
-    """(model in eval mode, class names or None, default resolution) from a checkpoint path (a file, or an HF
-    folder) or a registry name."""
+def load_model(model: str | os.PathLike, resolution: int | None = None
+               ) -> tuple[ResNetV2, list[str] | None, int]:
+    """(model in eval mode, class names or None, resolution) from a checkpoint path (a file, or an HF folder) or a
+    registry name. The resolution is `resolution` when given, else the side the checkpoint was trained at."""
     path = Path(model)
     if path.exists():
         ckpt = read_checkpoint(path)
         net = ResNetV2(ckpt.arch, num_classes=ckpt.num_classes)
         load_weights(net, ckpt)
         classes = json.loads(ckpt.metadata["bigtransfer.classes"]) if "bigtransfer.classes" in ckpt.metadata else None
-        return net.eval(), classes, _resolution(ckpt.metadata, path)
+        return net.eval(), classes, resolution or _resolution(ckpt.metadata, path)
     if path.suffix in SUFFIX_FORMATS or os.sep in str(model):
         raise FileNotFoundError(f"{model}: no such checkpoint file")
     spec = get_model_spec(str(model))
-    return create_model(spec.name, pretrained=True).eval(), None, spec.resolution
+    return create_model(spec.name, pretrained=True).eval(), None, resolution or spec.resolution
 
 
 DEFAULT_RESOLUTION = 224  # the side BiT's released checkpoints were trained and evaluated at
