@@ -40,8 +40,14 @@ def test_console_script_and_help(capsys):
 
 def test_models_table_shows_computed_numbers(capsys):
     out = run_main(capsys, "models")[1]
+    vtab_runs = [n for n in bt.list_models() if "-run" in n]
     for name in bt.list_models():
-        assert name in out
+        assert (name in out) == (name not in vtab_runs), name
+    assert "and 285 BiT-M runs fine-tuned on VTAB-1k" in out  # listed by a pattern instead:
+    assert {n for n in vtab_runs if n in run_main(capsys, "models", "BIT-M-*-RUN0-*")[1]} == \
+        {n for n in vtab_runs if "-run0-" in n}
+    with pytest.raises(SystemExit, match="no model name matches 'nope'"):
+        main(["models", "nope"])
     r152x4 = get_model_spec("BiT-M-R152x4")
     row = next(line for line in out.splitlines() if "BiT-M-R152x4 " in line)
     assert f"{r152x4.arch.num_params(21843) / 1e6:.1f}" in row

@@ -3,6 +3,7 @@
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -30,6 +31,23 @@ def test_registry_has_every_released_variant():
     assert get_model_spec("bit-m-r50x1").name == "BiT-M-R50x1"  # case-insensitive
     assert get_model_spec("BiT-M-R152x4").arch.num_params(0) == pytest.approx(936e6, rel=0.01)
     assert get_model_spec("BiT-S-R50x1").arch.num_params(1000) == pytest.approx(25.5e6, rel=0.01)
+
+
+def test_registry_has_the_release_s_vtab_runs():
+    """The authors' README gives the 285 files as one wget pattern; every one is a name here, fetched from there."""
+    import itertools
+
+    pattern = ("BiT-M-{R50x1,R101x1,R50x3,R101x3,R152x4}-run{0,1,2}-{caltech101,diabetic_retinopathy,dtd,"
+               "oxford_flowers102,oxford_iiit_pet,resisc45,sun397,cifar100,eurosat,patch_camelyon,smallnorb-elevation,"
+               "svhn,dsprites-orientation,smallnorb-azimuth,clevr-distance,clevr-count,dmlab,kitti-distance,"
+               "dsprites-xpos}")
+    parts = re.split(r"\{([^}]*)\}", pattern)  # literal, choices, literal, choices...
+    names = ["".join(p) for p in itertools.product(*[[x] if i % 2 == 0 else x.split(",") for i, x in enumerate(parts)])]
+    assert len(names) == 285 and {n for n in bt.list_models() if "-run" in n} == set(names)
+    spec = get_model_spec("BiT-M-R101x3-run2-smallnorb-azimuth")
+    assert spec.url == "https://storage.googleapis.com/bit_models/vtab/BiT-M-R101x3-run2-smallnorb-azimuth.npz"
+    assert (spec.num_classes, spec.arch) == (18, get_model_spec("BiT-M-R101x3").arch)
+    assert [get_model_spec(f"BiT-M-R50x1-run0-{t}").resolution for t in ("cifar100", "dmlab")] == [128, 480]
 
 
 def test_registry_urls_follow_the_base_address(monkeypatch):

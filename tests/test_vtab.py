@@ -31,6 +31,9 @@ def test_trials_and_task_settings(tmp_path):
     assert task_settings(tmp_path / "mine") == {"group": "specialized", "flip": False, "crop": True}
     assert task_settings(tmp_path / "dsprites_ori") == task_settings(tmp_path / "dsprites_orientation")
     assert task_settings(tmp_path / "oxford_iiit_pet") == {"group": "natural", "flip": True, "crop": True}
+    # the names of the authors' fine-tuned release; x positions are neither flipped nor cropped
+    assert task_settings(tmp_path / "smallnorb-azimuth") == task_settings(tmp_path / "smallnorb_azimuth")
+    assert task_settings(tmp_path / "dsprites-xpos") == {"group": "structured", "flip": False, "crop": False}
     (tmp_path / "mine" / "task.json").write_text('{"group": "Natural", "flip": "false"}')
     with pytest.raises(ValueError, match=r"task.json: group: 'Natural', flip: 'false' \(expected"):
         task_settings(tmp_path / "mine")

@@ -38,7 +38,13 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "cached"):
         table.add_column(col, no_wrap=True,
                          justify="right" if col.startswith(("params", "GMACs", "head", "res")) else "left")
-    for name in list_models():
+    import fnmatch
+
+    names = [n for n in list_models() if fnmatch.fnmatch(n.lower(), args.pattern.lower())] if args.pattern else \
+        [n for n in list_models() if not (get_model_spec(n).file or "").startswith("vtab/")]
+    if not names:
+        raise SystemExit(f"bit models: no model name matches {args.pattern!r}")
+    for name in names:
         spec = get_model_spec(name)
         macs = [spec.arch.macs(r, spec.num_classes) / 1e9 for r in (128, 224, 480)]
         path = cached_path(spec)
@@ -46,6 +52,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         table.add_row(name, f"{spec.arch.num_params(spec.num_classes) / 1e6:.1f}", *(f"{m:.2f}" for m in macs),
                       spec.upstream or "(random init)", str(spec.num_classes), str(spec.resolution), cached)
     Console(width=max(console.width, 140)).print(table)  # a fixed 80 columns when piped would wrap it
+    if not args.pattern:
+        print(f"(and {len(list_models()) - len(names)} BiT-M runs fine-tuned on VTAB-1k tasks: "
+              "`bit models '*-run0-*'` lists one run of each)")
     return 0
 
 
@@ -409,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List every registered BiT variant: parameters, GMACs at 128/224/480 px "
                                    "(counted, not typed in), upstream data, head size, default resolution, "
                                    "and whether its released checkpoint is in the cache ($BIT_HOME).")
+    p.add_argument("pattern", nargs="?", help="only names matching this pattern (case-insensitive, * and ?); "
+                                              "without one, the VTAB-1k runs are left out")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("info", help="describe a checkpoint file (format, architecture, parameters, head)",

@@ -30,17 +30,17 @@ log = logging.getLogger("bigtransfer")
 TRAIN_EXAMPLES, SEARCH_TRAIN = 1000, 800
 GROUPS = ("natural", "specialized", "structured")
 NO_FLIP = {"dsprites_orientation", "dsprites_location", "smallnorb_azimuth", "svhn"}
-NO_CROP = {"clevr_count", "clevr_distance", "dmlab", "kitti_distance"}
+NO_CROP = {"clevr_count", "clevr_distance", "dmlab", "kitti_distance", "dsprites_location"}  # a crop moves x
 KNOWN_TASKS = {
     **{t: "natural" for t in ("caltech101", "cifar100", "dtd", "flowers102", "pets", "sun397", "svhn")},
     **{t: "specialized" for t in ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy")},
     **{t: "structured" for t in ("clevr_count", "clevr_distance", "dmlab", "kitti_distance", "dsprites_location",
                                  "dsprites_orientation", "smallnorb_azimuth", "smallnorb_elevation")},
 }
-ALIASES = {  # the folder names of the VTAB-1k copy most papers since VPT use
+ALIASES = {  # the folder names of the VTAB-1k copy most papers since VPT use, and of the authors' release
     "cifar": "cifar100", "oxford_flowers102": "flowers102", "oxford_iiit_pet": "pets", "clevr_dist": "clevr_distance",
-    "dsprites_loc": "dsprites_location", "dsprites_ori": "dsprites_orientation", "kitti": "kitti_distance",
-    "smallnorb_azi": "smallnorb_azimuth", "smallnorb_ele": "smallnorb_elevation",
+    "dsprites_loc": "dsprites_location", "dsprites_xpos": "dsprites_location", "dsprites_ori": "dsprites_orientation",
+    "kitti": "kitti_distance", "smallnorb_azi": "smallnorb_azimuth", "smallnorb_ele": "smallnorb_elevation",
 }
 SEARCH_SPACE = {  # BiT-HyperParam's axes
     "base_lr": (0.001, 0.003, 0.01, 0.03),
@@ -53,7 +53,8 @@ SEARCH_SPACE = {  # BiT-HyperParam's axes
 def task_settings(folder: Path) -> dict:
     """Group and augmentation switches: task.json, else the VTAB task table (by name or alias), else no group
     and flips and crops on."""
-    name = ALIASES.get(folder.name, folder.name)
+    name = folder.name.replace("-", "_")  # the release spells clevr-count, smallnorb-azimuth...
+    name = ALIASES.get(name, name)
     settings = {"group": KNOWN_TASKS.get(name), "flip": name not in NO_FLIP, "crop": name not in NO_CROP}
     path = folder / "task.json"
     if not path.is_file():

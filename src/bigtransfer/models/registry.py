@@ -11,6 +11,7 @@ import difflib
 import os
 from dataclasses import dataclass
 
+from .. import hyperrule
 from .resnetv2 import Architecture
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/bit_models/"
@@ -19,6 +20,14 @@ BASE_URL_ENV = "BIT_MODELS_URL"
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 RELEASED = ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
 UPSTREAM = {"S": ("ILSVRC-2012", 1000), "M": ("ImageNet-21k", 21843)}
+VTAB_ARCHS = ((50, 1), (101, 1), (50, 3), (101, 3), (152, 4))  # BiT-M fine-tuned on VTAB-1k, runs 0-2 each
+VTAB_TASKS = {  # the release's task names: (classes, side of the source images, as HyperRule sizes them)
+    "caltech101": (102, 224), "cifar100": (100, 32), "dtd": (47, 224), "oxford_flowers102": (102, 224),
+    "oxford_iiit_pet": (37, 224), "sun397": (397, 224), "svhn": (10, 32), "patch_camelyon": (2, 96),
+    "eurosat": (10, 64), "resisc45": (45, 256), "diabetic_retinopathy": (5, 224), "clevr-count": (8, 224),
+    "clevr-distance": (6, 224), "dmlab": (6, 224), "kitti-distance": (4, 224), "dsprites-xpos": (16, 64),
+    "dsprites-orientation": (16, 64), "smallnorb-azimuth": (18, 96), "smallnorb-elevation": (9, 96),
+}
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,13 @@ def _register_released() -> None:
         register_model(ModelSpec(name, _arch(depth, width), 1000, 480 if depth == 152 and width == 4 else 448,
                                  "ImageNet-21k -> ILSVRC-2012", f"{name}.npz",
                                  description="BiT-M fine-tuned on ILSVRC-2012"))
+    for depth, width in VTAB_ARCHS:
+        for task, (classes, side) in VTAB_TASKS.items():
+            crop = hyperrule.resolution((side, side))[1]  # the authors do not say; the rule's side for the task
+            for run in range(3):
+                name = f"BiT-M-R{depth}x{width}-run{run}-{task}"
+                register_model(ModelSpec(name, _arch(depth, width), classes, crop, "ImageNet-21k -> VTAB-1k",
+                                         f"vtab/{name}.npz", description=f"BiT-M fine-tuned on VTAB-1k {task}"))
     for res in (224, 160):
         register_model(ModelSpec(f"BiT-R50x1-distilled-{res}", _arch(50, 1), 1000, res,
                                  "ILSVRC-2012 (distilled)", f"distill/R50x1_{res}.npz",
