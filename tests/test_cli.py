@@ -61,6 +61,10 @@ def test_info_and_convert(tmp_path, capsys):
     assert re.search(r"parameter names\W+npz \(the authors' release\)", info) and "BiT-R14x0.25" in info
     assert "[1, 1, 1, 1]" in info and "head size" in info
     assert f"{bt.Architecture((1, 1, 1, 1), 0.25).num_params(3):,}" in info
+    bt.save_weights(bt.create_model("BiT-S-R50x1", num_classes=2), tmp_path / "r50.safetensors")
+    info = run_main(capsys, "info", tmp_path / "r50.safetensors")[1]
+    words = " ".join(re.findall(r"[\w.,-]+", info))  # the table wraps the names
+    assert "BiT-R50x1-distilled-160, 57 VTAB-1k runs" in words and "-run0-" not in info
 
     assert run_main(capsys, "convert", tmp_path / "w.npz", tmp_path / "w.pth")[0] == 0
     assert run_main(capsys, "convert", tmp_path / "w.pth", tmp_path / "ours.bin", "--to", "safetensors")[0] == 0

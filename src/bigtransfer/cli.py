@@ -41,7 +41,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     import fnmatch
 
     names = [n for n in list_models() if fnmatch.fnmatch(n.lower(), args.pattern.lower())] if args.pattern else \
-        [n for n in list_models() if not (get_model_spec(n).file or "").startswith("vtab/")]
+        [n for n in list_models() if not get_model_spec(n).vtab_run]
     if not names:
         raise SystemExit(f"bit models: no model name matches {args.pattern!r}")
     for name in names:
@@ -61,6 +61,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint)
     same = [n for n in list_models() if get_model_spec(n).arch == ckpt.arch]
+    runs = [n for n in same if get_model_spec(n).vtab_run]
+    same = [n for n in same if n not in runs] + ([f"{len(runs)} VTAB-1k runs"] if runs else [])
     table = Table(show_header=False, title=str(ckpt.path))
     names = {"safetensors": "bigtransfer's own", "npz": "npz (the authors' release)"}.get(ckpt.format, ckpt.format)
     rows = [("parameter names", names), ("architecture", f"BiT-{ckpt.arch.name}"),

@@ -43,6 +43,11 @@ class ModelSpec:
     bundled: str | None = None  # weights shipped inside the package (bigtransfer/weights/NAME), no download
 
     @property
+    def vtab_run(self) -> bool:
+        """One of the release's 285 VTAB-1k fine-tuned runs (listed apart: they would bury the rest)."""
+        return (self.file or "").startswith("vtab/")
+
+    @property
     def url(self) -> str | None:
         if self.file is None:
             return None
