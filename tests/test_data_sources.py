@@ -14,6 +14,7 @@ from bigtransfer.data.sources import (
     BadImageError,
     CsvImages,
     DigitsImages,
+    ImageFiles,
     ImageFolderImages,
     LabelledImages,
     MissingSplit,
@@ -206,6 +207,28 @@ def test_image_folder(tmp_path):
         ds.subset([6])
 
 
+def test_a_folder_scan_skips_hidden_names_and_enters_each_folder_once(tmp_path):
+    """macOS's ._x.png twins, __MACOSX and .ipynb_checkpoints are not data; a link back up the tree listed
+    images without end, another class's under this one's label."""
+    root = _tree(tmp_path / "tree", {"a": 2, "b": 3})
+    (root / "a" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    _png(root / "__MACOSX" / "a" / "._1.png")
+    _png(root / ".ipynb_checkpoints" / "x.png")
+    _png(root / "b" / "nested" / ".hidden" / "y.png")
+    _png(root / "b" / "nested" / "z.png")
+    (root / "a" / "up").symlink_to("..")
+    (root / "a" / "b_too").symlink_to("../b")
+    ds = ImageFolderImages(root)
+    assert ds.classes == ["a", "b"] and ds.targets == [0, 0, 1, 1, 1, 1]
+    assert [os.path.relpath(ds.describe(i), root) for i in range(len(ds))][-1] == "b/nested/z.png"
+    found = ImageFiles([root]).paths
+    assert len(found) == 6 and not any("/." in f or "__MACOSX" in f for f in found)
+    (root / "a" / "0.png").unlink()
+    (root / "a" / "1.png").unlink()
+    with pytest.raises(ValueError, match="tree: class folder 'a' holds no image files"):
+        ImageFolderImages(root)
+
+
 def test_bad_file_in_folder_is_reported_with_path(tmp_path):
     root = _tree(tmp_path / "tree", {"a": 1})
     bad = root / "a" / "broken.png"
@@ -294,11 +317,27 @@ def test_open_dataset_csv(tmp_path):
     csv_path = tmp_path / "sub" / "m.csv"
     csv_path.parent.mkdir()
     csv_path.write_text(f"path,label\n../imgs/1.png,zebra\n../imgs/2.png,ant\n{tmp_path / 'abs.png'},zebra\n")
-    ds = open_dataset(str(csv_path))
+    ds = open_dataset(str(csv_path), "all")
     assert isinstance(ds, CsvImages)
     assert ds.classes == ["ant", "zebra"] and ds.targets == [1, 0, 1]
     assert ds.size_of(1) == (3, 3) and ds[0][0].mode == "RGB"
     assert os.path.samefile(ds.describe(0), tmp_path / "imgs" / "1.png")
+
+
+def test_a_csv_that_is_also_the_evaluation_data_gives_up_a_held_out_part(tmp_path):
+    """As a single folder tree does: the same manifest as --data and --eval-data scored the training images."""
+    rows = [f"{_png(tmp_path / f'{k}.png', color=(k, 0, 0)).name},{'ab'[k % 2]}" for k in range(10)]
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    train, held_out = open_sources(str(tmp_path / "m.csv"), str(tmp_path / "m.csv"))
+    seen, scored = ({d.describe(i) for i in range(len(d))} for d in (train, held_out))
+    assert (len(seen), len(scored)) == (8, 2) and not seen & scored and sorted(held_out.targets) == [0, 1]
+    assert [len(d) for d in open_sources(str(tmp_path / "m.csv"), str(tmp_path / "m.csv"))] == [8, 2]  # fixed
+    other = tmp_path / "other.csv"
+    other.write_text("path,label\n0.png,a\n1.png,b\n")
+    assert [len(d) for d in open_sources(str(tmp_path / "m.csv"), str(other))] == [10, 2]  # from elsewhere: whole
+    (tmp_path / "tags.csv").write_text("path,label\n" + "\n".join(r.replace(",a", ",a;b") for r in rows) + "\n")
+    with pytest.raises(MissingSplit, match="tags.csv holds a single split and no held-out part can be taken"):
+        open_sources(str(tmp_path / "tags.csv"), str(tmp_path / "tags.csv"))  # multi-label: not stratified here
 
 
 def test_csv_integer_labels_sort_numerically(tmp_path):
@@ -336,7 +375,7 @@ def test_a_folder_is_named_by_its_absolute_path_and_an_empty_class_by_its_folder
     with pytest.raises(MissingSplit, match="has split folders .* but none for split 'test'"):
         open_dataset("ds", "test")  # no test split: what the command line's default evaluation data falls back on
     (tmp_path / "ds" / "test" / "class1").mkdir(parents=True)  # a test split whose only class holds no image
-    with pytest.raises(ValueError, match=r"ds/test: Found no valid file for the classes class1") as info:
+    with pytest.raises(ValueError, match=r"ds/test: class folder 'class1' holds no image files") as info:
         open_dataset("ds", "test")
     assert not isinstance(info.value, MissingSplit)  # an error to report, not a split to skip
 

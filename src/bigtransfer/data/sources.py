@@ -296,29 +296,38 @@ class _FileImages(LabelledImages):
 
 
 class ImageFolderImages(_FileImages):
-    """``root/<class>/**/<image>``, discovered exactly as torchvision's ImageFolder does (same classes, same order)."""
+    """``root/<class>/**/<image>``: classes and order as torchvision's ImageFolder gives them, except that hidden
+    names (``.ipynb_checkpoints``, macOS's ``._x.jpg`` twins and ``__MACOSX``) are skipped, as `ImageFiles` skips
+    them, and that a link back up the tree or into another class's folder is not entered (each folder is read once,
+    under its own class)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+        from torchvision.datasets.folder import IMG_EXTENSIONS
 
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
         self.root = root
         self.name = f"folder:{os.path.abspath(root)}"  # resolved: a run folder compares it on a re-run
-        self.classes, class_to_idx = find_classes(root)
-        try:
-            samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
-        except FileNotFoundError as e:  # a class folder without images: torchvision names the class, not the folder
-            raise ValueError(f"{root}: {e}") from e
-        self.paths = [p for p, _ in samples]
-        self.targets = [t for _, t in samples]
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
+        if not self.classes:
+            raise FileNotFoundError(f"{root}: no class folders (expected {root}/<class>/<images>)")
+        seen = {_folder_id(root)} | {_folder_id(os.path.join(root, c)) for c in self.classes}
+        self.paths, self.targets = [], []
+        for target, name in enumerate(self.classes):
+            found = [os.path.join(d, f) for d, files in sorted(_walk_once(os.path.join(root, name), seen))
+                     for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+            if not found:
+                raise ValueError(f"{root}: class folder {name!r} holds no image files "
+                                 f"(looked for {', '.join(IMG_EXTENSIONS)})")
+            self.paths += found
+            self.targets += [target] * len(found)
 
 
 class ImageFiles(_FileImages):
     """Unlabelled images for inference: the files named, and every image under a folder named (recursively,
-    sorted, with the extensions ImageFolder reads), in that order. A name that does not exist fails here,
-    up front; a file that does not decode is reported per image by the loader."""
+    sorted, with the extensions ImageFolder reads, hidden names skipped), in that order. A name that does not
+    exist fails here, up front; a file that does not decode is reported per image by the loader."""
 
     def __init__(self, names: Sequence[str | os.PathLike]) -> None:
         from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -340,17 +349,30 @@ class ImageFiles(_FileImages):
         self.targets = [0] * len(self.paths)
 
 
-def _walk_once(root: str) -> Iterator[tuple[str, list[str]]]:
-    """(folder, file names) under `root`, following links to folders but entering each folder once: a link
-    back up the tree would otherwise list the same images again and again."""
-    seen: set[tuple[int, int]] = set()
+def _hidden(name: str) -> bool:
+    """Not data: dot-files and folders (macOS's ``._x.jpg`` resource forks, ``.ipynb_checkpoints``) and the
+    ``__MACOSX`` folder of zip archives made on a Mac."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _folder_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk_once(root: str, seen: set[tuple[int, int]] | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) under `root`, hidden names left out, following links to folders but entering each
+    folder once: a link back up the tree would otherwise list the same images again and again. `seen`: folders
+    not to enter (but `root` itself), shared between calls."""
+    seen = set() if seen is None else seen
     for folder, subfolders, files in os.walk(root, followlinks=True):
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:
+        subfolders[:] = sorted(d for d in subfolders if not _hidden(d))  # sorted: which link is followed is fixed
+        key = _folder_id(folder)
+        if key in seen and folder != root:
             subfolders.clear()
             continue
-        seen.add((st.st_dev, st.st_ino))
-        yield folder, files
+        seen.add(key)
+        yield folder, [f for f in files if not _hidden(f)]
 
 
 class CsvImages(_FileImages):
@@ -648,6 +670,12 @@ def _stratified_split(targets: Sequence[int], val_fraction: float, seed: int) ->
     return sorted(train), sorted(val)
 
 
+def _held_out_part(whole: LabelledImages, split: str, val_fraction: float, seed: int) -> LabelledImages:
+    """The "train" part of a source with no splits of its own, or the held-out rest for any other split."""
+    train, val = _stratified_split(whole.targets, val_fraction, seed)
+    return whole.subset(train if split == "train" else val)
+
+
 _SPLIT_DIRS = {
     "train": ("train",),
     "val": ("val", "validation"),
@@ -677,9 +705,10 @@ def open_dataset(
 ) -> LabelledImages:
     """Turn a command-line dataset spec into a source; see ``_SPEC_HELP`` for the forms.
 
-    A single class-folder tree has no held-out part, so one is carved out deterministically (``split_seed``):
-    ``val_fraction`` of each class is "val"/"test", the rest "train". With ``hold_out=False`` (the held-out
-    data comes from elsewhere) every split of such a tree is all of it.
+    A single class-folder tree or CSV manifest has no held-out part, so one is carved out deterministically
+    (``split_seed``): ``val_fraction`` of each class is "val"/"test"/"eval", the rest "train". With
+    ``hold_out=False`` (the held-out data comes from elsewhere) every split of it is all of it. Shards and
+    multi-label manifests cannot be carved: they are all of it, or refused as held-out data.
     """
     if split not in _SPLIT_DIRS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_DIRS)}, got {split!r}")
@@ -698,17 +727,25 @@ def open_dataset(
     if kind in _TORCHVISION:  # names always mean torchvision; write ./pets for a local folder called pets
         return TorchvisionImages(kind, root or "./data", standard, download=download)
     path = Path(spec).expanduser()
-    single = path.suffix.lower() == ".csv" or (path / "manifest.json").is_file()
-    if single and split not in ("train", "eval", "all"):  # never evaluate on the training data by accident
-        raise MissingSplit(f"{path} holds a single split; give the evaluation data explicitly (--eval-data)")
-    if path.suffix.lower() == ".csv":
-        if not path.is_file():
-            raise FileNotFoundError(f"CSV manifest not found: {path}")
-        return CsvImages(path)
-    if (path / "manifest.json").is_file():  # shards written by `bit shards`
-        from .shards import ShardImages
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if path.suffix.lower() == ".csv" or (path / "manifest.json").is_file():
+        if path.suffix.lower() == ".csv":
+            if not path.is_file():
+                raise FileNotFoundError(f"CSV manifest not found: {path}")
+            whole: LabelledImages = CsvImages(path)
+        else:  # shards written by `bit shards`
+            from .shards import ShardImages
 
-        return ShardImages(path)
+            whole = ShardImages(path)
+        carve = hold_out and not whole.multi_label and isinstance(whole, CsvImages)
+        if split == "all" or (split == "train" and not carve) or (split == "eval" and not hold_out):
+            return whole
+        if not carve:  # never evaluate on the training data by accident
+            raise MissingSplit(f"{path} holds a single split and no held-out part can be taken from it "
+                               f"({'multi-label' if whole.multi_label else 'streamed shards'}); give other "
+                               "evaluation data (--eval-data)")
+        return _held_out_part(whole, split, val_fraction, split_seed)
     if path.is_dir():
         present = [d for d in ("train", "val", "validation", "test") if (path / d).is_dir()]
         for candidate in _SPLIT_DIRS[split]:
@@ -716,11 +753,6 @@ def open_dataset(
                 return ImageFolderImages(path / candidate)
         if present:
             raise MissingSplit(f"{path} has split folders {present} but none for split {split!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         tree = ImageFolderImages(path)
-        if split == "all" or not hold_out:
-            return tree
-        train, val = _stratified_split(tree.targets, val_fraction, split_seed)
-        return tree.subset(train if split == "train" else val)
+        return tree if split == "all" or not hold_out else _held_out_part(tree, split, val_fraction, split_seed)
     raise ValueError(f"unknown dataset spec {spec!r} (not a known name, .csv file or directory); {_SPEC_HELP}")
