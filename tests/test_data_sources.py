@@ -116,12 +116,49 @@ def test_decode_16bit_png_scaled_not_clipped(tmp_path):
     assert list(px[1, :, 1]) == [255, 255, 0]
 
 
+def test_decode_16bit_pgm_as_its_png_twin(tmp_path):
+    """Pillow opens a 16-bit PGM as 32-bit "I" (maxval scaled to 65535): the same pixels as a 16-bit PNG, not
+    stretched to the image's own range (a flat image came out white)."""
+    arr = np.array([[30000, 30000], [30000, 0]], dtype=np.uint16)
+    (tmp_path / "g.pgm").write_bytes(b"P5 2 2 65535\n" + arr.astype(">u2").tobytes())
+    Image.fromarray(arr).save(tmp_path / "g.png")
+    with Image.open(tmp_path / "g.pgm") as raw:
+        assert raw.mode == "I"
+    assert np.array_equal(np.asarray(decode_image(tmp_path / "g.pgm")), np.asarray(decode_image(tmp_path / "g.png")))
+    assert np.asarray(decode_image(tmp_path / "g.pgm"))[0, 0, 0] == round(30000 * 255 / 65535)
+
+
 def test_decode_32bit_float_scaled_by_range():
-    img = Image.fromarray(np.array([[-1.0, 0.0], [1.0, 3.0]], dtype=np.float32))
-    assert img.mode == "F"
     from bigtransfer.data.sources import _to_rgb
 
+    img = Image.fromarray(np.array([[-1.0, 0.0], [1.0, 3.0]], dtype=np.float32))
+    assert img.mode == "F"
     assert list(np.asarray(_to_rgb(img))[..., 0].ravel()) == [0, 64, 128, 255]
+    unit = Image.fromarray(np.array([[0.5, 0.5], [0.5, 1.0]], dtype=np.float32))  # data in [0, 1] keeps its range
+    assert list(np.asarray(_to_rgb(unit))[..., 0].ravel()) == [128, 128, 128, 255]
+
+
+def test_decode_turns_a_photo_upright_by_its_exif_orientation(tmp_path):
+    """Orientation 6 (a phone held upright): stored 64 wide with red left, shown 32 wide with red on top; the
+    header-only size agrees with the decoded one."""
+    arr = np.zeros((32, 64, 3), np.uint8)
+    arr[:, :32, 0] = arr[:, 32:, 2] = 255
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    shown = np.asarray(decode_image(tmp_path / "turned.jpg")).astype(int)
+    assert shown.shape == (64, 32, 3) and _file_size(str(tmp_path / "turned.jpg")) == (64, 32)
+    assert shown[8, 16, 0] > 200 > shown[8, 16, 2] and shown[56, 16, 2] > 200 > shown[56, 16, 0]
+
+
+def test_decode_one_transparent_colour_of_grey_and_rgb_pngs_is_white(tmp_path):
+    """PNG's tRNS marks one colour transparent in L and RGB images too; palette and alpha images are white there."""
+    for mode, key in (("L", 0), ("RGB", (0, 0, 0))):
+        img = Image.new(mode, (2, 1), key)
+        img.putpixel((1, 0), 90 if mode == "L" else (90, 90, 90))
+        img.save(tmp_path / f"{mode}.png", transparency=key)
+        assert np.asarray(decode_image(tmp_path / f"{mode}.png"))[0, :, 0].tolist() == [255, 90], mode
 
 
 def test_decode_bytes():

@@ -174,7 +174,8 @@ class RunDir:
         if not self.writer:
             yield
             return
-        handler = logging.FileHandler(self / "log.txt")
+        # a file name that is not UTF-8 (surrogate escapes) is written escaped, not dropped with a traceback
+        handler = logging.FileHandler(self / "log.txt", encoding="utf-8", errors="backslashreplace")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         try:

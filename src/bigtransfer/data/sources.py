@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "BadImageError",
@@ -78,19 +78,35 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB without losing the content to clipping or black transparency."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I;16"):  # 16-bit grey: scale by the full 16-bit range
         return Image.fromarray(_scale_to_uint8(np.asarray(img), 0, 65535)).convert("RGB")
-    if mode in ("I", "F"):  # 32-bit int / float: no fixed range, so scale by the image's own min..max
+    if mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         finite = arr[np.isfinite(arr)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+        if mode == "I" and img.format in ("PNG", "PPM"):  # 16-bit grey (a PGM's maxval is scaled to 65535)
+            lo, hi = 0.0, 65535.0
+        elif mode == "F" and lo >= 0.0 and hi <= 1.0:  # float data in [0, 1]: that is its range
+            lo, hi = 0.0, 1.0
+        # other 32-bit int / float data has no known range: the image's own min..max
         return Image.fromarray(_scale_to_uint8(arr, lo, hi)).convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-        return _composite_on_white(img)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in img.info):
+        return _composite_on_white(img)  # (L and RGB: one colour marked transparent, PNG's tRNS)
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's own conversions are exact enough
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1: as stored; 2-8: mirrored and/or turned), from the header."""
+    return img.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: phones store photos turned and say so in EXIF (torchvision's and timm's
+    loaders ignore it and train on them sideways)."""
+    return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
 
 
 def decode_image(source: str | os.PathLike | bytes, describe: str | None = None) -> Image.Image:
@@ -117,7 +133,7 @@ def decode_image(source: str | os.PathLike | bytes, describe: str | None = None)
             img.load()
             if img.width == 0 or img.height == 0:
                 raise BadImageError(name, f"zero-size image ({img.width}x{img.height})")
-            rgb = _to_rgb(img)
+            rgb = _to_rgb(_upright(img))
             if rgb is img:  # detach from the file handle the context manager is about to close
                 rgb = img.copy()
     except BadImageError:
@@ -155,7 +171,8 @@ def _file_size(path: str) -> tuple[int, int]:
     """(height, width) from the header only: measuring a dataset must not decode it."""
     try:
         with Image.open(path) as img:
-            return img.height, img.width
+            turned = _orientation(img) in (5, 6, 7, 8)  # a quarter turn: decode_image swaps the sides
+            return (img.width, img.height) if turned else (img.height, img.width)
     except Image.DecompressionBombError as e:  # its header is read; Pillow refuses the size it states
         raise BadImageError(path, f"refused as a decompression bomb ({e})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
