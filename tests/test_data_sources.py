@@ -244,7 +244,7 @@ def test_image_folder(tmp_path):
         ds.subset([6])
 
 
-def test_a_folder_scan_skips_hidden_names_and_enters_each_folder_once(tmp_path):
+def test_a_folder_scan_skips_hidden_names_and_enters_each_folder_once(tmp_path, caplog):
     """macOS's ._x.png twins, __MACOSX and .ipynb_checkpoints are not data; a link back up the tree listed
     images without end, another class's under this one's label."""
     root = _tree(tmp_path / "tree", {"a": 2, "b": 3})
@@ -255,7 +255,10 @@ def test_a_folder_scan_skips_hidden_names_and_enters_each_folder_once(tmp_path):
     _png(root / "b" / "nested" / "z.png")
     (root / "a" / "up").symlink_to("..")
     (root / "a" / "b_too").symlink_to("../b")
+    Image.new("RGB", (4, 4)).save(root / "a" / "x.gif")
+    (root / "a" / "notes.txt").write_text("not an image; not one of the formats ImageFolder leaves out either")
     ds = ImageFolderImages(root)
+    assert "tree: 1 .gif file left out: image folders read .jpg" in caplog.text and ".txt" not in caplog.text
     assert ds.classes == ["a", "b"] and ds.targets == [0, 0, 1, 1, 1, 1]
     assert [os.path.relpath(ds.describe(i), root) for i in range(len(ds))][-1] == "b/nested/z.png"
     found = ImageFiles([root]).paths

@@ -8,8 +8,10 @@ and dataset formats are delegated to torchvision and scikit-learn; this module o
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger("bigtransfer")
 
 __all__ = [
     "BadImageError",
@@ -331,14 +335,24 @@ class ImageFolderImages(_FileImages):
             raise FileNotFoundError(f"{root}: no class folders (expected {root}/<class>/<images>)")
         seen = {_folder_id(root)} | {_folder_id(os.path.join(root, c)) for c in self.classes}
         self.paths, self.targets = [], []
+        skipped: collections.Counter[str] = collections.Counter()
         for target, name in enumerate(self.classes):
-            found = [os.path.join(d, f) for d, files in sorted(_walk_once(os.path.join(root, name), seen))
-                     for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+            found = []
+            for folder, files in sorted(_walk_once(os.path.join(root, name), seen)):
+                for f in sorted(files):
+                    if f.lower().endswith(IMG_EXTENSIONS):
+                        found.append(os.path.join(folder, f))
+                    elif f.lower().endswith(_UNREAD_IMAGE_SUFFIXES):
+                        skipped[os.path.splitext(f)[1].lower()] += 1
             if not found:
                 raise ValueError(f"{root}: class folder {name!r} holds no image files "
                                  f"(looked for {', '.join(IMG_EXTENSIONS)})")
             self.paths += found
             self.targets += [target] * len(found)
+        if skipped:
+            log.warning("%s: %s left out: image folders read %s, as torchvision's ImageFolder does (convert them)",
+                        root, ", ".join(f"{n} {s} file{'s' * (n > 1)}" for s, n in sorted(skipped.items())),
+                        " ".join(IMG_EXTENSIONS))
 
 
 class ImageFiles(_FileImages):
@@ -364,6 +378,9 @@ class ImageFiles(_FileImages):
         if not self.paths:
             raise ValueError("no image files given")
         self.targets = [0] * len(self.paths)
+
+
+_UNREAD_IMAGE_SUFFIXES = (".gif", ".jfif", ".avif", ".heic", ".heif", ".jp2", ".jxl", ".ico", ".tga")
 
 
 def _hidden(name: str) -> bool:
