@@ -126,6 +126,12 @@ def test_written_files_get_the_usual_permissions_and_conversions_keep_metadata(t
     weights = tmp_path / "hf_dir" / "model.safetensors"
     save_file(load_file(weights), weights)  # as HF writes it: no metadata of ours
     assert load_model(tmp_path / "hf_dir")[1] == list("abcdef")
+    # labels renamed the HF way, in config.json, win over those our own copy of the file still carries
+    assert main(["convert", str(src), str(tmp_path / "bit-r14.v2"), "--to", "hf"]) == 0  # a dotted name: a folder
+    renamed = json.loads((tmp_path / "bit-r14.v2" / "config.json").read_text())
+    renamed["id2label"] = {str(i): c for i, c in enumerate("uvwxyz")}
+    (tmp_path / "bit-r14.v2" / "config.json").write_text(json.dumps(renamed))
+    assert load_model(tmp_path / "bit-r14.v2")[1] == list("uvwxyz")
     # a config for another layout would load every array and compute something else
     (tmp_path / "hf_dir" / "config.json").write_text(json.dumps({**config, "global_padding": "SAME"}))
     with pytest.raises(CheckpointError, match=r"config.json: global_padding='SAME': not BiT's layout"):
@@ -140,6 +146,15 @@ def test_a_tensors_only_target_says_what_it_leaves_out(tmp_path, caplog):
         bt.checkpoints.write_checkpoint(ckpt.state, ckpt.arch, tmp_path / name, fmt, metadata=ckpt.metadata)
         assert f"{name}: a {'torch' if fmt == 'timm' else 'npz'} file holds tensors only: the checkpoint's " \
                "classes and resolution are left out" in caplog.text
+
+
+def test_integer_weights_are_named(tmp_path, tiny_npz):
+    arrays = dict(tiny_npz[1])
+    key = "resnet/block2/unit01/b/standardized_conv2d/kernel"
+    arrays[key] = arrays[key].astype(np.int32)  # would load as zeros where every weight is below 1
+    np.savez(tmp_path / "int.npz", **arrays)
+    with pytest.raises(CheckpointError, match=f"int.npz: array '{key}' holds torch.int32 values; weights are floating"):
+        bt.read_checkpoint(tmp_path / "int.npz")
 
 
 def test_wrong_shape_is_named(tmp_path, tiny_npz):

@@ -128,6 +128,35 @@ def test_registered_checkpoint_with_checksum(tmp_path, monkeypatch):
         assert torch.equal(model.state_dict()[key], value)
 
 
+def test_a_download_that_is_not_the_checkpoint_is_not_cached(tmp_path, monkeypatch):
+    """Released files have no published digests: an error page served with 200, a damaged archive or another
+    network's file is read, refused and deleted, not cached as the model (and fetched never again)."""
+    served, arch = tmp_path / "mirror", bt.create_model("BiT-R14x0.25").arch
+    served.mkdir()
+    (served / "page.npz").write_text("<html><body>Sign in to continue</body></html>")
+    random_bit_npz(served / "good.npz", (1, 1, 1, 1), 0.25, num_classes=4)
+    data = bytearray((served / "good.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte flipped inside an array: the zip's CRC notices
+    (served / "flipped.npz").write_bytes(bytes(data))
+    monkeypatch.setenv("BIT_HOME", str(tmp_path / "home"))
+    with serve_directory(served) as server:
+        monkeypatch.setenv("BIT_MODELS_URL", server.url)
+        for file, heads, why in (("page.npz", 4, "not a checkpoint"), ("flipped.npz", 4, "CRC"),
+                                 ("good.npz", 10, "holds a BiT-R14x0.25 with 4 classes, test-dl-good.npz-10 is a "
+                                                  "BiT-R14x0.25 with 10")):
+            spec = register_model(ModelSpec(f"test-dl-{file}-{heads}", arch, heads, 32, "test", file))
+            with pytest.raises(bt.checkpoints.DownloadError, match=f"{file} did not give the file wanted .*{why}"):
+                bt.checkpoints.download_pretrained(spec, progress=False)
+            assert not bt.checkpoints.cached_path(spec).exists() and not list((tmp_path / "home").rglob("*.part"))
+        spec = register_model(ModelSpec("test-dl-good", arch, 4, 32, "test", "good.npz"))
+        assert bt.create_model("test-dl-good", pretrained=True).num_classes == 4
+    # a bad file cached before (by an older version, or copied there): the error says to delete it
+    cached = bt.checkpoints.cached_path(spec)
+    cached.write_bytes(bytes(data))
+    with pytest.raises(bt.checkpoints.CheckpointError, match="It is the cached download of test-dl-good: delete it"):
+        bt.create_model("test-dl-good", pretrained=True)
+
+
 def test_fewshot_and_probe_commands(tmp_path, capsys):
     common = ["--model", "BiT-R14x0.25", "--data", "digits", "--shots", "2", "--seeds", "2"]
     run_main(capsys, "fewshot", *common, "--steps", "4", "--batch", "16", "--resolution", "36", "32",

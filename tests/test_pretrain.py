@@ -281,3 +281,16 @@ def test_shard_streams_of_unequal_length_move_through_epochs_in_step(tmp_path):
             cut.addfile(info, tar.extractfile(info))
     with pytest.raises(ValueError, match=r"shard-000002.tar: unreadable shard \(sample \d+ has no label"):
         _take(ShardStream(tmp_path / "shards", InceptionCropTransform(16), 4, seed=1).raw_stream(0), 64)
+
+
+def test_a_run_over_shards_refuses_them_re_sharded(tmp_path):
+    """The same images re-written as other shards keep the plan (path, count, classes) but not the sample order
+    that an exact resume skips through: refused, naming the shards."""
+    make_image_folder(tmp_path / "images", classes=2, per_class=8)
+    write_shards(open_dataset(str(tmp_path / "images"), "all"), tmp_path / "shards", shard_size=8, progress=False)
+    args = dict(out=tmp_path / "run", epochs=1, batch_size=8, crop=16, progress=False)
+    done = pretrain(TINY, str(tmp_path / "shards"), **args)
+    assert pretrain(TINY, str(tmp_path / "shards"), **args) == done  # unchanged: the finished run's results
+    write_shards(open_dataset(str(tmp_path / "images"), "all"), tmp_path / "shards", shard_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(shards: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
+        pretrain(TINY, str(tmp_path / "shards"), **args)

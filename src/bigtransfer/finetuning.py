@@ -41,7 +41,7 @@ from .data.memory import InMemoryImages
 from .engine import EngineConfig, momentum_sgd, train
 from .evaluate import evaluate
 from .models import ResNetV2, create_model
-from .runs import RunDir, held_out_data, starting_weights
+from .runs import RunDir, as_recorded, held_out_data, starting_weights
 from .runtime import setup
 
 log = logging.getLogger("bigtransfer")
@@ -237,8 +237,8 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
     plan = make_plan(name, train_source, **overrides)
     run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
-    settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_or_name, pretrained),
-                "eval_data": held_out_data(eval_source)}
+    settings = {"plan": as_recorded(dataclasses.asdict(plan)),
+                "pretrained": starting_weights(model_or_name, pretrained), "eval_data": held_out_data(eval_source)}
     done = run.previous_results(settings)
     if done is not None:  # what the run returned when it finished
         return {**done, "eval": run.read_json("eval.json")}
@@ -281,7 +281,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
 
         labels = {"bigtransfer.classes": json.dumps(list(source.classes)), "bigtransfer.resolution": str(plan.crop)}
         results = train(model, optimizer, batches, config, runtime, run, evaluator=evaluator, weights_metadata=labels)
-        results["plan"] = dataclasses.asdict(plan)
+        results["plan"] = settings["plan"]  # as a finished run returns it
         _write_summary(run, plan, results)
         return results
 

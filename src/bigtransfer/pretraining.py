@@ -36,14 +36,14 @@ from .data import (
 )
 from .data.loader import process_share
 from .data.memory import InMemoryImages
-from .data.shards import MANIFEST, ShardStream, read_manifest
+from .data.shards import MANIFEST, ShardStream, read_manifest, shard_fingerprint
 from .engine import EngineConfig, momentum_sgd, softmax_cross_entropy, train
 from .evaluate import evaluate
 from .finetuning import as_source, open_sources
 from .hyperrule import MOMENTUM, Schedule
 from .models import ResNetV2, create_model
 from .probe import linear_probe
-from .runs import RunDir, held_out_data, read_jsonl, starting_weights
+from .runs import RunDir, as_recorded, held_out_data, read_jsonl, starting_weights
 from .runtime import Runtime, setup
 
 log = logging.getLogger("bigtransfer")
@@ -252,8 +252,10 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     process_share(plan.batch_size, runtime.world_size)  # refused here for shards too, before anything is written
     run = RunDir(out, writer=runtime.is_main)
     probe = None if probe_data is None else f"probe {probe_data}, {probe_shots} per class"
-    settings = {"plan": dataclasses.asdict(plan), "pretrained": starting_weights(model_name, pretrained),
+    settings = {"plan": as_recorded(dataclasses.asdict(plan)), "pretrained": starting_weights(model_name, pretrained),
                 "eval_data": held_out_data(eval_source, probe)}
+    if shards is not None:  # the same folder re-sharded, re-ordered or re-written: resume would skip other samples
+        settings["shards"] = shard_fingerprint(manifest)
     done = run.previous_results(settings)
     if done is not None:
         return done
@@ -291,7 +293,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
                   "bigtransfer.resolution": str(plan.crop)}
         results = train(model, optimizer, batches, config, runtime, run, loss_fn=loss, evaluator=evaluator,
                         weights_metadata=labels)
-        results["plan"] = dataclasses.asdict(plan)
+        results["plan"] = settings["plan"]  # as a finished run returns it
         run.write_json("summary.json", results)
         return results
 

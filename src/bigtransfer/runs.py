@@ -71,6 +71,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def as_recorded(obj: object) -> object:
+    """`obj` as config.json and summary.json hold it (lists for tuples...): a fresh run returns what a finished
+    one reads back."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 class RunDir:
     """Files of one run. With `writer=False` (DDP ranks other than 0) every write is skipped."""
 
@@ -100,8 +106,9 @@ class RunDir:
 
     def previous_results(self, settings: dict) -> dict | None:
         """For a folder that already holds a run: refuse other `settings` (config.json's "plan", "pretrained",
-        "eval_data"; naming what differs), return the saved results of a finished run, None for an interrupted
-        one (the caller resumes it) or for one that stopped before its first checkpoint (it starts afresh)."""
+        "eval_data", and any other key given; naming what differs), return the saved results of a finished run,
+        None for an interrupted one (the caller resumes it) or for one that stopped before its first checkpoint
+        (it starts afresh)."""
         saved = self.read_json("config.json")
         if saved is None:
             held = [n for n in ("checkpoint.pt", "summary.json", "model.safetensors") if (self / n).exists()]
@@ -111,15 +118,16 @@ class RunDir:
             return None
         if not ((self / "checkpoint.pt").exists() or (self / "summary.json").exists()):
             return None
-        now = json.loads(json.dumps(settings["plan"]))
+        now = as_recorded(settings["plan"])
         then = saved["plan"]
         changed = [k for k in sorted(now) if k not in SAME_UPDATE and then.get(k) != now[k]]
         old = {"False": "random", "True": "registry"}  # earlier versions recorded str(pretrained)
         then["pretrained"] = old.get(saved.get("pretrained"), saved.get("pretrained"))
         if then["pretrained"] == "random" and settings["pretrained"] == MODEL_PASSED_IN:
             then["pretrained"] = MODEL_PASSED_IN  # earlier versions recorded a model passed in as "random"
-        then["eval_data"] = saved.get("eval_data", settings["eval_data"])  # not recorded by earlier versions
-        for key in ("pretrained", "eval_data"):
+        for key in (k for k in settings if k != "plan"):
+            if key != "pretrained":
+                then[key] = saved.get(key, settings[key])  # eval_data, shards: not recorded by earlier versions
             now[key] = settings[key]
             if now[key] != then[key]:
                 changed.append(key)

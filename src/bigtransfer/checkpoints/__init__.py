@@ -51,11 +51,20 @@ def download_pretrained(name: str | ModelSpec, progress: bool = True) -> Path:
         raise DownloadError(f"{spec.name} has no released weights to download")
     dest = cached_path(spec)
     try:
-        return download(spec.url, dest, spec.sha256, progress=progress)
+        return download(spec.url, dest, spec.sha256, progress=progress, check=lambda part: _check_released(part, spec))
     except DownloadError as e:  # an offline machine: say where a copy fetched elsewhere goes
         raise DownloadError(f"{e}. Without internet here, fetch {spec.url} elsewhere and copy it to {dest} "
                             "(the cache; $BIT_HOME moves it), or pass the file's path (--pretrained FILE, or "
                             "pretrained=FILE in Python)") from e
+
+
+def _check_released(path: Path, spec: ModelSpec) -> None:
+    """A downloaded file is read whole (an npz's CRCs catch a cut or damaged body) and must hold `spec`'s network
+    and head: the released files have no published digests to check them by."""
+    ckpt = read_checkpoint(path)
+    if (ckpt.arch, ckpt.num_classes) != (spec.arch, spec.num_classes):
+        raise CheckpointError(f"it holds a BiT-{ckpt.arch.name} with {ckpt.num_classes} classes, {spec.name} is a "
+                              f"BiT-{spec.arch.name} with {spec.num_classes}")
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Checkpoint:

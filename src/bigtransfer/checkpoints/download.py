@@ -34,7 +34,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from filelock import FileLock
@@ -95,13 +95,16 @@ def download(
     progress: bool = True,
     retries: int = 5,
     timeout: float = 60.0,
+    check: Callable[[pathlib.Path], object] | None = None,
 ) -> pathlib.Path:
     """Download ``url`` to ``dest`` unless it is already there, and return ``dest`` as a path.
 
     ``sha256`` (hex) is checked before the file is moved into place, so a cached ``dest`` is never a
     corrupt one. A dropped connection is retried up to ``retries`` times, resuming from the bytes already
     on disk; ``timeout`` is the socket timeout in seconds for each request. The progress bar goes to
-    stderr. Raises :class:`DownloadError` on HTTP errors, a digest mismatch or when the retries run out.
+    stderr. ``check`` reads the finished file and raises if it is not what was wanted (where no digest is known,
+    an error page or a cut body would otherwise be cached as the file). Raises :class:`DownloadError` on HTTP
+    errors, a digest mismatch, a failed check or when the retries run out.
     """
     dest = pathlib.Path(dest)
     if dest.exists() and _cache_matches(dest, sha256):
@@ -121,6 +124,12 @@ def download(
         _check_size(url, part, total)
         if sha256 is not None:
             _verify(url, part, sha256)
+        if check is not None:
+            try:
+                check(part)
+            except Exception as e:
+                _discard(part)
+                raise DownloadError(f"{url} did not give the file wanted ({e}); the download was deleted") from e
         os.replace(part, dest)
         _version_file(part).unlink(missing_ok=True)
         if sha256 is not None:

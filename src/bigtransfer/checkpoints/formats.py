@@ -139,7 +139,7 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         path = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), path)
         if path.is_file():
             tensors, metadata = read_tensors(path)
-            return tensors, {**_hf_folder_metadata(folder), **metadata}
+            return tensors, {**metadata, **_hf_folder_metadata(folder)}  # config.json is what HF users edit
     if not path.is_file():
         raise CheckpointError(f"{path}: " + ("a folder without model.safetensors or pytorch_model.bin"
                                              if path.is_dir() else "no such checkpoint file"))
@@ -327,7 +327,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             want = tuple(to_foreign(fmt, name, torch.empty(shape, device="meta")).shape)
             raise CheckpointError(f"{path}: array {key!r} has shape {tuple(tensors[key].shape)}, "
                                   f"a BiT-{arch.name} needs {want}")
-        state[name] = t.float() if t.is_floating_point() else t
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: array {key!r} holds {t.dtype} values; weights are floating point")
+        state[name] = t.float()
         used.add(key)
     unexpected = sorted(set(tensors) - used)
     if unexpected:
@@ -340,7 +342,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
                      fmt: str = "safetensors", metadata: dict[str, str] | None = None) -> Path:
     """Write our-named `state` in `fmt`, atomically.
 
-    ``hf`` to a directory (a path without suffix) writes ``model.safetensors`` + ``config.json`` so
+    ``hf`` to a directory (a name without a checkpoint suffix) writes ``model.safetensors`` + ``config.json`` so
     that ``BitForImageClassification.from_pretrained(dir)`` loads it; ``timm`` to ``.pth``/``.pt``/``.bin``
     writes a torch state dict, otherwise safetensors (with `metadata`, e.g. class names).
     """
@@ -358,7 +360,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
                     "keeps them)", path, container, " and ".join(kept))
     tensors = {foreign_name(fmt, k): to_foreign(fmt, k, v.detach().cpu().float()).contiguous()
                for k, v in state.items()}
-    if fmt == "hf" and not path.suffix:
+    if fmt == "hf" and path.suffix not in SUFFIX_FORMATS:  # a folder, also under a name such as bit-r50.v2
         config = hf_config(arch, state["head.bias"].shape[0] if "head.bias" in state else 0)  # may refuse: no folder
         if "bigtransfer.classes" in (metadata or {}):  # HF's pipelines and model cards show these names
             config["id2label"] = dict(enumerate(json.loads(metadata["bigtransfer.classes"])))

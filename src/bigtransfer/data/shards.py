@@ -20,6 +20,7 @@ Streaming (`ShardStream`) is exact and resumable:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -112,6 +113,12 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return manifest
 
 
+def shard_fingerprint(manifest: dict) -> str:
+    """A digest of the shard list (names, order, counts, contents): what an exact resume depends on."""
+    listed = [(s["name"], s["count"], s["sha256"]) for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16]
+
+
 def verify_shards(root: str | os.PathLike) -> None:
     """Check every shard against the manifest's sha256 (reads all bytes once)."""
     for shard in read_manifest(root)["shards"]:
@@ -121,8 +128,8 @@ def verify_shards(root: str | os.PathLike) -> None:
 
 
 def _unreadable(path: Path, why: object) -> ValueError:
-    return ValueError(f"{path}: unreadable shard ({why}); `verify_shards` checks every shard against the manifest's "
-                      "sha256, `bit shards` writes it again")
+    return ValueError(f"{path}: unreadable shard ({why}); bigtransfer.data.shards.verify_shards(FOLDER) checks every "
+                      "shard against the manifest's sha256, `bit shards` writes them again")
 
 
 def _samples(path: Path, expected: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -20,13 +20,19 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool | s
     checkpoint's head (the registry's head size for random models); another size gets a new head,
     zero-initialised unless `zero_head=False` -- BiT transfer starts from a zero head.
     """
-    from ..checkpoints import download_pretrained, load_weights, read_checkpoint
+    from ..checkpoints import CheckpointError, download_pretrained, load_weights, read_checkpoint
 
     spec = get_model_spec(name)
     ckpt = None
     if pretrained is not False:
         path = download_pretrained(spec) if pretrained is True else pretrained
-        ckpt = read_checkpoint(path)
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as e:
+            if pretrained is not True or spec.bundled is not None:
+                raise
+            raise CheckpointError(f"{e}. It is the cached download of {spec.name}: delete it, and it is fetched "
+                                  "again") from e
     head = num_classes if num_classes is not None else (ckpt.num_classes if ckpt else spec.num_classes)
     model = ResNetV2(spec.arch, num_classes=head, zero_head=zero_head)
     if ckpt is not None:
