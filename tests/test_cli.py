@@ -145,8 +145,10 @@ def test_a_download_that_is_not_the_checkpoint_is_not_cached(tmp_path, monkeypat
                                  ("good.npz", 10, "holds a BiT-R14x0.25 with 4 classes, test-dl-good.npz-10 is a "
                                                   "BiT-R14x0.25 with 10")):
             spec = register_model(ModelSpec(f"test-dl-{file}-{heads}", arch, heads, 32, "test", file))
-            with pytest.raises(bt.checkpoints.DownloadError, match=f"{file} did not give the file wanted .*{why}"):
+            with pytest.raises(bt.checkpoints.DownloadError, match=f"{file} did not give the file wanted .*{why}") \
+                    as refused:
                 bt.checkpoints.download_pretrained(spec, progress=False)
+            assert "internet" not in str(refused.value)  # the server answered: no advice for an offline machine
             assert not bt.checkpoints.cached_path(spec).exists() and not list((tmp_path / "home").rglob("*.part"))
         spec = register_model(ModelSpec("test-dl-good", arch, 4, 32, "test", "good.npz"))
         assert bt.create_model("test-dl-good", pretrained=True).num_classes == 4

@@ -2,11 +2,13 @@
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets
 import torchvision.datasets.cifar
 from PIL import Image
 
@@ -154,11 +156,21 @@ def test_decode_turns_a_photo_upright_by_its_exif_orientation(tmp_path):
 
 def test_decode_one_transparent_colour_of_grey_and_rgb_pngs_is_white(tmp_path):
     """PNG's tRNS marks one colour transparent in L and RGB images too; palette and alpha images are white there."""
-    for mode, key in (("L", 0), ("RGB", (0, 0, 0))):
+    for mode, key, grey in (("L", 0, 90), ("RGB", (0, 0, 0), (90, 90, 90)), ("I;16", 0, 90 * 257)):
         img = Image.new(mode, (2, 1), key)
-        img.putpixel((1, 0), 90 if mode == "L" else (90, 90, 90))
-        img.save(tmp_path / f"{mode}.png", transparency=key)
-        assert np.asarray(decode_image(tmp_path / f"{mode}.png"))[0, :, 0].tolist() == [255, 90], mode
+        img.putpixel((1, 0), grey)
+        img.save(tmp_path / "t.png", transparency=key)
+        assert np.asarray(decode_image(tmp_path / "t.png"))[0, :, 0].tolist() == [255, 90], mode
+
+
+def test_a_png_size_is_read_from_its_header(tmp_path):
+    """Looking for an EXIF orientation must not decode a PNG (Pillow would, for an eXIf chunk after the pixels):
+    measuring a dataset reads headers only, so even a truncated file has a size."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:200])
+    assert _file_size(str(tmp_path / "cut.png")) == (40, 30)
+    with pytest.raises(BadImageError, match="cut.png: corrupt or truncated"):
+        decode_image(tmp_path / "cut.png")
 
 
 def test_decode_bytes():
@@ -255,14 +267,23 @@ def test_a_folder_scan_skips_hidden_names_and_enters_each_folder_once(tmp_path, 
     _png(root / "b" / "nested" / "z.png")
     (root / "a" / "up").symlink_to("..")
     (root / "a" / "b_too").symlink_to("../b")
+    _png(tmp_path / "elsewhere" / "w.png")
+    (root / "b" / "more").symlink_to(tmp_path / "elsewhere")  # other links are followed, as torchvision does
     Image.new("RGB", (4, 4)).save(root / "a" / "x.gif")
     (root / "a" / "notes.txt").write_text("not an image; not one of the formats ImageFolder leaves out either")
     ds = ImageFolderImages(root)
     assert "tree: 1 .gif file left out: image folders read .jpg" in caplog.text and ".txt" not in caplog.text
-    assert ds.classes == ["a", "b"] and ds.targets == [0, 0, 1, 1, 1, 1]
-    assert [os.path.relpath(ds.describe(i), root) for i in range(len(ds))][-1] == "b/nested/z.png"
+    assert ds.classes == ["a", "b"] and ds.targets == [0, 0, 1, 1, 1, 1, 1]
+    assert [os.path.relpath(ds.describe(i), root) for i in range(len(ds))][-2:] == ["b/more/w.png", "b/nested/z.png"]
     found = ImageFiles([root]).paths
-    assert len(found) == 6 and not any("/." in f or "__MACOSX" in f for f in found)
+    assert len(found) == 7 and not any("/." in f or "__MACOSX" in f for f in found)
+    # where torchvision's scan ends (no hidden names, no links up or across), both give the same list
+    for name in ("__MACOSX", ".ipynb_checkpoints", "b/nested/.hidden", "a/x.gif", "a/._0.png", "a/up", "a/b_too"):
+        (root / name).unlink() if (root / name).is_symlink() or (root / name).is_file() else shutil.rmtree(root / name)
+    (root / "c").symlink_to(root / "b")  # a class folder that is a link to another one: read whole, as there
+    theirs = torchvision.datasets.ImageFolder(str(root))
+    ours = ImageFolderImages(root)
+    assert (ours.classes, list(zip(ours.paths, ours.targets, strict=True))) == (theirs.classes, theirs.samples)
     (root / "a" / "0.png").unlink()
     (root / "a" / "1.png").unlink()
     with pytest.raises(ValueError, match="tree: class folder 'a' holds no image files"):
@@ -378,6 +399,7 @@ def test_a_csv_that_is_also_the_evaluation_data_gives_up_a_held_out_part(tmp_pat
     (tmp_path / "tags.csv").write_text("path,label\n" + "\n".join(r.replace(",a", ",a;b") for r in rows) + "\n")
     with pytest.raises(MissingSplit, match="tags.csv holds a single split and no held-out part can be taken"):
         open_sources(str(tmp_path / "tags.csv"), str(tmp_path / "tags.csv"))  # multi-label: not stratified here
+    assert len(open_dataset(str(tmp_path / "m.csv"), "test", hold_out=False)) == 10  # held out elsewhere: whole
 
 
 def test_csv_integer_labels_sort_numerically(tmp_path):

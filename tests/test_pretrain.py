@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import bigtransfer as bt
 from bigtransfer.data import InceptionCropTransform, open_dataset
 from bigtransfer.data.shards import ShardImages, ShardStream, verify_shards, write_shards
+from bigtransfer.data.sources import MissingSplit
 from bigtransfer.pretraining import (
     HEAD_BIAS_SIGMOID,
     make_pretrain_plan,
@@ -294,3 +295,5 @@ def test_a_run_over_shards_refuses_them_re_sharded(tmp_path):
     write_shards(open_dataset(str(tmp_path / "images"), "all"), tmp_path / "shards", shard_size=4, progress=False)
     with pytest.raises(ValueError, match=r"holds a run with other settings \(shards: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
         pretrain(TINY, str(tmp_path / "shards"), **args)
+    with pytest.raises(MissingSplit, match="shards holds a single split and no held-out part can be taken from it"):
+        pretrain(TINY, str(tmp_path / "shards"), str(tmp_path / "shards"), **{**args, "out": tmp_path / "scored"})

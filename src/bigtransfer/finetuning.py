@@ -167,12 +167,17 @@ def as_source(data: LabelledImages | Dataset | str, split: str = "train", downlo
     raise TypeError(f"cannot use {type(data).__name__} as training data")
 
 
+def same_data(train_data: object, eval_data: object) -> bool:
+    """Whether two data specs name the same data (which then holds out a part of itself for evaluation)."""
+    return isinstance(train_data, str | os.PathLike) and isinstance(eval_data, str | os.PathLike) and (
+        os.fspath(train_data) == os.fspath(eval_data) or Path(train_data).resolve() == Path(eval_data).resolve())
+
+
 def open_sources(train_data: LabelledImages | Dataset | str, eval_data: LabelledImages | Dataset | str | None,
                  download: bool = False) -> tuple[LabelledImages, LabelledImages | None]:
     """The training source and the held-out one (or None), labelled alike (`match_classes`). A folder of
     class folders gives up a fifth of each class as held-out data only where it is the held-out data too."""
-    same = isinstance(train_data, str | os.PathLike) and isinstance(eval_data, str | os.PathLike) and (
-        os.fspath(train_data) == os.fspath(eval_data) or Path(train_data).resolve() == Path(eval_data).resolve())
+    same = same_data(train_data, eval_data)
     train = as_source(train_data, "train", download, hold_out=same)
     if eval_data is None:
         return train, None

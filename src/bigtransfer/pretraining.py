@@ -39,7 +39,7 @@ from .data.memory import InMemoryImages
 from .data.shards import MANIFEST, ShardStream, read_manifest, shard_fingerprint
 from .engine import EngineConfig, momentum_sgd, softmax_cross_entropy, train
 from .evaluate import evaluate
-from .finetuning import as_source, open_sources
+from .finetuning import as_source, open_sources, same_data
 from .hyperrule import MOMENTUM, Schedule
 from .models import ResNetV2, create_model
 from .probe import linear_probe
@@ -240,7 +240,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
         classes, multi = manifest["classes"], manifest["multi_label"]
         flip = manifest.get("flip", True)
         eval_source = None if eval_data is None else match_classes(  # labelled as the training data is
-            classes, as_source(eval_data, "eval", hold_out=False), multi_label=multi)
+            classes, as_source(eval_data, "eval", hold_out=same_data(data, eval_data)), multi_label=multi)
     else:
         source, eval_source = open_sources(data, eval_data)  # eval_source labelled as source is
         if in_memory:

@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from ..models.registry import ModelSpec, get_model_spec
-from .download import DownloadError, cache_dir, download
+from .download import BadDownload, DownloadError, cache_dir, download
 from .formats import (
     FORMATS,
     SUFFIX_FORMATS,
@@ -20,8 +20,8 @@ from .formats import (
     write_checkpoint,
 )
 
-__all__ = ["FORMATS", "SUFFIX_FORMATS", "Checkpoint", "CheckpointError", "DownloadError", "cache_dir", "cached_path",
-           "download", "download_pretrained", "load_weights", "read_checkpoint", "save_weights",
+__all__ = ["FORMATS", "SUFFIX_FORMATS", "BadDownload", "Checkpoint", "CheckpointError", "DownloadError", "cache_dir",
+           "cached_path", "download", "download_pretrained", "load_weights", "read_checkpoint", "save_weights",
            "write_checkpoint"]
 
 log = logging.getLogger("bigtransfer")
@@ -52,6 +52,8 @@ def download_pretrained(name: str | ModelSpec, progress: bool = True) -> Path:
     dest = cached_path(spec)
     try:
         return download(spec.url, dest, spec.sha256, progress=progress, check=lambda part: _check_released(part, spec))
+    except BadDownload:  # the server answered, with something else: no advice about being offline
+        raise
     except DownloadError as e:  # an offline machine: say where a copy fetched elsewhere goes
         raise DownloadError(f"{e}. Without internet here, fetch {spec.url} elsewhere and copy it to {dest} "
                             "(the cache; $BIT_HOME moves it), or pass the file's path (--pretrained FILE, or "

@@ -57,6 +57,10 @@ class DownloadError(RuntimeError):
     """A download failed in a way that retrying inside this call will not fix."""
 
 
+class BadDownload(DownloadError):
+    """The server answered with something other than the file wanted (size, digest, content); it was deleted."""
+
+
 class _Dropped(Exception):
     """The connection ended before the whole body arrived; the bytes on disk are kept for a resume."""
 
@@ -129,7 +133,7 @@ def download(
                 check(part)
             except Exception as e:
                 _discard(part)
-                raise DownloadError(f"{url} did not give the file wanted ({e}); the download was deleted") from e
+                raise BadDownload(f"{url} did not give the file wanted ({e}); the download was deleted") from e
         os.replace(part, dest)
         _version_file(part).unlink(missing_ok=True)
         if sha256 is not None:
@@ -328,7 +332,7 @@ def _check_size(url: str, part: pathlib.Path, total: int | None) -> None:
     size = part.stat().st_size
     if total is not None and size != total:
         _discard(part)
-        raise DownloadError(
+        raise BadDownload(
             f"download of {url} ended with {size} bytes but the server announced {total}; "
             f"the partial file {part} was deleted"
         )
@@ -339,7 +343,7 @@ def _verify(url: str, part: pathlib.Path, sha256: str) -> None:
     actual = sha256_of(part)
     if actual != sha256.lower():
         _discard(part)
-        raise DownloadError(
+        raise BadDownload(
             f"sha256 mismatch for {url}: expected {sha256.lower()}, got {actual}; "
             f"the partial file {part} was deleted"
         )

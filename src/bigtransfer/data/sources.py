@@ -85,7 +85,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I;16"):  # 16-bit grey: scale by the full 16-bit range
-        return Image.fromarray(_scale_to_uint8(np.asarray(img), 0, 65535)).convert("RGB")
+        arr = np.asarray(img)
+        grey = _scale_to_uint8(arr, 0, 65535)
+        if "transparency" in img.info:  # one grey value marked transparent (PNG's tRNS): white, as below
+            grey[arr == img.info["transparency"]] = 255
+        return Image.fromarray(grey).convert("RGB")
     if mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         finite = arr[np.isfinite(arr)]
@@ -103,7 +107,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
-    """The EXIF orientation tag (1: as stored; 2-8: mirrored and/or turned), from the header."""
+    """The EXIF orientation tag (1: as stored; 2-8: mirrored and/or turned). Of an image not yet loaded, only what
+    its header holds: Pillow decodes a whole PNG to find an eXIf chunk that follows the pixels."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
     return img.getexif().get(ExifTags.Base.Orientation, 1)
 
 
@@ -319,8 +326,9 @@ class _FileImages(LabelledImages):
 class ImageFolderImages(_FileImages):
     """``root/<class>/**/<image>``: classes and order as torchvision's ImageFolder gives them, except that hidden
     names (``.ipynb_checkpoints``, macOS's ``._x.jpg`` twins and ``__MACOSX``) are skipped, as `ImageFiles` skips
-    them, and that a link back up the tree or into another class's folder is not entered (each folder is read once,
-    under its own class)."""
+    them, and that inside a class folder a link to the root, to a class folder or to a folder already read for
+    this class is not entered (a link up the tree listed images without end, other classes' under this one's
+    label). Other links are followed, as torchvision follows them."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -333,12 +341,12 @@ class ImageFolderImages(_FileImages):
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
         if not self.classes:
             raise FileNotFoundError(f"{root}: no class folders (expected {root}/<class>/<images>)")
-        seen = {_folder_id(root)} | {_folder_id(os.path.join(root, c)) for c in self.classes}
+        tops = {_folder_id(root)} | {_folder_id(os.path.join(root, c)) for c in self.classes}
         self.paths, self.targets = [], []
         skipped: collections.Counter[str] = collections.Counter()
         for target, name in enumerate(self.classes):
             found = []
-            for folder, files in sorted(_walk_once(os.path.join(root, name), seen)):
+            for folder, files in sorted(_walk_once(os.path.join(root, name), set(tops))):
                 for f in sorted(files):
                     if f.lower().endswith(IMG_EXTENSIONS):
                         found.append(os.path.join(folder, f))
@@ -397,7 +405,7 @@ def _folder_id(path: str) -> tuple[int, int]:
 def _walk_once(root: str, seen: set[tuple[int, int]] | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, file names) under `root`, hidden names left out, following links to folders but entering each
     folder once: a link back up the tree would otherwise list the same images again and again. `seen`: folders
-    not to enter (but `root` itself), shared between calls."""
+    not to enter (but `root` itself); it gains those entered."""
     seen = set() if seen is None else seen
     for folder, subfolders, files in os.walk(root, followlinks=True):
         subfolders[:] = sorted(d for d in subfolders if not _hidden(d))  # sorted: which link is followed is fixed
@@ -715,7 +723,7 @@ _SPLIT_DIRS = {
     "val": ("val", "validation"),
     "validation": ("validation", "val"),
     "test": ("test",),
-    "eval": ("test", "val", "validation"),  # the held-out part, whatever it is called; all of a CSV or shards
+    "eval": ("test", "val", "validation"),  # the held-out part, whatever it is called
     # what `bit shards` writes: every image of a one-split source or a single class tree, else the training split
     "all": ("train",),
 }
@@ -773,7 +781,7 @@ def open_dataset(
 
             whole = ShardImages(path)
         carve = hold_out and not whole.multi_label and isinstance(whole, CsvImages)
-        if split == "all" or (split == "train" and not carve) or (split == "eval" and not hold_out):
+        if split == "all" or not hold_out or (split == "train" and not carve):
             return whole
         if not carve:  # never evaluate on the training data by accident
             raise MissingSplit(f"{path} holds a single split and no held-out part can be taken from it "
