@@ -168,7 +168,8 @@ def test_fewshot_and_probe_commands(tmp_path, capsys):
     assert (tmp_path / "fs" / "runs" / "scratch_k2_seed1" / "model.safetensors").exists()
     _, out, _ = run_main(capsys, "probe", *common, "--full", "--resolution", "32", "--out", tmp_path / "pr")
     rows = json.loads((tmp_path / "pr" / "summary.json").read_text())["rows"]
-    assert [r["examples_per_class"] for r in rows] == [2, 2, None] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert [r["examples_per_class"] for r in rows] == [2, 2, None]
+    assert rows[-1]["accuracy"] > max(0.5, rows[0]["accuracy"], rows[1]["accuracy"])  # 1,000 examples beat 2 per class
     assert (tmp_path / "pr" / "accuracy.png").exists() and "linear probe" in out
     run_main(capsys, "probe", *common, "--full", "--resolution", "32", "--out", tmp_path / "pr2")
     again = json.loads((tmp_path / "pr2" / "summary.json").read_text())["rows"]

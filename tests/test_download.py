@@ -148,6 +148,19 @@ def test_resumed_range_of_another_size_restarts(served: Path, tmp_path: Path) ->
     assert [(r.range, r.status) for r in server.requests] == [("bytes=300000-", 206), (None, 200)]
 
 
+def test_a_range_sent_from_another_offset_restarts(served: Path, tmp_path: Path) -> None:
+    """A server (or a proxy) that answers 206 for bytes other than the ones asked for: appending them would
+    splice the file; the client starts over instead."""
+    _, digest = _make_file(served)
+    dest = tmp_path / "model.bin"
+    with serve_directory(served, drop_after=300_000, drops=1) as server:
+        _interrupted_download(server.url + "model.bin", dest, 300_000)
+    with serve_directory(served, range_shift=-4096) as server:
+        download(server.url + "model.bin", dest, progress=False)
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == digest
+    assert [(r.range, r.status) for r in server.requests] == [("bytes=300000-", 206), (None, 200)]
+
+
 def test_part_without_a_record_is_not_resumed(
     served: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -164,7 +164,41 @@ def test_few_shot_run_saves_its_examples(tmp_path):
                  examples_per_class_seed=7, **FAST)
     chosen = json.loads((tmp_path / "k2" / "examples.json").read_text())
     assert len(chosen["indices"]) == 20 and chosen["files"][0].startswith("digits")
+    digits = open_dataset("digits", "train").targets
+    assert sorted(digits[i] for i in chosen["indices"]) == sorted(list(range(10)) * 2)  # two of every class
     assert r["plan"]["n_examples"] == 20  # 20 examples fill a batch of 32 by drawing with replacement
+
+
+def test_a_mixup_update_by_hand():
+    """One update in two micro-batches: the loss the engine returns and the gradients it leaves are those of
+    lam * CE(y) + (1 - lam) * CE(y[perm]) on lam * x + (1 - lam) * x[perm], written out here (REFERENCE section 4:
+    one lambda ~ Beta(alpha, alpha) per batch, partners from a permutation of the batch)."""
+    import torch.nn.functional as F
+
+    from bigtransfer.data import to_model_input
+    from bigtransfer.engine import EngineConfig, _update, softmax_cross_entropy
+    from bigtransfer.hyperrule import schedule
+    from bigtransfer.runtime import setup
+
+    torch.manual_seed(0)
+    model = create_model(TINY, num_classes=3, zero_head=False)
+    images, labels = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
+    config = EngineConfig(schedule(100), 0.0, 6, 16, mixup_alpha=0.4, seed=3, channels_last=False)
+    loss = _update(model, None, torch.optim.SGD(model.parameters(), lr=0.0), torch.amp.GradScaler("cpu", enabled=False),
+                   images, labels, softmax_cross_entropy, 2, 7, config, setup("cpu"))
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    lam = np.random.default_rng([3, 7]).beta(0.4, 0.4)  # the engine's draws for seed 3, step 7, rank 0
+    perm = torch.from_numpy(np.random.default_rng([3, 7, 0]).permutation(6))
+    assert 0.2 < lam < 0.8 and not torch.equal(perm, torch.arange(6))  # both terms count
+    model.zero_grad()
+    x = to_model_input(images)
+    logits = model(lam * x + (1 - lam) * x[perm])
+    hand = (lam * F.cross_entropy(logits, labels, reduction="none")
+            + (1 - lam) * F.cross_entropy(logits, labels[perm], reduction="none")).mean()
+    hand.backward()
+    torch.testing.assert_close(loss, hand.detach().float(), rtol=1e-5, atol=1e-7)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_batch_split_gives_the_same_update(tmp_path):

@@ -34,9 +34,17 @@ def test_predict_names_the_classes(trained, capsys):
     out = json.loads(run_cli(capsys, "predict", *files, "--model", trained / "run" / "model.safetensors",
                              "--top-k", "2"))
     assert [r["file"] for r in out] == [str(f) for f in files]
-    for r in out:
-        assert len(r["top"]) == 2 and {t["label"] for t in r["top"]} <= {"class0", "class1", "class2"}
-        assert r["top"][0]["probability"] >= r["top"][1]["probability"] and r["top"][0]["probability"] <= 1
+    # the two most probable classes of softmax(model(x)), computed here, under the names the run recorded
+    from bigtransfer.data import HyperRuleTransform, decode_image, to_model_input
+
+    model, classes, _ = load_model(trained / "run" / "model.safetensors")
+    x = torch.stack([HyperRuleTransform(32, 32, train=False)(decode_image(f), 0) for f in files])
+    with torch.no_grad():
+        probs, top = model(to_model_input(x)).softmax(-1).topk(2)
+    assert classes == ["class0", "class1", "class2"]
+    for r, p, t in zip(out, probs.tolist(), top.tolist(), strict=True):
+        assert [(e["label"], e["index"]) for e in r["top"]] == [(classes[i], i) for i in t]
+        assert [e["probability"] for e in r["top"]] == pytest.approx(p, rel=1e-5)
 
 
 def test_embed_matches_forward_features(trained, capsys, tmp_path):

@@ -73,16 +73,33 @@ def test_group_norm_rule():
             assert m.num_channels % m.num_groups == 0 and m.num_channels // m.num_groups >= 2
 
 
-def test_weight_standardization_by_hand():
-    conv = StdConv2d(3, 4, 3)
-    w = conv.weight.detach().double()
-    flat = w.reshape(4, -1)
+@pytest.mark.parametrize("scale", [1.0, 3e-5])
+def test_weight_standardization_by_hand(scale):
+    """REFERENCE section 2: biased variance, eps 1e-10. Kernels of variance ~1e-9 (scale 3e-5) make the eps
+    count: timm's 1e-8 there gives another output."""
+    conv = StdConv2d(3, 4, 3).double()
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+    flat = conv.weight.detach().reshape(4, -1)
     mean = flat.mean(1, keepdim=True)
     var = ((flat - mean) ** 2).mean(1, keepdim=True)  # biased
-    w_hat = ((flat - mean) / torch.sqrt(var + 1e-10)).reshape_as(w)
+    w_hat = ((flat - mean) / torch.sqrt(var + 1e-10)).reshape_as(conv.weight)
     x = torch.randn(1, 3, 8, 8, dtype=torch.double)
-    expected = F.conv2d(x, w_hat, padding=1)
-    assert torch.allclose(conv.double()(x), expected, atol=1e-10)
+    torch.testing.assert_close(conv(x), F.conv2d(x, w_hat, padding=1), rtol=1e-12, atol=1e-12)
+
+
+def test_group_norm_eps_by_hand():
+    """GroupNorm(32) with eps 1e-5 (REFERENCE section 2), then ReLU: on activations of variance ~1e-6 the eps is
+    a tenth of the denominator, so another eps shows."""
+    norm = bt.create_model("BiT-R14x0.25").stages[0][0].norm1.double()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2), norm.bias.normal_(0, 0.2)
+    x = 1e-3 * torch.randn(2, norm.num_channels, 5, 5, dtype=torch.double)
+    g = x.reshape(2, norm.num_groups, -1)
+    mean, var = g.mean(-1, keepdim=True), g.var(-1, unbiased=False, keepdim=True)
+    expected = ((g - mean) / torch.sqrt(var + 1e-5)).reshape_as(x) * norm.weight[:, None, None] \
+        + norm.bias[:, None, None]
+    torch.testing.assert_close(norm(x), expected.clamp_min(0), rtol=1e-12, atol=1e-12)
 
 
 def test_root_pads_with_zeros_before_the_pool():

@@ -5,8 +5,8 @@ import pytest
 from sklearn.linear_model import Ridge
 
 import bigtransfer as bt
-from bigtransfer.data import open_dataset
-from bigtransfer.probe import linear_probe, ridge_accuracy, ridge_fit
+from bigtransfer.data import open_dataset, sample_per_class
+from bigtransfer.probe import extract_features, linear_probe, ridge_accuracy, ridge_fit
 from bigtransfer.runtime import setup
 
 
@@ -28,6 +28,11 @@ def test_matches_scikit_learn_ridge(n, c, l2):
     ref = Ridge(alpha=l2, fit_intercept=True).fit(x, 2.0 * np.eye(4)[y] - 1.0)
     np.testing.assert_allclose(weights, ref.coef_.T, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-7, atol=1e-10)
+    # and its predictions, on features far from the origin (where a dropped intercept shows)
+    shifted = x + 50.0
+    test_x, test_y = shifted[::-1] + rng.normal(size=x.shape), y[::-1]
+    ref = Ridge(alpha=l2, fit_intercept=True).fit(shifted, 2.0 * np.eye(4)[y] - 1.0)
+    assert ridge_accuracy((shifted, y), (test_x, test_y), 4, l2) == np.mean(ref.predict(test_x).argmax(1) == test_y)
 
 
 def test_probe_rows_for_shots_and_seeds():
@@ -35,6 +40,15 @@ def test_probe_rows_for_shots_and_seeds():
     train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
     rows = linear_probe(model, train, test, 32, setup("cpu"), shots=(1, 5, None), seeds=(0, 1))
     assert [(r["examples_per_class"], r["seed"]) for r in rows] == [(1, 0), (1, 1), (5, 0), (5, 1), (None, 0)]
+    # every row is scikit-learn's Ridge fitted on that draw of k per class
+    (train_x, train_y), (test_x, test_y) = (extract_features(model, d, 32, setup("cpu")) for d in (train, test))
+    for r in rows:
+        k = r["examples_per_class"]
+        idx = np.arange(len(train_y)) if k is None else sample_per_class(train_y, k, r["seed"], train.classes)
+        assert len(idx) == (len(train_y) if k is None else 10 * k)
+        ref = Ridge(alpha=1024.0).fit(train_x[idx], 2.0 * np.eye(10)[train_y[idx]] - 1.0)
+        assert r["accuracy"] == pytest.approx(np.mean(ref.predict(test_x).argmax(1) == test_y), abs=1.5 / len(test_y))
+    assert len({r["accuracy"] for r in rows}) == 5  # draws and k give other fits
     assert rows[-1]["accuracy"] > 0.5  # even random GN+WS features separate digits with all 1,000 examples
     # the package's top level has it too, and the runtime defaults to the model's device
     assert bt.linear_probe(model, train, test, 32, shots=(1,), seeds=(1,))[0] == rows[1]

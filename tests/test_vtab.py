@@ -57,7 +57,8 @@ def test_search_then_retrain_on_two_tasks(tmp_path, monkeypatch):
         plan = json.loads((tmp_path / "out" / r["task"] / "final" / "config.json").read_text())["plan"]
         assert plan["steps"] == best["params"]["steps"] and plan["n_examples"] == 40
         trial = json.loads((tmp_path / "out" / r["task"] / "trial00" / "config.json").read_text())["plan"]
-        assert trial["n_examples"] == 32
+        assert trial["n_examples"] == 32  # and it is scored on the other 8 of the 40 (the search's validation part)
+        assert json.loads((tmp_path / "out" / r["task"] / "trial00" / "eval.json").read_text())["examples"] == 8
     assert results[1]["group"] == "structured" and results[1]["crop"] is False
     final_plan = json.loads((tmp_path / "out" / "shapes" / "final" / "config.json").read_text())["plan"]
     assert final_plan["random_crop"] is False

@@ -236,6 +236,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if e.filename is None:  # a full disk or a file size limit says only "File too large": name the file
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
+    except Exception as e:  # safetensors reports a failed write as its own error, "... (os error 27)"
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
