@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import math
 import os
@@ -38,8 +39,6 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "cached"):
         table.add_column(col, no_wrap=True,
                          justify="right" if col.startswith(("params", "GMACs", "head", "res")) else "left")
-    import fnmatch
-
     names = [n for n in list_models() if fnmatch.fnmatch(n.lower(), args.pattern.lower())] if args.pattern else \
         [n for n in list_models() if not get_model_spec(n).vtab_run]
     if not names:
