@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -226,4 +227,9 @@ class RunDir:
         with atomic_path(self / "curves.png") as tmp:
             fig.savefig(tmp, format="png", dpi=90)
         plt.close(fig)
+        # matplotlib's mathtext (the log axis' tick labels) leaves parse exceptions in reference cycles whose
+        # frames link back to the caller's: the training loop's frame, with the model, the optimizer and the
+        # DDP reducer that holds the process group, would outlive the run until some later collection, or
+        # until the interpreter's exit, where gloo now and then aborts the finished process
+        gc.collect()
         return self / "curves.png"
