@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import bigtransfer as bt
 from bigtransfer.data import InceptionCropTransform, open_dataset
@@ -17,11 +18,14 @@ from bigtransfer.data.sources import MissingSplit
 from bigtransfer.pretraining import (
     HEAD_BIAS_SIGMOID,
     make_pretrain_plan,
+    mean_average_precision,
     memory_plan,
     parameter_groups,
     pretrain,
     sigmoid_cross_entropy,
 )
+from bigtransfer.probe import linear_probe
+from bigtransfer.runtime import Runtime
 from bit_process import bit, bit_env, kill_after_checkpoint
 from images import make_image_folder
 
@@ -199,8 +203,10 @@ def test_pretrain_on_an_image_folder_with_eval_and_probe(tmp_path):
     make_image_folder(tmp_path / "images", classes=4, per_class=10)
     r = pretrain(TINY, str(tmp_path / "images"), str(tmp_path / "images"), out=tmp_path / "run",
                  probe_data="digits", probe_shots=2, epochs=4, batch_size=8, crop=32, progress=False)
-    assert r["eval"]["examples"] == 8 and 0 <= r["eval"]["probe_2shot"] <= 1
-    assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "model.safetensors").exists()
+    assert r["eval"]["examples"] == 8 and (tmp_path / "run" / "curves.png").exists()
+    final, _, side = bt.load_model(tmp_path / "run" / "model.safetensors")  # the probe again, on the saved weights
+    again = linear_probe(final, open_dataset("digits", "train"), open_dataset("digits", "test"), side, shots=(2,))
+    assert side == 32 and r["eval"]["probe_2shot"] == again[0]["accuracy"]
 
 
 def test_multi_label_pretraining_reports_map_and_starts_from_bias_minus_ten(tmp_path):
@@ -222,6 +228,28 @@ def test_multi_label_pretraining_reports_map_and_starts_from_bias_minus_ten(tmp_
                  pretrained=tmp_path / "upstream.safetensors", epochs=2, batch_size=6, crop=32, progress=False)
     assert 0 < r["eval"]["mAP"] <= 1
     assert (load_file(str(tmp_path / "run2" / "model.safetensors"))["head.bias"] < -9).all()
+
+
+def test_mean_average_precision_by_hand():
+    """Per class, AP is the mean over its positives of the precision at each positive's rank; mAP averages
+    the classes that have a positive, over the images not reported bad."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    images = torch.randint(0, 256, (10, 3, 2, 2), dtype=torch.uint8)
+    hot = torch.zeros(10, 4)
+    hot[[0, 3, 5, 8], 0] = hot[[1, 2, 5, 9], 1] = hot[[4, 7], 2] = 1  # class 3 has no positive
+    reports = ["", "", "", "bad.png: truncated", "", "", "", "", "", ""]  # a positive of class 0, left out
+    loader = [(images[:6], hot[:6], reports[:6]), (images[6:], hot[6:], reports[6:])]
+    got = mean_average_precision(net, loader, Runtime(torch.device("cpu")), "fp32")
+    kept = [i for i, r in enumerate(reports) if not r]
+    with torch.no_grad():
+        scores, y = net(images[kept].float() / 127.5 - 1), hot[kept]
+    per_class = []
+    for c in range(3):
+        hits = y[scores[:, c].argsort(descending=True), c]
+        precision_at_rank = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+        per_class.append(float((precision_at_rank * hits).sum() / hits.sum()))
+    assert got == pytest.approx(sum(per_class) / 3, abs=1e-6) and net.training
 
 
 def test_data_that_must_not_be_mirrored_is_not_mirrored_upstream_either(tmp_path):

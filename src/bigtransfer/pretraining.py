@@ -44,7 +44,7 @@ from .hyperrule import MOMENTUM, Schedule
 from .models import ResNetV2, create_model
 from .probe import linear_probe
 from .runs import RunDir, as_recorded, held_out_data, read_jsonl, starting_weights
-from .runtime import Runtime, setup
+from .runtime import PRECISIONS, Runtime, setup
 
 log = logging.getLogger("bigtransfer")
 
@@ -155,8 +155,6 @@ def memory_plan(model: ResNetV2, micro_batch: int, crop: int, precision: str, ch
             per_unit[current["unit"]] += size
         return t
 
-    with torch.device("meta"):
-        meta = ResNetV2(model.arch, num_classes=max(1, model.num_classes))
     def enter(i: int, args: tuple) -> None:
         current["unit"] = i
         inputs.append(args[0].numel())
@@ -164,22 +162,22 @@ def memory_plan(model: ResNetV2, micro_batch: int, crop: int, precision: str, ch
     def leave(*_: object) -> None:
         current["unit"] = None
 
+    with torch.device("meta"):
+        meta = ResNetV2(model.arch, num_classes=max(1, model.num_classes))
     hooks = []
     for i, unit in enumerate([u for stage in meta.stages for u in stage]):
         per_unit.append(0)
         hooks.append(unit.register_forward_pre_hook(lambda m, a, i=i: enter(i, a)))
         hooks.append(unit.register_forward_hook(leave))
-    x = torch.empty(micro_batch, 3, crop, crop, device="meta")
-    from .runtime import PRECISIONS
-
-    elem = 2 if PRECISIONS[precision] is not None else 4
+    dtype = PRECISIONS[precision] or torch.float32
+    x = torch.empty(micro_batch, 3, crop, crop, device="meta", dtype=dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.device("meta"):
-        meta(x.to(PRECISIONS[precision] or torch.float32))
+        meta(x)
     for h in hooks:
         h.remove()
     activations = act_bytes["total"]
     if checkpointing:  # unit inputs stay, one unit is recomputed at a time
-        activations = activations - sum(per_unit) + sum(inputs) * elem + max(per_unit, default=0)
+        activations = activations - sum(per_unit) + sum(inputs) * dtype.itemsize + max(per_unit, default=0)
     return {"parameters": n_params, "weights": 4 * n_params, "gradients": 4 * n_params, "momentum": 4 * n_params,
             "activations": activations, "units": len(units), "micro_batch": micro_batch}
 
