@@ -319,3 +319,23 @@ def test_importing_bigtransfer_stops_page_faults_on_every_forward():
 
     default, tuned = faults(BIGTRANSFER_MALLOC="system"), faults()
     assert default > 10_000 and tuned < default / 10, (default, tuned)
+
+
+@pytest.mark.parametrize("height", [1, 3])
+def test_bf16_weight_gradient_of_a_width_one_input_on_cpu(height):
+    """A width-1 input (images of 16 px or less reach one) meets only the kernel's centre column. oneDNN's bf16
+    backward at stride 2 (torch 2.14) filled the other columns' weight gradient from stale memory, in most
+    draws: here each draw is checked against the same convolution in fp32."""
+    torch.manual_seed(0)
+    conv = StdConv2d(64, 64, 3, stride=2)
+    for _ in range(8):
+        x = torch.randn(16, 64, height, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        dy = torch.randn(y.shape)
+        y.float().backward(dy)
+        got, conv.weight.grad = conv.weight.grad, None
+        conv(x).backward(dy)
+        reference, conv.weight.grad = conv.weight.grad, None
+        assert y.shape == (16, 64, (height + 1) // 2, 1) and torch.isfinite(got).all()
+        assert (got - reference).abs().max() <= 0.03 * reference.abs().max()

@@ -140,7 +140,16 @@ class StdConv2d(nn.Conv2d):
             if residual is None:
                 return conv(x, *args, "none", [], "")
             return conv.binary(x, residual, *args, "add", None, None, [], None)
-        out = F.conv2d(x, self.standardized_weight(), None, self.stride, self.padding)
+        weight = self.standardized_weight()
+        if x.shape[-1] == 1 < weight.shape[-1] and x.device.type == "cpu" and weight.requires_grad:
+            # A width-1 input (images of 16 px or less reach one) meets only the kernel's centre column, the
+            # others see the zero padding: convolve with that column alone, the same sums. oneDNN's bf16
+            # backward at stride 2 (torch 2.14) fills the other columns' weight gradient from stale memory
+            # instead of with zeros (measured: NaN, or values as large as the true gradient's).
+            centre = weight.shape[-1] // 2
+            out = F.conv2d(x, weight[..., centre:centre + 1], None, self.stride, (self.padding[0], 0))
+        else:
+            out = F.conv2d(x, weight, None, self.stride, self.padding)
         return out if residual is None else out.add_(residual)  # in place: no backward needs the conv output
 
 
