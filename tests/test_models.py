@@ -217,6 +217,9 @@ def test_no_edit_of_the_weights_leaves_a_stale_kernel():
         model.root.conv.weight.data.copy_(torch.randn_like(model.root.conv.weight))  # dense, through .data
         assert not torch.equal(model(x), before)
         torch.testing.assert_close(model(x), copy.deepcopy(model)(x))
+        conv = model.stages[0][0].conv2.weight
+        conv.data.copy_(conv.data[torch.randperm(len(conv), generator=torch.Generator().manual_seed(2))])
+        torch.testing.assert_close(model(x), copy.deepcopy(model)(x))  # reordered through .data: the same sum
         model.stages[1][0].conv2.weight.data[0, 0, 0, 0] += 1.0  # sparse, through .data: seen after a mode switch
         torch.testing.assert_close(model.train().eval()(x), copy.deepcopy(model)(x))
 
