@@ -20,6 +20,7 @@ from bigtransfer.data import LabelledImages, open_dataset, sample_per_class
 from bigtransfer.evaluate import metrics_from_confusion
 from bigtransfer.finetuning import finetune, make_plan
 from bigtransfer.models import ResNetV2, create_model
+from bigtransfer.runs import RunDir
 from bit_process import bit, bit_command, bit_env, kill_after_checkpoint
 
 TINY = "BiT-R14x0.25"
@@ -479,6 +480,28 @@ def test_a_finished_run_frees_its_model_at_once(tmp_path):
     finally:
         gc.enable()
     assert (tmp_path / "run" / "curves.png").exists() and after == before
+
+
+def test_curves_leave_a_notebooks_matplotlib_alone(tmp_path):
+    """The curves are drawn without pyplot: a notebook's backend (inline, a GUI window) and open figures stay
+    as they were (pyplot's `use("Agg")` switched a notebook to a backend that shows nothing)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        mine = plt.figure()
+        run = RunDir(tmp_path / "run")
+        for step in (1, 2, 3):
+            run.append_metrics({"step": step, "loss": 1.0 / step, "lr": 0.1})
+        run.append_metrics({"step": 3, "eval": {"top1": 0.5}})
+        png = run.plot()
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+        assert Image.open(png).size == (1170, 324)  # 13 x 3.6 inches at 90 dpi
+        plt.close(mine)
+    finally:
+        matplotlib.use(previous)
 
 
 def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):

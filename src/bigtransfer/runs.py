@@ -201,15 +201,13 @@ class RunDir:
         """Loss and learning rate per step, and evaluation accuracy, in one PNG."""
         if not self.writer:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures stay as they were
 
         records = self.metrics()
         train = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval" in r]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        fig = Figure(figsize=(13, 3.6))
+        axes = fig.subplots(1, 3)
         axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
         axes[0].set(title="training loss", xlabel="step", yscale="log" if train else "linear")
         axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
@@ -226,7 +224,6 @@ class RunDir:
         fig.tight_layout()
         with atomic_path(self / "curves.png") as tmp:
             fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
         # matplotlib's mathtext (the log axis' tick labels) leaves parse exceptions in reference cycles whose
         # frames link back to the caller's: the training loop's frame, with the model, the optimizer and the
         # DDP reducer that holds the process group, would outlive the run until some later collection, or
