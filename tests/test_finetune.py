@@ -20,6 +20,7 @@ from bigtransfer.data import LabelledImages, open_dataset, sample_per_class
 from bigtransfer.evaluate import metrics_from_confusion
 from bigtransfer.finetuning import finetune, make_plan
 from bigtransfer.models import ResNetV2, create_model
+from bigtransfer.protocols import plot_accuracy
 from bigtransfer.runs import RunDir
 from bit_process import bit, bit_command, bit_env, kill_after_checkpoint
 
@@ -483,8 +484,8 @@ def test_a_finished_run_frees_its_model_at_once(tmp_path):
 
 
 def test_curves_leave_a_notebooks_matplotlib_alone(tmp_path):
-    """The curves are drawn without pyplot: a notebook's backend (inline, a GUI window) and open figures stay
-    as they were (pyplot's `use("Agg")` switched a notebook to a backend that shows nothing)."""
+    """Run curves and sweep plots are drawn without pyplot: a notebook's backend (inline, a GUI window) and open
+    figures stay as they were (pyplot's `use("Agg")` switched a notebook to a backend that shows nothing)."""
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -497,8 +498,11 @@ def test_curves_leave_a_notebooks_matplotlib_alone(tmp_path):
             run.append_metrics({"step": step, "loss": 1.0 / step, "lr": 0.1})
         run.append_metrics({"step": 3, "eval": {"top1": 0.5}})
         png = run.plot()
+        rows = [{"init": "pretrained", "examples_per_class": k, "seed": s, "accuracy": 0.5 + 0.01 * s}
+                for k in (1, 5, None) for s in range(3)]
+        plot_accuracy(rows, tmp_path / "sweep.png", "a sweep")  # a sweep's plot, as bit demo draws it
         assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [mine.number]
-        assert Image.open(png).size == (1170, 324)  # 13 x 3.6 inches at 90 dpi
+        assert Image.open(png).size == (1170, 324) and Image.open(tmp_path / "sweep.png").size == (640, 420)
         plt.close(mine)
     finally:
         matplotlib.use(previous)

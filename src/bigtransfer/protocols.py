@@ -151,14 +151,12 @@ def write_results(rows: Sequence[dict], out: str | os.PathLike, title: str, note
 
 def plot_accuracy(rows: Sequence[dict], path: Path, title: str) -> None:
     """Median accuracy against examples per class, min-max band over seeds; 'all' at the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures stay as they were
 
     shots = _shots(rows)
     xs = list(range(len(shots)))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     stats = {(s["init"], s["examples_per_class"]): s for s in summarize(rows)}
     for init in dict.fromkeys(r["init"] for r in rows):
         pts = [(x, stats[(init, k)]) for x, k in zip(xs, shots, strict=True) if (init, k) in stats]
@@ -173,4 +171,3 @@ def plot_accuracy(rows: Sequence[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
