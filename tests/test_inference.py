@@ -10,8 +10,10 @@ from safetensors.numpy import load_file
 
 import bigtransfer as bt
 from bigtransfer.cli import main
+from bigtransfer.evaluate import evaluate
 from bigtransfer.finetuning import finetune
 from bigtransfer.inference import fold_weight_standardization, load_model
+from bigtransfer.runtime import Runtime
 from images import make_image_folder
 
 
@@ -110,6 +112,26 @@ def test_missing_image_names_and_empty_folders_fail_up_front(trained, capsys, tm
     (tmp_path / "loop" / "a" / "x.png").write_bytes(image.read_bytes())
     (tmp_path / "loop" / "a" / "up").symlink_to("..")  # a link back up the tree: each folder is read once
     assert len(json.loads(run_cli(capsys, "predict", tmp_path / "loop", "--model", ckpt))) == 1
+
+
+def test_evaluation_and_inference_leave_the_model_in_its_mode(trained):
+    """predict, embed and evaluate put a model in eval mode while they run and back in its own mode however they
+    end: a notebook's interrupt inside the loop left it in eval mode."""
+    model = bt.load_model(trained / "run" / "model.safetensors")[0].train()
+    image = sorted((trained / "shapes" / "class1").glob("*.png"))[0]
+    bt.predict(model, image, resolution=32)
+    bt.embed(model, image, resolution=32)
+    assert model.training
+    seen = []
+
+    def interrupted_batches():
+        seen.append(model.training)
+        raise KeyboardInterrupt
+        yield
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, interrupted_batches(), model.num_classes, Runtime(torch.device("cpu")))
+    assert seen == [False] and model.training
 
 
 def test_the_python_api_takes_what_users_pass(trained, tmp_path, caplog):

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -15,35 +17,45 @@ from .runtime import Runtime, all_reduce_sum, autocast
 log = logging.getLogger("bigtransfer")
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block, then back in the mode it was in, however the block ends (an interrupt
+    in a notebook included)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, runtime: Runtime,
              precision: str = "fp32", channels_last: bool = False, per_class: bool = True) -> dict:
     """Classification metrics of `model` over `loader` (batches of uint8 images, labels, bad-image reports).
     `per_class=False` skips the per-class accuracy and the K x K confusion matrix (21k upstream classes)."""
-    was_training = model.training
-    model.eval()
     size = num_classes if per_class else 2
     confusion = torch.zeros(size, size, dtype=torch.int64, device=runtime.device)
     top5 = torch.zeros((), dtype=torch.int64, device=runtime.device)
     bad = []
-    for images, labels, reports in loader:
-        keep = torch.tensor([not r for r in reports])
-        bad += [r for r in reports if r]
-        images = to_model_input(images[keep].to(runtime.device, non_blocking=True))
-        labels = labels[keep].to(runtime.device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(runtime.device, precision):
-            logits = model(images).float()
-        k = min(5, num_classes)
-        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
-        predictions = logits.argmax(dim=1)
-        if not per_class:  # [[wrong, right]] in the first row is all top-1 needs
-            labels, predictions = torch.zeros_like(labels), (predictions == labels).long()
-        confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
-    all_reduce_sum(confusion, runtime)
-    all_reduce_sum(top5, runtime)
-    model.train(was_training)
+    with evaluating(model):
+        for images, labels, reports in loader:
+            keep = torch.tensor([not r for r in reports])
+            bad += [r for r in reports if r]
+            images = to_model_input(images[keep].to(runtime.device, non_blocking=True))
+            labels = labels[keep].to(runtime.device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(runtime.device, precision):
+                logits = model(images).float()
+            k = min(5, num_classes)
+            top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+            predictions = logits.argmax(dim=1)
+            if not per_class:  # [[wrong, right]] in the first row is all top-1 needs
+                labels, predictions = torch.zeros_like(labels), (predictions == labels).long()
+            confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
+        all_reduce_sum(confusion, runtime)
+        all_reduce_sum(top5, runtime)
     for report in bad:
         log.warning("bad image skipped in evaluation: %s", report)
     if not per_class:

@@ -24,6 +24,7 @@ from .checkpoints import SUFFIX_FORMATS, load_weights, read_checkpoint
 from .checkpoints.formats import atomic_path
 from .data import HyperRuleTransform, eval_loader, to_model_input
 from .data.sources import ImageFiles
+from .evaluate import evaluating
 from .models import ResNetV2, create_model, get_model_spec, list_models
 from .models.resnetv2 import StdConv2d, standardize
 from .runtime import resolve_device
@@ -94,18 +95,20 @@ def _outputs(model: nn.Module, images: ImageFiles, width: int, fn, resolution: i
 
 def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike,
             classes: Sequence[str] | None = None, top_k: int = 5, resolution: int | None = None, batch_size: int = 32,
-            device: str = "cpu", workers: int = 0, progress: bool = False) -> list[dict]:
+            device: str | None = None, workers: int = 0, progress: bool = False) -> list[dict]:
     """Top-k classes with probabilities for every image file (folders are read recursively), in order; an
     image that does not decode gets ``{"file", "error"}`` instead of ``"top"``. `resolution`: the side the
-    model was trained at (`load_model` returns it)."""
+    model was trained at (`load_model` returns it). `device`: by default the model's own; the model is left in
+    the mode (train/eval) it came in."""
     _require_head(model)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if classes is not None and len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names for a head of {model.num_classes} classes")
     model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
-    probs, errors = _outputs(model, images, model.num_classes, lambda x: model(x).softmax(-1), resolution,
-                             batch_size, dev, workers, progress)
+    with evaluating(model):
+        probs, errors = _outputs(model, images, model.num_classes, lambda x: model(x).softmax(-1), resolution,
+                                 batch_size, dev, workers, progress)
     values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
     names = list(classes) if classes is not None else [str(i) for i in range(probs.shape[1])]
     return [{"file": f, "error": errors[f]} if f in errors else
@@ -115,14 +118,16 @@ def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathL
 
 
 def embed(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike, resolution: int | None = None,
-          batch_size: int = 32, device: str = "cpu", workers: int = 0, progress: bool = False
+          batch_size: int = 32, device: str | None = None, workers: int = 0, progress: bool = False
           ) -> tuple[np.ndarray, list[str], dict[str, str]]:
     """(pre-logit features (N, C), the N files they are of, {file: why} for those that do not decode): folders
     are read recursively, and an unreadable image gets a row of NaN, so that row i is always file i.
-    `resolution`: the side the model was trained at (`load_model` returns it)."""
+    `resolution`: the side the model was trained at (`load_model` returns it). `device`: by default the
+    model's own; the model is left in the mode (train/eval) it came in."""
     model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
-    features, errors = _outputs(model, images, model.num_features, model.forward_features, resolution, batch_size, dev,
-                                workers, progress)
+    with evaluating(model):
+        features, errors = _outputs(model, images, model.num_features, model.forward_features, resolution,
+                                    batch_size, dev, workers, progress)
     return features.numpy(), images.paths, errors
 
 
@@ -136,9 +141,9 @@ def _prepared(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.Pat
         log.warning("no resolution given: %d px, BiT's upstream side (load_model returns the side a checkpoint was "
                     "trained at)", DEFAULT_RESOLUTION)
         resolution = DEFAULT_RESOLUTION
-    dev = resolve_device(device)
+    dev = next(model.parameters()).device if device is None else resolve_device(device)
     images = ImageFiles([files] if isinstance(files, str | os.PathLike) else files)
-    return model.to(dev).eval(), images, resolution, dev
+    return model.to(dev), images, resolution, dev
 
 
 def embeddings_path(path: str | os.PathLike) -> Path:

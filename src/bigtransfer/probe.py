@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import HyperRuleTransform, LabelledImages, eval_loader, match_classes, sample_per_class, to_model_input
+from .evaluate import evaluating
 from .runtime import Runtime, autocast, setup
 
 DEFAULT_L2 = 2.0**10
@@ -26,21 +27,19 @@ def extract_features(model: nn.Module, source: LabelledImages, resolution: int, 
                      batch_size: int = 256, precision: str = "fp32", workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Pre-logit features (N, C) of every item, images resized straight to `resolution`, and labels. Images
     that do not decode are left out, named in a warning: a probe is fitted and scored on the readable ones."""
-    was_training = model.training
-    model.eval()
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     inner = getattr(inner, "module", inner)  # DDP's
     feats, labels = [], []
     loader = eval_loader(source, HyperRuleTransform(resolution, resolution, train=False), batch_size, workers)
-    for images, targets, reports in loader:
-        good = torch.tensor([not r for r in reports])
-        for report in filter(None, reports):
-            log.warning("bad image left out of the probe: %s", report)
-        with autocast(runtime.device, precision):
-            out = inner.forward_features(to_model_input(images[good].to(runtime.device)))
-        feats.append(out.float().cpu().numpy())
-        labels.append(targets[good].numpy())
-    model.train(was_training)
+    with evaluating(model):
+        for images, targets, reports in loader:
+            good = torch.tensor([not r for r in reports])
+            for report in filter(None, reports):
+                log.warning("bad image left out of the probe: %s", report)
+            with autocast(runtime.device, precision):
+                out = inner.forward_features(to_model_input(images[good].to(runtime.device)))
+            feats.append(out.float().cpu().numpy())
+            labels.append(targets[good].numpy())
     return np.concatenate(feats).astype(np.float64), np.concatenate(labels)
 
 
