@@ -22,6 +22,7 @@ from bigtransfer.finetuning import finetune, make_plan
 from bigtransfer.models import ResNetV2, create_model
 from bigtransfer.protocols import plot_accuracy
 from bigtransfer.runs import RunDir
+from bigtransfer.runtime import TrainingInterrupted
 from bit_process import bit, bit_command, bit_env, kill_after_checkpoint
 
 TINY = "BiT-R14x0.25"
@@ -506,6 +507,39 @@ def test_curves_leave_a_notebooks_matplotlib_alone(tmp_path):
         plt.close(mine)
     finally:
         matplotlib.use(previous)
+
+
+def test_an_interrupt_is_not_swallowed_and_a_second_one_stops_at_once(tmp_path):
+    """Ctrl-C in a notebook: the first checkpoints after the step and raises TrainingInterrupted, which an
+    ``except Exception`` around each run of a sweep does not catch (it did: the sweep went on); a second one,
+    in a long step or a stalled data source, stops at once."""
+    class Interrupting(torch.utils.data.Dataset):
+        def __init__(self, interrupts):
+            self.interrupts = interrupts
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            if self.interrupts and signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                for _ in range(self.interrupts):  # once, at the training loop's first read
+                    os.kill(os.getpid(), signal.SIGINT)
+                self.interrupts = 0
+            img = torch.zeros(3, 16, 16, dtype=torch.uint8)
+            img[:, : 8 if i % 2 else 16, :8] = 255
+            return img, i % 2
+
+    swallowed = []
+    with pytest.raises(TrainingInterrupted) as once:
+        try:
+            finetune(TINY, Interrupting(1), Interrupting(0), out=tmp_path / "once", steps=10, batch_size=20, **FAST)
+        except Exception as e:  # a sweep's guard around each run
+            swallowed.append(e)
+    assert not swallowed and once.value.step == 1 and (tmp_path / "once" / "checkpoint.pt").exists()
+    with pytest.raises(KeyboardInterrupt) as twice:
+        finetune(TINY, Interrupting(2), Interrupting(0), out=tmp_path / "twice", steps=10, batch_size=20, **FAST)
+    assert not isinstance(twice.value, TrainingInterrupted) and not (tmp_path / "twice" / "checkpoint.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):

@@ -386,13 +386,19 @@ class _Stop:
 @contextlib.contextmanager
 def _signals() -> Iterator[_Stop]:
     """SIGTERM/SIGINT only set a flag; the loop checkpoints after the current step and stops (under torchrun at
-    the next step where the processes meet, every `log_every` steps, so that they all stop at the same one)."""
+    the next step where the processes meet, every `log_every` steps, so that they all stop at the same one).
+    A second SIGINT stops at once, without that checkpoint: a step (or a stalled data source) can take long."""
     stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum: int, frame: object) -> None:
+        if stop.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt("interrupted again: stopped at once; the last checkpoint resumes the run")
+        if stop.signum is None:
+            log.warning("%s: stopping after this step, with a checkpoint (interrupt again to stop at once)",
+                        signal.Signals(signum).name)
         stop.signum = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}

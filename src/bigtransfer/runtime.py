@@ -44,8 +44,9 @@ def _running_on_glibc() -> bool:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TrainingInterrupted(RuntimeError):
-    """SIGTERM/SIGINT arrived; a checkpoint was written and the same command resumes the run."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the same command resumes the run. A KeyboardInterrupt,
+    not an Exception: an ``except Exception`` around each run of a sweep in a notebook let the sweep go on."""
 
     def __init__(self, step: int, signum: int) -> None:
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint written, "
