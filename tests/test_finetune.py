@@ -509,6 +509,18 @@ def test_curves_leave_a_notebooks_matplotlib_alone(tmp_path):
         matplotlib.use(previous)
 
 
+def test_a_finished_run_gives_a_model_passed_in_its_weights(tmp_path):
+    """A notebook run again after a restart: the finished run's results come back, and the new model object that
+    was passed in holds the run's weights (it was left untrained: its zero head predicted one class)."""
+    trained = create_model(TINY, num_classes=0)
+    first = finetune(trained, "digits", out=tmp_path / "run", steps=3, batch_size=16, **FAST)
+    again = create_model(TINY, num_classes=0)
+    assert finetune(again, "digits", out=tmp_path / "run", steps=3, batch_size=16, **FAST)["top1"] == first["top1"]
+    mine, theirs = again.state_dict(), trained.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert again.head.weight.abs().sum() > 0
+
+
 def test_an_interrupt_is_not_swallowed_and_a_second_one_stops_at_once(tmp_path):
     """Ctrl-C in a notebook: the first checkpoints after the step and raises TrainingInterrupted, which an
     ``except Exception`` around each run of a sweep does not catch (it did: the sweep went on); a second one,

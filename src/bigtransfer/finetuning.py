@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import hyperrule
+from .checkpoints import load_weights
 from .data import (
     BadImageError,
     HyperRuleTransform,
@@ -246,6 +247,10 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
                 "pretrained": starting_weights(model_or_name, pretrained), "eval_data": held_out_data(eval_source)}
     done = run.previous_results(settings)
     if done is not None:  # what the run returned when it finished
+        if not isinstance(model_or_name, str):  # a model passed in ends with the run's weights, as after training
+            if model_or_name.num_classes != plan.num_classes:
+                model_or_name.reset_head(plan.num_classes)
+            load_weights(model_or_name, run / "model.safetensors")
         return {**done, "eval": run.read_json("eval.json")}
     with run.log_to_file():
         train_source, chosen = select_examples(source, k, k_seed, readable=True)  # only for a run that trains
