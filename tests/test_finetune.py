@@ -343,6 +343,12 @@ def test_a_nan_loss_stops_the_run_before_anything_is_saved(tmp_path):
         finetune(TINY, "digits", out=tmp_path / "run", pretrained=tmp_path / "nan.safetensors", steps=4,
                  batch_size=16, log_every=5, checkpoint_every=1, **FAST)
     assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+    # lr 1e8: a step's loss (taken before its update) is finite, the update's weights are not: never checkpointed
+    with pytest.raises(FloatingPointError, match=r"the weights hold NaN or infinite values after step \d+ \("):
+        finetune(TINY, "digits", out=tmp_path / "far", base_lr=1e8, steps=8, batch_size=8, checkpoint_every=1,
+                 log_every=1, **FAST)
+    kept = torch.load(tmp_path / "far" / "checkpoint.pt", weights_only=True)
+    assert kept["step"] >= 1 and all(v.isfinite().all() for v in kept["model"].values())
 
 
 def test_a_start_that_failed_before_its_first_checkpoint_does_not_hold_the_folder(tmp_path):

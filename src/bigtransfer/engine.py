@@ -106,6 +106,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
         return None if evaluator is None else evaluator(net, max(1, local_batch // split))
 
     def checkpoint(step: int) -> None:
+        _finite_weights(model, step)  # a step's loss is taken before its update: the update may still diverge
         _save_bad_images(run, runtime, step, bad_seen, bad_count)
         run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "elapsed_s": time.perf_counter() - started})
@@ -199,6 +200,17 @@ def _finite(value: float, step: int) -> float:
         raise FloatingPointError(f"the training loss is {value} at step {step}: the run diverged (is the learning "
                                  "rate too high?); its last checkpoint is kept")
     return value
+
+
+def _finite_weights(model: nn.Module, step: int) -> None:
+    """The weights, if all finite (one check for all of them: one wait for a GPU), else the run stops as for a
+    diverged loss, its last checkpoint kept."""
+    named = list(model.named_parameters())
+    finite = torch.stack([p.detach().isfinite().all() for _, p in named]).tolist()
+    if not all(finite):
+        name = next(n for (n, _), ok in zip(named, finite, strict=True) if not ok)
+        raise FloatingPointError(f"the weights hold NaN or infinite values after step {step} ({name} first): the "
+                                 "run diverged (is the learning rate too high?); its last checkpoint is kept")
 
 
 def _save_bad_images(run: RunDir, runtime: Runtime, step: int, seen: set[str], count: int) -> None:
