@@ -515,6 +515,16 @@ def test_curves_leave_a_notebooks_matplotlib_alone(tmp_path):
         matplotlib.use(previous)
 
 
+def test_a_run_leaves_the_callers_random_state_alone(tmp_path):
+    """A run seeds torch's global random state for itself and gives the caller's back as it was: finetune used
+    to leave it reseeded with the plan's seed, so the caller's next draws were the same after any seed."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    r = finetune(TINY, "digits", out=tmp_path / "run", steps=2, batch_size=16, **FAST)
+    assert torch.equal(torch.rand(3), expected) and r["plan"]["seed"] == 0
+
+
 def test_a_finished_run_gives_a_model_passed_in_its_weights(tmp_path):
     """A notebook run again after a restart: the finished run's results come back, and the new model object that
     was passed in holds the run's weights (it was left untrained: its zero head predicted one class)."""

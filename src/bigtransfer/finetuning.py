@@ -252,7 +252,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
                 model_or_name.reset_head(plan.num_classes)
             load_weights(model_or_name, run / "model.safetensors")
         return {**done, "eval": run.read_json("eval.json")}
-    with run.log_to_file():
+    with run.log_to_file(), torch.random.fork_rng(devices=[]):  # seeded inside; the caller's RNG left as it was
         train_source, chosen = select_examples(source, k, k_seed, readable=True)  # only for a run that trains
         if runtime.is_main and progress:
             Console(stderr=True).print(plan_table(plan))

@@ -257,7 +257,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
     done = run.previous_results(settings)
     if done is not None:
         return done
-    with run.log_to_file():
+    with run.log_to_file(), torch.random.fork_rng(devices=[]):  # seeded inside; the caller's RNG left as it was
         saved = run.read_json("config.json")
         if saved is not None and shards is not None and (saved["world_size"], saved.get("workers", workers)) != (
                 runtime.world_size, workers):
