@@ -32,19 +32,20 @@ from .data import (
     StepSampler,
     eval_loader,
     match_classes,
+    to_model_input,
     train_loader,
 )
 from .data.loader import process_share
 from .data.memory import InMemoryImages
 from .data.shards import MANIFEST, ShardStream, read_manifest, shard_fingerprint
 from .engine import EngineConfig, momentum_sgd, softmax_cross_entropy, train
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluating
 from .finetuning import as_source, open_sources, same_data
 from .hyperrule import MOMENTUM, Schedule
 from .models import ResNetV2, create_model
 from .probe import linear_probe
 from .runs import RunDir, as_recorded, held_out_data, read_jsonl, starting_weights
-from .runtime import PRECISIONS, Runtime, setup
+from .runtime import PRECISIONS, Runtime, autocast, setup
 
 log = logging.getLogger("bigtransfer")
 
@@ -361,17 +362,13 @@ def mean_average_precision(net: nn.Module, loader: DataLoader, runtime: Runtime,
     """Mean over classes (with at least one positive) of the average precision of the sigmoid scores."""
     from sklearn.metrics import average_precision_score
 
-    from .data import to_model_input
-    from .runtime import autocast
-
-    net.eval()
     scores, targets = [], []
-    for images, hot, reports in loader:
-        keep = torch.tensor([not r for r in reports])
-        with autocast(runtime.device, precision):
-            scores.append(net(to_model_input(images[keep].to(runtime.device))).float().cpu())
-        targets.append(hot[keep])
-    net.train()
+    with evaluating(net):
+        for images, hot, reports in loader:
+            keep = torch.tensor([not r for r in reports])
+            with autocast(runtime.device, precision):
+                scores.append(net(to_model_input(images[keep].to(runtime.device))).float().cpu())
+            targets.append(hot[keep])
     y, s = torch.cat(targets).numpy(), torch.cat(scores).numpy()
     present = y.sum(0) > 0
     return float(average_precision_score(y[:, present], s[:, present], average="macro"))
