@@ -457,16 +457,19 @@ def test_damaged_run_files_are_named_or_a_torn_last_line_dropped(tmp_path):
         finetune(TINY, source, out=tmp_path / "run", **common)
 
 
+class Squares(torch.utils.data.Dataset):
+    """40 images of two classes: a square or a bar in the corner."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        img = torch.zeros(3, 16, 16, dtype=torch.uint8)
+        img[:, : 8 if i % 2 else 16, :8] = 255
+        return img, i % 2
+
+
 def test_any_torch_dataset_from_python(tmp_path):
-    class Squares(torch.utils.data.Dataset):
-        def __len__(self):
-            return 40
-
-        def __getitem__(self, i):
-            img = torch.zeros(3, 16, 16, dtype=torch.uint8)
-            img[:, : 8 if i % 2 else 16, :8] = 255
-            return img, i % 2
-
     r = finetune(TINY, Squares(), Squares(), out=tmp_path / "run", steps=30, batch_size=20, base_lr=0.05, **FAST)
     assert r["plan"]["num_classes"] == 2 and r["eval"]["top1"] == 1.0
 
@@ -541,21 +544,16 @@ def test_an_interrupt_is_not_swallowed_and_a_second_one_stops_at_once(tmp_path):
     """Ctrl-C in a notebook: the first checkpoints after the step and raises TrainingInterrupted, which an
     ``except Exception`` around each run of a sweep does not catch (it did: the sweep went on); a second one,
     in a long step or a stalled data source, stops at once."""
-    class Interrupting(torch.utils.data.Dataset):
+    class Interrupting(Squares):
         def __init__(self, interrupts):
             self.interrupts = interrupts
-
-        def __len__(self):
-            return 40
 
         def __getitem__(self, i):
             if self.interrupts and signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
                 for _ in range(self.interrupts):  # once, at the training loop's first read
                     os.kill(os.getpid(), signal.SIGINT)
                 self.interrupts = 0
-            img = torch.zeros(3, 16, 16, dtype=torch.uint8)
-            img[:, : 8 if i % 2 else 16, :8] = 255
-            return img, i % 2
+            return super().__getitem__(i)
 
     swallowed = []
     with pytest.raises(TrainingInterrupted) as once:

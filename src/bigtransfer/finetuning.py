@@ -248,9 +248,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     done = run.previous_results(settings)
     if done is not None:  # what the run returned when it finished
         if not isinstance(model_or_name, str):  # a model passed in ends with the run's weights, as after training
-            if model_or_name.num_classes != plan.num_classes:
-                model_or_name.reset_head(plan.num_classes)
-            load_weights(model_or_name, run / "model.safetensors")
+            load_weights(_task_head(model_or_name, plan), run / "model.safetensors")
         return {**done, "eval": run.read_json("eval.json")}
     with run.log_to_file(), torch.random.fork_rng(devices=[]):  # seeded inside; the caller's RNG left as it was
         train_source, chosen = select_examples(source, k, k_seed, readable=True)  # only for a run that trains
@@ -302,11 +300,16 @@ def _build_model(model_or_name: nn.Module | str, plan: FinetunePlan, pretrained:
         model = create_model(model_or_name, num_classes=plan.num_classes, pretrained=pretrained)
         model.reset_head(plan.num_classes)  # also where the checkpoint's head has the task's size: transfer starts at 0
         return model
-    if model_or_name.num_classes != plan.num_classes:
+    return _task_head(model_or_name, plan)
+
+
+def _task_head(model: ResNetV2, plan: FinetunePlan) -> ResNetV2:
+    """A model passed in, with a head of the task's size (a new zero one where its own has another size)."""
+    if model.num_classes != plan.num_classes:
         log.info("replacing the model's %d-class head with a zero-initialised %d-class head",
-                 model_or_name.num_classes, plan.num_classes)
-        model_or_name.reset_head(plan.num_classes)
-    return model_or_name
+                 model.num_classes, plan.num_classes)
+        model.reset_head(plan.num_classes)
+    return model
 
 
 def _write_summary(run: RunDir, plan: FinetunePlan, results: dict) -> None:
