@@ -387,6 +387,20 @@ def test_bad_images_are_reported_not_trained_on(tmp_path):
     assert everything == clean_everything and 0 < six <= 1  # the bad files are left out, not scored as blank
 
 
+def test_bad_images_in_memory_and_on_the_device_are_left_out_as_from_files(tmp_path):
+    """--in-memory and --device-data keep an unreadable image's place and report it when drawn: the same
+    weights (in memory) and the same report as from the files, instead of refusing the run."""
+    root = _folder_with_bad_images(tmp_path / "shapes")
+    common = dict(steps=4, batch_size=16, base_lr=0.05, **FAST)
+    finetune(TINY, str(root), out=tmp_path / "files", **common)
+    finetune(TINY, str(root), out=tmp_path / "memory", in_memory=True, **common)
+    device = finetune(TINY, str(root), out=tmp_path / "device", device_data=True, **common)
+    assert_same_weights(tmp_path / "files" / "model.safetensors", tmp_path / "memory" / "model.safetensors")
+    files, memory, on_device = (json.loads((tmp_path / run / "bad_images.json").read_text())
+                                for run in ("files", "memory", "device"))
+    assert files == memory == on_device and files["count"] == device["bad_images"] == 2
+
+
 def _interrupted_once(root, at_read: int):
     """The image folder at `root`, whose `at_read`-th image read raises KeyboardInterrupt (a Ctrl-C mid-run),
     once: the same object then serves the rerun."""
@@ -576,6 +590,48 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     assert r["final_loss"] != fp32["final_loss"] and r["final_loss"] == pytest.approx(fp32["final_loss"], rel=0.05)
 
 
+def _sgd_steps(fused: bool, gradients: list[torch.Tensor], buffer_layout=None) -> torch.Tensor:
+    """A channels_last weight after SGD steps through fp16's GradScaler; optionally resumed from a checkpoint
+    whose momentum buffer has another layout, as the engine prepares a run."""
+    from bigtransfer.engine import _optimizer_state_like_parameters
+
+    weight = torch.nn.Parameter(torch.linspace(-1, 1, 4 * 3 * 9).reshape(4, 3, 3, 3)
+                                .contiguous(memory_format=torch.channels_last))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, fused=fused)
+    if buffer_layout is not None:
+        state = optimizer.state_dict()
+        state["state"] = {0: {"momentum_buffer": torch.arange(108.0).reshape(4, 3, 3, 3)
+                                                     .contiguous(memory_format=buffer_layout)}}
+        optimizer.load_state_dict(state)
+    if fused:
+        _optimizer_state_like_parameters(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # fills new memory with NaN (`fill_uninitialized_memory`): reads show
+    try:
+        for g in gradients:
+            optimizer.zero_grad()
+            scaler.scale((weight * g).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    return weight.detach()
+
+
+def test_fused_sgd_steps_equal_torchs_default_after_an_overflow_and_a_resume_in_another_layout():
+    """The engine's fused SGD (CUDA) against torch's default SGD, on torch's CPU fused kernels: fp16's first
+    step overflowing (the scaler skips it; a new fused buffer would keep uninitialised memory), and a
+    checkpoint's NCHW buffer for a channels_last weight (the fused kernels read it as flat memory)."""
+    grads = [torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    overflow = [grads[0].clone().index_put_((torch.tensor(0),), torch.tensor(float("inf")))] + grads[1:]
+    exact = {"rtol": 1e-6, "atol": 1e-7}  # the fused kernels round a few values differently (fused multiply-adds)
+    torch.testing.assert_close(_sgd_steps(True, overflow), _sgd_steps(False, overflow), **exact)
+    assert not torch.allclose(_sgd_steps(False, overflow), _sgd_steps(False, grads))  # the skip did happen
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.testing.assert_close(_sgd_steps(True, grads, layout), _sgd_steps(False, grads, layout), **exact)
+
+
 def test_layout_defaults_to_channels_last_only_where_the_step_runs_as_cuda_graphs(monkeypatch):
     """In CUDA graphs channels_last is the faster layout; launched op by op it is the slower one (H100,
     benchmarks/RESULTS.md). The rule is pure: it reads the device and the settings, no GPU needed."""
@@ -587,15 +643,16 @@ def test_layout_defaults_to_channels_last_only_where_the_step_runs_as_cuda_graph
     config = EngineConfig(Schedule(1, (), 10), 0.1, 8, 32)
     assert config.channels_last is None  # the engine decides
     cuda = Runtime(torch.device("cuda"))
-    assert _graphs_wanted(model, config, cuda)
-    assert not _graphs_wanted(model, config, Runtime(torch.device("cpu")))
-    assert not _graphs_wanted(model, config, Runtime(torch.device("cuda"), rank=0, world_size=2))  # DDP
-    assert not _graphs_wanted(model, EngineConfig(Schedule(1, (), 10), 0.1, 8, 32, compile=True), cuda)
+    assert _graphs_wanted(model, config, cuda, split=1)
+    assert not _graphs_wanted(model, config, cuda, split=2)  # micro-batches: no graphs, so no channels_last
+    assert not _graphs_wanted(model, config, Runtime(torch.device("cpu")), split=1)
+    assert not _graphs_wanted(model, config, Runtime(torch.device("cuda"), rank=0, world_size=2), split=1)  # DDP
+    assert not _graphs_wanted(model, EngineConfig(Schedule(1, (), 10), 0.1, 8, 32, compile=True), cuda, split=1)
     model.grad_checkpointing = True
-    assert not _graphs_wanted(model, config, cuda)
+    assert not _graphs_wanted(model, config, cuda, split=1)
     model.grad_checkpointing = False
     monkeypatch.setenv("BIGTRANSFER_CUDA_GRAPHS", "0")
-    assert not _graphs_wanted(model, config, cuda)
+    assert not _graphs_wanted(model, config, cuda, split=1)
 
     from bigtransfer.cli import build_parser
     parse = build_parser().parse_args

@@ -444,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="download released checkpoints into the cache",
                        description="Download released checkpoints into the cache ($BIT_HOME, default "
-                                   "~/.cache/bigtransfer). Resumes interrupted downloads; the base address "
-                                   "can be replaced with $BIT_MODELS_URL (a mirror).")
+                                   "$XDG_CACHE_HOME/bigtransfer, else ~/.cache/bigtransfer). Resumes "
+                                   "interrupted downloads; the base address can be replaced with "
+                                   "$BIT_MODELS_URL (a mirror).")
     p.add_argument("names", nargs="+", metavar="NAME", help="registry names, see `bit models`")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_download)
@@ -559,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "split, a split folder's train/) into WebDataset tar shards of JPEGs "
                                    "with a manifest.json (classes, counts, sha256 per shard), for streaming "
                                    "upstream training. Unreadable images are reported and left out.")
-    p.add_argument("src", help="image folder or CSV manifest (path,label)")
+    p.add_argument("src", help="image folder, CSV manifest (path,label), or any --data spec (digits, "
+                                "cifar10:ROOT, ...)")
     p.add_argument("out", help="folder for shard-NNNNNN.tar and manifest.json")
     p.add_argument("--shard-size", type=COUNT, default=1000, help="images per shard (default 1000)")
     p.add_argument("--max-side", type=COUNT, default=512, help="shrink images whose longest side is larger "

@@ -85,13 +85,15 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
     Returns a summary: steps, last loss, images/s, bad-image count, final evaluation (if any)."""
     total = config.schedule.total_steps
     model.to(runtime.device)
-    if config.channels_last is None:
-        config = replace(config, channels_last=_graphs_wanted(model, config, runtime))
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
     start, elapsed = _resume(model, optimizer, run, runtime)
     local_batch = config.global_batch // runtime.world_size
     split = _batch_split(config, model, local_batch, runtime)
+    graphs = _graphs_wanted(model, config, runtime, split)
+    if config.channels_last is None:
+        config = replace(config, channels_last=graphs)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    _optimizer_state_like_parameters(optimizer)
     net: nn.Module = model
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -99,7 +101,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
     if config.compile:
         net = torch.compile(net)
     model.train()
-    graphed = _capture_cuda_graphs(model, config, runtime, local_batch) if split == 1 else None
+    graphed = _capture_cuda_graphs(model, config, runtime, local_batch) if graphs else None
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
 
     def run_eval() -> dict | None:
@@ -299,13 +301,13 @@ class _GraphedForward:
     input_shape: torch.Size
 
 
-def _graphs_wanted(model: nn.Module, config: EngineConfig, runtime: Runtime) -> bool:
-    """Whether the training step will be captured as CUDA graphs (if its micro-batch is the whole batch and
-    the capture succeeds; see `_capture_cuda_graphs`). It also picks the layout where none was asked for:
+def _graphs_wanted(model: nn.Module, config: EngineConfig, runtime: Runtime, split: int) -> bool:
+    """Whether the training step will be captured as CUDA graphs (if the capture succeeds; see
+    `_capture_cuda_graphs`). It also picks the layout where none was asked for:
     in graphs, channels_last made R50x1's fine-tuning loop 1.22x faster (H100, bf16, batch 512: cuDNN's Hopper
     convolutions are NHWC kernels, and given NCHW spend 31% of the step's GPU time transposing); launched op by
     op, it is slower (more CPU time per step than the GPU saves; benchmarks/RESULTS.md)."""
-    return (runtime.device.type == "cuda" and not runtime.distributed and not config.compile
+    return (runtime.device.type == "cuda" and split == 1 and not runtime.distributed and not config.compile
             and not getattr(model, "grad_checkpointing", False)
             and os.environ.get("BIGTRANSFER_CUDA_GRAPHS", "1") != "0")
 
@@ -316,15 +318,13 @@ def _capture_cuda_graphs(model: nn.Module, config: EngineConfig, runtime: Runtim
 
     Why: at BiT's fine-tuning sizes the GPU finishes a GroupNorm or a 1x1 conv faster than Python can
     launch the next kernel; a replay launches the ~1,000 kernels of an R50 step at once (measured on an
-    H100, R50x1 at 128 px: see benchmarks/RESULTS.md). Only where it is exact and simple: one CUDA
+    H100, R50x1 at 128 px: see benchmarks/RESULTS.md). Only where it is exact and simple (`_graphs_wanted`): one CUDA
     process (DDP's gradient hooks have their own way), no torch.compile (Inductor has its own), no
     activation checkpointing (it reads the RNG state, which a capture forbids), and one micro-batch per
     step (the replayed backward hands out the same gradient buffers every time, which accumulation over
     micro-batches would alias). Batches of another shape -- shortened by bad images -- run the ordinary
     forward. The model keeps its own `forward`: the graphed one is returned.
-    ``BIGTRANSFER_CUDA_GRAPHS=0`` turns it off."""
-    if not _graphs_wanted(model, config, runtime):
-        return None
+    ``BIGTRANSFER_CUDA_GRAPHS=0`` turns it off. None where the capture fails."""
     x = torch.zeros(micro_batch, 3, config.input_size, config.input_size, device=runtime.device)
     if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -357,6 +357,26 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, run: RunDir, run
     if runtime.is_main:
         log.info("resuming %s from step %d", run.path, step)
     return step, float(state.get("elapsed_s", 0.0))
+
+
+def _optimizer_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Every momentum buffer as a tensor of its parameter's device and memory layout, zeros where none exists yet.
+
+    Why: torch's fused SGD (CUDA here) treats parameter, gradient and buffer as one flat array; a buffer in
+    another layout -- a checkpoint written before the engine changed the model's layout -- is refused on CUDA
+    and silently misread by the CPU kernels. And the fused step's first call fills new buffers with
+    `torch.empty_like`: skipped by fp16's GradScaler (an overflow, routine in the first steps), it leaves them
+    holding whatever memory was there, which the next step multiplies by the momentum. A zero buffer gives the
+    first step exactly what a new one would (0.9 * 0 + gradient)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            for key, value in list(state.items()):
+                if torch.is_tensor(value) and value.shape == p.shape and (
+                        value.device != p.device or value.stride() != p.stride()):
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+            if group.get("momentum") and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
 
 
 def _batch_split(config: EngineConfig, model: nn.Module, local_batch: int, runtime: Runtime) -> int:

@@ -1,4 +1,5 @@
-"""The BiT-HyperRule (REFERENCE.md section 4): every fine-tuning choice from two facts about the data.
+"""The BiT-HyperRule (the paper's transfer recipe; the authors' `bit_hyperrule.py`): every fine-tuning choice
+from two facts about the data.
 
 Pure functions, no torch. Two variants:
 

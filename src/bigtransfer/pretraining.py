@@ -1,4 +1,4 @@
-"""`pretrain`: BiT upstream training (REFERENCE.md section 5) on the same engine as fine-tuning.
+"""`pretrain`: BiT upstream training (the paper's recipe) on the same engine as fine-tuning.
 
 Recipe (all overridable): SGD momentum 0.9, lr 0.03 x global_batch / 256, linear warmup (the
 paper's 5,000 steps, never past the first decay), weight decay 1e-4 on every convolution kernel

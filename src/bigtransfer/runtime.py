@@ -63,7 +63,8 @@ class Runtime:
 
     @property
     def is_main(self) -> bool:
-        """Only the main process writes files and prints progress."""
+        """The main process writes the run's files and prints progress (each rank keeps its own bad-image and
+        sample logs)."""
         return self.rank == 0
 
     @property

@@ -349,7 +349,8 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
 
     ``hf`` to a directory (a name without a checkpoint suffix) writes ``model.safetensors`` + ``config.json`` so
     that ``BitForImageClassification.from_pretrained(dir)`` loads it; ``timm`` to ``.pth``/``.pt``/``.bin``
-    writes a torch state dict, otherwise safetensors (with `metadata`, e.g. class names).
+    writes a torch state dict, ``npz`` the authors' numpy archive (tensors only: `metadata` is dropped with a
+    warning), otherwise safetensors (with `metadata`, e.g. class names).
     """
     path = Path(path)
     torch_file = SUFFIX_FORMATS.get(path.suffix) == "timm"

@@ -25,13 +25,14 @@ class DeviceImages:
         if source.multi_label:
             raise ValueError("the on-device data path takes single-label data")
         parent = getattr(source, "parent", None)  # a few-shot subset of an in-memory set
-        if isinstance(source, InMemoryImages):
-            array = source.images
-        elif isinstance(parent, InMemoryImages):
+        if isinstance(parent, InMemoryImages):
             array = parent.images[source.indices]
+            bad = {j: parent.bad[i] for j, i in enumerate(source.indices) if i in parent.bad}
         else:
-            array = InMemoryImages(source).images
+            memory = source if isinstance(source, InMemoryImages) else InMemoryImages(source)
+            array, bad = memory.images, memory.bad
         self.images = torch.from_numpy(array).to(device).permute(0, 3, 1, 2).contiguous()
+        self.bad = {i: str(e) for i, e in bad.items()}  # reported and left out by the training loop, as from files
         self.targets = torch.tensor(source.targets, device=device)
         self.device = device
 
@@ -57,4 +58,5 @@ def device_batches(data: DeviceImages, transform: HyperRuleTransform, sampler: S
     """The engine's batch source for steps start..stop-1, made on the device."""
     for step in range(start, stop):
         keys = sampler.batch(step)
-        yield data.batch(keys, transform), data.targets[upload([i for i, _ in keys], data.device)], [""] * len(keys)
+        yield (data.batch(keys, transform), data.targets[upload([i for i, _ in keys], data.device)],
+               [data.bad.get(i, "") for i, _ in keys])

@@ -10,9 +10,9 @@ The tasks run in torch's own OpenMP pool (see `run` in the C file). A backward w
 runs through torch's differentiable ops instead.
 
 The C source ships with the package and is compiled on first use with the system's C compiler (``$CC``,
-else ``cc``; about half a second) into the cache (``$BIT_HOME/kernels``), keyed on the source, the flags
-and the CPU, and loaded through ctypes: no build step at install time, and no torch headers. Where no
-compiler works, the plain torch ops run instead (one warning says why). ``BIGTRANSFER_FUSED_NORM=0``
+else ``cc``; about half a second) into the cache's ``kernels/`` (`checkpoints.cache_dir`), keyed on the
+source, the flags and the CPU, and loaded through ctypes: no build step at install time, and no torch
+headers. Where no compiler works, the plain torch ops run instead (one warning says why). ``BIGTRANSFER_FUSED_NORM=0``
 turns it off.
 """
 

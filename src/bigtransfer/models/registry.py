@@ -1,4 +1,4 @@
-"""Named BiT variants and their pretrained configs (REFERENCE.md section 3).
+"""Named BiT variants and the pretrained configs of the authors' released checkpoints.
 
 Each entry says what the network is (depths, width), what its released checkpoint holds
 (upstream data, head size, resolution) and where to fetch it. The base address of the download

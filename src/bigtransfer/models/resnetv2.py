@@ -1,4 +1,4 @@
-"""ResNet-v2 with GroupNorm + Weight Standardization: the BiT architecture (REFERENCE.md section 2).
+"""ResNet-v2 with GroupNorm + Weight Standardization: the BiT architecture (paper and authors' release).
 
 Layout of the module tree (our checkpoint names follow it)::
 
@@ -51,7 +51,8 @@ def standardize(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
 
     Computed as a batch norm over a (1, out, in*kh*kw) view: exactly the same arithmetic as mean/var,
     but one fused kernel forward and one backward instead of five elementwise passes over the weights.
-    Training on CUDA, `fused_ws` does it in Triton kernels that also emit autocast's dtype (no cast after).
+    On CUDA (training and inference), `fused_ws` does it in Triton kernels that also emit autocast's dtype
+    (no cast after).
     """
     if fused_ws.usable(weight):
         return fused_ws.standardize(weight, eps)
