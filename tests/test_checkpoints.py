@@ -166,6 +166,41 @@ def test_wrong_shape_is_named(tmp_path, tiny_npz):
         bt.read_checkpoint(tmp_path / "shape.npz")
 
 
+@pytest.mark.parametrize("key,array,message", [
+    ("resnet/head/conv2d/kernel", np.zeros((2, 1, 512, 6), np.float32),
+     r"has shape \(2, 1, 512, 6\), a BiT-R14x0.25 needs \(1, 1, 512, 6\)"),
+    ("resnet/head/conv2d/kernel", np.zeros(6, np.float32), r"has shape \(6,\), a BiT-R14x0.25 needs \(1, 1, 512, 6\)"),
+    ("resnet/head/conv2d/bias", np.zeros((6, 1), np.float32), r"has shape \(6, 1\): a bias is a vector"),
+    ("resnet/root_block/standardized_conv2d/kernel", np.zeros(3, np.float32),
+     r"has shape \(3,\): a convolution kernel has 4 dimensions"),
+    ("resnet/block2/unit01/a/group_norm/gamma", np.full(64, np.nan, np.float32), "holds NaN or infinite values"),
+])
+def test_arrays_of_impossible_shapes_or_values_are_named(tmp_path, tiny_npz, key, array, message):
+    """Shapes that cannot even be rearranged into ours (torch raised its own reshape or index errors, naming
+    neither file nor array), and weights a diverged run left: predictions would all be NaN."""
+    np.savez(tmp_path / "odd.npz", **{**tiny_npz[1], key: array})
+    with pytest.raises(CheckpointError, match=rf"odd.npz: .*'{key}' {message}"):
+        bt.read_checkpoint(tmp_path / "odd.npz")
+
+
+def test_metadata_and_hf_configs_of_the_wrong_kind_are_named(tmp_path, tiny_npz):
+    model = bt.ResNetV2(bt.read_checkpoint(tiny_npz[0]).arch, num_classes=6)
+    for meta, message in (({"bigtransfer.resolution": "abc"}, "'bigtransfer.resolution' must be a positive number"),
+                          ({"bigtransfer.resolution": "0"}, "'bigtransfer.resolution' must be a positive number"),
+                          ({"bigtransfer.classes": "[a, b"}, "'bigtransfer.classes' is not JSON"),
+                          ({"bigtransfer.classes": '["a", "b"]'}, "'bigtransfer.classes' must list the head's 6")):
+        path = bt.save_weights(model, tmp_path / "meta.safetensors", metadata=meta)
+        with pytest.raises(CheckpointError, match=rf"meta.safetensors: metadata {message}"):
+            bt.read_checkpoint(path)
+    random_bit_npz(tmp_path / "r14x1.npz", (1, 1, 1, 1), 1, num_classes=6)  # width 1: HF's 32 groups fit
+    wide = bt.ResNetV2(bt.read_checkpoint(tmp_path / "r14x1.npz").arch, num_classes=6)
+    bt.save_weights(wide, tmp_path / "hf", format="hf")
+    for config in ([1, 2], {"id2label": ["a", "b"]}):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=r"config.json: not an HF model config"):
+            bt.read_checkpoint(tmp_path / "hf")
+
+
 def test_unexpected_arrays_are_named(tmp_path, tiny_npz):
     np.savez(tmp_path / "extra.npz", **tiny_npz[1], **{"resnet/block1/unit01/a/extra": np.zeros(3)})
     with pytest.raises(CheckpointError, match="resnet/block1/unit01/a/extra"):

@@ -1,5 +1,6 @@
 """Data sources on real files written here: decoding every colour mode, broken files, layouts, splits, adapters."""
 
+import io
 import os
 import pickle
 import shutil
@@ -148,10 +149,23 @@ def test_decode_turns_a_photo_upright_by_its_exif_orientation(tmp_path):
     img = Image.fromarray(arr)
     exif = img.getexif()
     exif[0x0112] = 6
-    img.save(tmp_path / "turned.jpg", exif=exif, quality=95)
-    shown = np.asarray(decode_image(tmp_path / "turned.jpg")).astype(int)
-    assert shown.shape == (64, 32, 3) and _file_size(str(tmp_path / "turned.jpg")) == (64, 32)
-    assert shown[8, 16, 0] > 200 > shown[8, 16, 2] and shown[56, 16, 2] > 200 > shown[56, 16, 0]
+    for name in ("turned.jpg", "turned.tif"):  # Pillow turns a TIFF itself when it opens it; a JPEG on request
+        img.save(tmp_path / name, exif=exif, quality=95)
+        shown = np.asarray(decode_image(tmp_path / name)).astype(int)
+        assert shown.shape == (64, 32, 3) and _file_size(str(tmp_path / name)) == (64, 32), name
+        assert shown[8, 16, 0] > 200 > shown[8, 16, 2] and shown[56, 16, 2] > 200 > shown[56, 16, 0]
+
+
+def test_a_corrupt_tiff_is_a_bad_image_whatever_pillow_raises(tmp_path):
+    """One bit flipped in a TIFF's directory makes Pillow raise a TypeError, not an OSError: still a named bad
+    image, which training leaves out, never an exception that stops the data loader."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 1, 3), dtype=np.uint8)).convert("1").save(buf, "TIFF")
+    raw = bytearray(buf.getvalue())
+    raw[60] ^= 1  # the type of the StripOffsets tag
+    (tmp_path / "flipped.tif").write_bytes(raw)
+    with pytest.raises(BadImageError, match=r"flipped.tif: corrupt image \(TypeError: "):
+        decode_image(tmp_path / "flipped.tif")
 
 
 def test_decode_one_transparent_colour_of_grey_and_rgb_pngs_is_white(tmp_path):
@@ -174,8 +188,6 @@ def test_a_png_size_is_read_from_its_header(tmp_path):
 
 
 def test_decode_bytes():
-    import io
-
     buf = io.BytesIO()
     Image.new("L", (2, 3)).save(buf, format="PNG")
     assert decode_image(buf.getvalue()).size == (2, 3)
@@ -408,13 +420,22 @@ def test_csv_integer_labels_sort_numerically(tmp_path):
     (tmp_path / "m.csv").write_text("label,path\n10,0.png\n2,1.png\n02,2.png\n")
     ds = CsvImages(tmp_path / "m.csv")
     assert ds.classes == ["2", "10"] and ds.targets == [1, 0, 0]
+    (tmp_path / "m.csv").write_text("label,path\n1_2,0.png\n12,1.png\n 21 ,2.png\n")  # int() reads 1_2 as 12
+    assert CsvImages(tmp_path / "m.csv").classes == ["12", "1_2", "21"]
 
 
 def test_csv_errors_name_file_and_line(tmp_path):
     _png(tmp_path / "ok.png")
+    _png(tmp_path / "ok2.png")
     m = tmp_path / "m.csv"
-    m.write_text("path,label\nok.png,a\nok.png,b\nmissing.png,a\n")
+    m.write_text("path,label\nok.png,a\nok2.png,b\nmissing.png,a\n")
     with pytest.raises(ValueError, match=r"m\.csv, line 4.*missing\.png"):
+        CsvImages(m)
+    m.write_text("path,label\nok.png,a\nok2.png,b\n./ok.png,b\n")  # a held-out part could hold a training image
+    with pytest.raises(ValueError, match=r"m\.csv, line 4: ./ok.png is listed again \(first on line 2\)"):
+        CsvImages(m)
+    m.write_bytes("path,label\nok.png,caf\u00e9\n".encode("latin-1"))  # a spreadsheet's local encoding
+    with pytest.raises(ValueError, match=r"m\.csv, after line 1: not UTF-8 text .*save it as UTF-8"):
         CsvImages(m)
     m.write_text("file,label\nok.png,a\n")
     with pytest.raises(ValueError, match=r"m\.csv, line 1.*path"):
@@ -422,7 +443,7 @@ def test_csv_errors_name_file_and_line(tmp_path):
     m.write_text("path,label\nok.png,\n")
     with pytest.raises(ValueError, match=r"line 2"):
         CsvImages(m)
-    m.write_text("path,label\nok.png,cat;dog\nok.png, ; ; ; \n")
+    m.write_text("path,label\nok.png,cat;dog\nok2.png, ; ; ; \n")
     with pytest.raises(ValueError, match=r"m\.csv, line 3: label '; ; ;' names no class"):
         CsvImages(m)
 
@@ -565,6 +586,17 @@ def test_torch_dataset_tensors_and_arrays():
     assert tuple(np.asarray(imgs[2])[0, 0]) == (0, 0, 9)
     assert tuple(np.asarray(imgs[3])[0, 0]) == (64, 64, 64)
     assert ds[1][1] == 0 and ds.size_of(0) == (5, 7)
+
+
+def test_torch_dataset_16_bit_and_mask_arrays_as_their_files(tmp_path):
+    """A 16-bit array is scaled by the 16-bit range as a 16-bit PNG is (clipping at 255 whitened it), and a
+    bool mask is black and white (it came out 0 and 1)."""
+    grey = np.array([[0, 30000], [65535, 257]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    mask = np.array([[True, False], [False, True]])
+    ds = TorchDatasetImages(_Tensors([(grey, 0), (mask, 1)]))
+    assert np.array_equal(np.asarray(ds[0][0]), np.asarray(decode_image(tmp_path / "g.png")))
+    assert np.asarray(ds[1][0])[..., 0].tolist() == [[255, 0], [0, 255]]
 
 
 def test_torch_dataset_uses_targets_attribute_and_fakedata():

@@ -61,6 +61,8 @@ def test_few_shot_sampler():
     assert sample_per_class(targets, 3, seed=1, usable=lambda i: True) == a
     b = sample_per_class(targets, 3, seed=1, usable=lambda i: i != a[0])  # an unreadable draw is replaced
     assert a[0] not in b and set(a[1:]) <= set(b) and len(b) == 9
+    with pytest.raises(ValueError, match="examples per class need single-label data"):  # not flat indices into
+        sample_per_class([(0, 1), (1, 2), (0, 2)] * 2, 1, seed=0)  # an (N, 2) array, some past the 6 items
 
 
 def test_plan_checks_the_resolution_it_will_use():

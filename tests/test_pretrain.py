@@ -1,10 +1,13 @@
 """Upstream pre-training: shards, the epoch recipe in steps, losses, DDP over shards, kill and resume."""
 
+import io
 import json
 import math
 import subprocess
 import sys
+import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import bigtransfer as bt
-from bigtransfer.data import InceptionCropTransform, open_dataset
+from bigtransfer.data import HyperRuleTransform, InceptionCropTransform, open_dataset
 from bigtransfer.data.shards import ShardImages, ShardStream, verify_shards, write_shards
 from bigtransfer.data.sources import MissingSplit
 from bigtransfer.pretraining import (
@@ -325,3 +328,51 @@ def test_a_run_over_shards_refuses_them_re_sharded(tmp_path):
         pretrain(TINY, str(tmp_path / "shards"), **args)
     with pytest.raises(MissingSplit, match="shards holds a single split and no held-out part can be taken from it"):
         pretrain(TINY, str(tmp_path / "shards"), str(tmp_path / "shards"), **{**args, "out": tmp_path / "scored"})
+
+
+def _rewrite_shard(path: Path, keep, replace: dict[str, bytes] | None = None) -> None:
+    """The tar at `path` again with the members `keep(name)` accepts, some of their contents replaced."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if keep(m.name)]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            data = (replace or {}).get(name, data)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_damaged_shards_and_manifests_are_named_never_read_with_wrong_labels(tmp_path):
+    """One sample without its label and another without its image leave the counts equal: images are paired
+    with labels by key (by position, every image after the gap took its neighbour's label). A label that is
+    not a class of the manifest, and a manifest that is cut short or lacks an entry, are errors naming them."""
+    make_image_folder(tmp_path / "images", classes=3, per_class=2)
+    write_shards(open_dataset(str(tmp_path / "images"), "all"), tmp_path / "shards", shard_size=6, progress=False)
+    shard, manifest = tmp_path / "shards" / "shard-000000.tar", tmp_path / "shards" / "manifest.json"
+    assert Counter(ShardImages(tmp_path / "shards").targets) == {0: 2, 1: 2, 2: 2}
+    original = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        names = tar.getnames()  # key.jpg, key.cls, ...: drop the first sample's label and the second's image
+    assert names[1].endswith(".cls") and names[2].endswith(".jpg")
+    _rewrite_shard(shard, lambda name: name not in names[1:3])
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"count": 6', '"count": 5'))
+    with pytest.raises(ValueError, match=rf"shard-000000.tar: unreadable shard \(sample {names[1][:-4]} has no label"):
+        ShardImages(tmp_path / "shards")
+    manifest.write_text(text)
+    key = names[-1][:-4]
+    for label, why in ((b"seven", "invalid literal"), (b"3", "not in 0..2, the manifest's 3 classes"),
+                       (b"-1", "not in 0..2")):
+        shard.write_bytes(original)
+        _rewrite_shard(shard, lambda name: True, {f"{key}.cls": label})
+        with pytest.raises(ValueError, match=rf"shard-000000.tar:{key}: label {label!r}: {why}"):
+            ShardImages(tmp_path / "shards")
+        stream = ShardStream(tmp_path / "shards", HyperRuleTransform(16, 16), 6, seed=0)
+        with pytest.raises(ValueError, match=rf"shards:{key}: label {label!r}: {why}"):
+            list(stream)
+    manifest.write_text(text[:40])
+    with pytest.raises(ValueError, match=r"manifest.json: not a shard manifest \(.*\); `bit shards SRC"):
+        ShardImages(tmp_path / "shards")
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "shards"}))
+    with pytest.raises(ValueError, match=r"manifest.json: the manifest has no shards; `bit shards SRC"):
+        ShardImages(tmp_path / "shards")

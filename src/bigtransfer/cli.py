@@ -635,10 +635,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _message(e: Exception) -> str:
-    """The message alone (a KeyError's str() would quote it); an OS error as "PATH: what went wrong"."""
+    """The message alone (a KeyError's str() would quote it; other errors' first argument need not be their
+    message: a UnicodeDecodeError's is the codec); an OS error as "PATH: what went wrong"."""
     if isinstance(e, OSError) and e.strerror:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    return str(e.args[0]) if e.args else str(e)
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
 if __name__ == "__main__":

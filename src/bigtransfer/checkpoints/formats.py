@@ -178,6 +178,8 @@ def _hf_folder_metadata(folder: Path) -> dict[str, str]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not JSON ({e})") from e
+    if not isinstance(config, dict) or not isinstance(config.get("id2label", {}), dict):
+        raise CheckpointError(f"{path}: not an HF model config (a JSON object, its id2label an object)")
     other = {k: config[k] for k, v in _HF_BIT_LAYOUT.items() if k in config and config[k] != v}
     if other:
         raise CheckpointError(f"{path}: {', '.join(f'{k}={v!r}' for k, v in other.items())}: not BiT's layout "
@@ -290,7 +292,13 @@ def infer_architecture(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[Arch
     def unit(s: int, u: int) -> bool:
         return any(foreign_name(fmt, f"stages.{s}.{u}.{a}") in tensors for a in _UNIT_ARRAYS)
 
-    root = from_foreign(fmt, "root.conv.weight", tensors[foreign_name(fmt, "root.conv.weight")])
+    root_key, head_key = foreign_name(fmt, "root.conv.weight"), foreign_name(fmt, "head.bias")
+    if tensors[root_key].ndim != 4:
+        raise CheckpointError(f"array {root_key!r} has shape {tuple(tensors[root_key].shape)}: a convolution "
+                              "kernel has 4 dimensions")
+    if head_key in tensors and tensors[head_key].ndim != 1:
+        raise CheckpointError(f"array {head_key!r} has shape {tuple(tensors[head_key].shape)}: a bias is a vector")
+    root = from_foreign(fmt, "root.conv.weight", tensors[root_key])
     depths = []
     while unit(len(depths), 0):
         units = 0
@@ -300,7 +308,7 @@ def infer_architecture(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[Arch
     if not depths:
         raise CheckpointError(f"no residual units (no array like {foreign_name(fmt, 'stages.0.0.conv1.weight')!r}): "
                               "not a BiT ResNet-v2")
-    head = tensors.get(foreign_name(fmt, "head.bias"))
+    head = tensors.get(head_key)
     return Architecture(depths=tuple(depths), width=root.shape[0] / 64), 0 if head is None else head.shape[0]
 
 
@@ -327,8 +335,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         key = foreign_name(fmt, name)
         if key not in tensors:
             raise CheckpointError(f"{path}: missing array {key!r} (a {fmt} checkpoint of a BiT-{arch.name})")
-        t = from_foreign(fmt, name, tensors[key])
-        if t.shape != shape:
+        try:
+            t = from_foreign(fmt, name, tensors[key])
+        except (RuntimeError, IndexError):  # a shape that cannot even be laid out as ours
+            t = None
+        if t is None or t.shape != shape:
             want = tuple(to_foreign(fmt, name, torch.empty(shape, device="meta")).shape)
             raise CheckpointError(f"{path}: array {key!r} has shape {tuple(tensors[key].shape)}, "
                                   f"a BiT-{arch.name} needs {want}")
@@ -340,7 +351,29 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} arrays not part of a BiT-{arch.name}: "
                               f"{', '.join(repr(k) for k in unexpected[:5])}")
+    finite = torch.stack([t.isfinite().all() for t in state.values()])  # a diverged run's weights predict NaN
+    if not finite.all():
+        bad = list(state)[int((~finite).nonzero()[0])]
+        raise CheckpointError(f"{path}: array {foreign_name(fmt, bad)!r} holds NaN or infinite values")
+    _check_metadata(path, metadata, num_classes)
     return Checkpoint(path, fmt, arch, num_classes, state, metadata)
+
+
+def _check_metadata(path: Path, metadata: dict[str, str], num_classes: int) -> None:
+    """Our keys, if present, as `load_model` reads them: class names for the head, a positive input side."""
+    if "bigtransfer.classes" in metadata:
+        try:
+            classes = json.loads(metadata["bigtransfer.classes"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: metadata 'bigtransfer.classes' is not JSON ({e})") from e
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or (
+                num_classes and len(classes) != num_classes):
+            raise CheckpointError(f"{path}: metadata 'bigtransfer.classes' must list the head's {num_classes} class "
+                                  f"names as strings, got {metadata['bigtransfer.classes'][:80]!r}")
+    side = metadata.get("bigtransfer.resolution", "1")
+    if not side.isdigit() or int(side) < 1:
+        raise CheckpointError(f"{path}: metadata 'bigtransfer.resolution' must be a positive number of pixels, "
+                              f"got {side!r}")
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: str | os.PathLike,

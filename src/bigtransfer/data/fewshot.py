@@ -17,6 +17,8 @@ def sample_per_class(targets: Sequence[int], examples_per_class: int, seed: int,
     stays k; the draws of every other item are the same as without `usable`."""
     if examples_per_class < 1:
         raise ValueError(f"examples_per_class must be >= 1, got {examples_per_class}")
+    if any(isinstance(t, tuple | list) for t in targets):
+        raise ValueError("examples per class need single-label data: these images have several classes each")
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
     chosen = []

@@ -106,7 +106,15 @@ def read_manifest(root: str | os.PathLike) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{root}: no {MANIFEST}; write shards with `bit shards SRC {root}`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        missing = [k for k in ("classes", "multi_label", "shards") if k not in manifest]
+        missing += [f"shards[{i}].{k}" for i, s in enumerate(manifest.get("shards", []))
+                    for k in ("name", "count", "sha256") if k not in s]
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, or not a mapping of mappings
+        raise ValueError(f"{path}: not a shard manifest ({e}); `bit shards SRC {root}` writes it again") from e
+    if missing:
+        raise ValueError(f"{path}: the manifest has no {', '.join(missing)}; `bit shards SRC {root}` writes it again")
     for shard in manifest["shards"]:
         if not (Path(root) / shard["name"]).is_file():
             raise FileNotFoundError(f"{root}: shard {shard['name']} listed in {MANIFEST} is missing")
@@ -163,10 +171,18 @@ def _samples(path: Path, expected: int | None = None) -> Iterator[tuple[str, dic
         raise _unreadable(path, f"{count} samples, the manifest says {expected}")
 
 
-def _target(members: dict[str, bytes], multi_label: bool) -> int | tuple[int, ...]:
-    if multi_label:
-        return tuple(json.loads(members["json"])["labels"])
-    return int(members["cls"])
+def _target(members: dict[str, bytes], multi_label: bool, num_classes: int, where: str
+            ) -> int | tuple[int, ...]:
+    """The sample's class index (or indices), checked against the manifest's classes: a label out of range
+    would otherwise surface as an index error in the loss (a device-side assert on a GPU)."""
+    raw = members["json"] if multi_label else members["cls"]
+    try:
+        labels = json.loads(raw)["labels"] if multi_label else [int(raw)]
+        if not all(type(c) is int and 0 <= c < num_classes for c in labels):
+            raise ValueError(f"not in 0..{num_classes - 1}, the manifest's {num_classes} classes")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{where}: label {raw[:40]!r}: {e}") from e
+    return tuple(labels) if multi_label else labels[0]
 
 
 def _decode(key: str, members: dict[str, bytes], where: str) -> Image.Image:
@@ -188,19 +204,25 @@ class ShardImages(LabelledImages):
         self.locations: list[tuple[str, int, int, str]] = []  # shard, data offset, size, key
         self.targets = []
         for shard in manifest["shards"]:
-            path, before = self.root / shard["name"], len(self.locations)
+            path, labels, images = self.root / shard["name"], {}, []
             try:
                 with tarfile.open(path) as tar:
                     for info in tar.getmembers():
                         key, _, ext = info.name.partition(".")
                         if ext == "jpg":
-                            self.locations.append((shard["name"], info.offset_data, info.size, key))
+                            images.append((shard["name"], info.offset_data, info.size, key))
                         elif ext in ("cls", "json"):
-                            self.targets.append(_target({ext: tar.extractfile(info).read()}, self.multi_label))
+                            labels[key] = _target({ext: tar.extractfile(info).read()}, self.multi_label,
+                                                  len(self.classes), f"{path}:{key}")
             except tarfile.TarError as e:
                 raise _unreadable(path, e) from e
-            if len(self.locations) - before != shard["count"] or len(self.targets) != len(self.locations):
-                raise _unreadable(path, f"{len(self.locations) - before} images, the manifest says {shard['count']}")
+            if len(images) != shard["count"]:
+                raise _unreadable(path, f"{len(images)} images, the manifest says {shard['count']}")
+            unlabelled = [key for *_, key in images if key not in labels]  # pairs by key, never by position
+            if unlabelled:
+                raise _unreadable(path, f"sample {unlabelled[0]} has no label (.cls or .json)")
+            self.locations += images
+            self.targets += [labels[key] for *_, key in images]
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int | tuple[int, ...]]:
         i = self._check_index(i)
@@ -298,7 +320,7 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info is not None else 0) + self.start_step) % k  # batch s comes from worker s % k
         batches_before = (self.start_step - worker + k - 1) // k
         for key, members, ordinal in self.raw_stream(worker, batches_before * self.local_batch):
-            target = target_tensor(_target(members, self.multi_label), self)
+            target = target_tensor(_target(members, self.multi_label, len(self.classes), f"{self.root}:{key}"), self)
             seed = (self.seed * SEED_STRIDE + (self.rank * k + worker) * 2**40 + ordinal) % 2**62
             try:
                 image = self.transform(_decode(key, members, str(self.root)), seed)

@@ -13,6 +13,7 @@ import csv
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,11 +156,14 @@ def decode_image(source: str | os.PathLike | bytes, describe: str | None = None)
         raise BadImageError(name, f"refused as a decompression bomb ({e})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncation, corrupt chunks, bad headers
         raise BadImageError(name, f"corrupt or truncated image ({e})") from e
+    except Exception as e:  # Pillow's other failures on corrupt files (a TIFF tag of the wrong type: TypeError)
+        raise BadImageError(name, f"corrupt image ({type(e).__name__}: {e})") from e
     return rgb
 
 
 def _array_to_rgb(arr: Any) -> Image.Image:
-    """HWC numpy or CHW tensor, uint8 (0..255) or float (0..1) -> PIL RGB; for in-memory datasets."""
+    """HWC numpy or CHW tensor, uint8 (0..255), float (0..1), uint16 (0..65535, scaled as 16-bit files are) or
+    bool (a mask: white where True) -> PIL RGB; for in-memory datasets. Other integers are read as 0..255."""
     if isinstance(arr, torch.Tensor):
         t = arr.detach().cpu()
         if t.ndim == 3:
@@ -170,11 +174,14 @@ def _array_to_rgb(arr: Any) -> Image.Image:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
         raise ValueError(f"expected an HxW, HxWx1, HxWx3 or HxWx4 image array, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating):
-            arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
-        else:
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.dtype == np.uint16:
+        arr = _scale_to_uint8(arr, 0, 65535)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
     return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
 
 
@@ -183,11 +190,13 @@ def _file_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             turned = _orientation(img) in (5, 6, 7, 8)  # a quarter turn: decode_image swaps the sides
+            if turned and img.format == "TIFF" and img.size != (img.tag_v2.get(256), img.tag_v2.get(257)):
+                turned = False  # Pillow (13) has turned this TIFF itself: its size is no longer the stored one
             return (img.width, img.height) if turned else (img.height, img.width)
     except Image.DecompressionBombError as e:  # its header is read; Pillow refuses the size it states
         raise BadImageError(path, f"refused as a decompression bomb ({e})") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImageError(path, f"cannot read image header ({e})") from e
+    except Exception as e:  # OSError, SyntaxError, ... and whatever else a corrupt header makes Pillow raise
+        raise BadImageError(path, f"cannot read image header ({type(e).__name__}: {e})") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -423,24 +432,50 @@ class CsvImages(_FileImages):
     A label cell may name several classes separated by ``;`` (multi-label data, as ImageNet-21k): then
     every target is a tuple of class indices and ``multi_label`` is True.
 
-    Every row is checked up front (columns present, file exists) so a typo fails at startup with its line number.
+    Every row is checked up front (columns present, file exists, listed once) so a typo fails at startup with
+    its line number.
     """
 
     def __init__(self, csv_path: str | os.PathLike) -> None:
         csv_path = os.fspath(csv_path)
-        base = os.path.dirname(os.path.abspath(csv_path))
         self.name = f"csv:{os.path.abspath(csv_path)}"
-        paths: list[str] = []
-        labels: list[str] = []
+        paths, labels = _manifest_rows(csv_path)
+        if not paths:
+            raise ValueError(f"{csv_path}: the manifest lists no images")
+        self.paths = paths
+        if any(";" in x for x in labels):
+            self.multi_label = True
+            parts = [tuple(sorted({p.strip() for p in x.split(";") if p.strip()})) for x in labels]
+            self.classes = sorted({c for p in parts for c in p})
+            index = {c: k for k, c in enumerate(self.classes)}
+            self.targets = [tuple(index[c] for c in p) for p in parts]
+            return
+        if not all(re.fullmatch(r"[+-]?[0-9]+", x) for x in labels):
+            self.classes = sorted(set(labels))
+            index = {c: k for k, c in enumerate(self.classes)}
+            self.targets = [index[x] for x in labels]
+        else:  # integer labels sort as numbers (2 before 10), and "01" and "1" are the same class
+            ints = [int(x) for x in labels]
+            self.classes = [str(v) for v in sorted(set(ints))]
+            index = {c: k for k, c in enumerate(self.classes)}
+            self.targets = [index[str(v)] for v in ints]
+
+
+def _manifest_rows(csv_path: str) -> tuple[list[str], list[str]]:
+    """(image paths, label cells) of a ``path,label`` manifest, every row checked, errors naming the line."""
+    base = os.path.dirname(os.path.abspath(csv_path))
+    paths: list[str] = []
+    labels: list[str] = []
+    first_line: dict[str, int] = {}
+    line = 1
+    try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [c.strip() for c in (reader.fieldnames or [])]
             missing = [c for c in ("path", "label") if c not in fields]
             if missing:
-                raise ValueError(
-                    f"{csv_path}, line 1: header must name columns 'path' and 'label'; missing {missing} "
-                    f"(found {fields})"
-                )
+                raise ValueError(f"{csv_path}, line 1: header must name columns 'path' and 'label'; missing {missing} "
+                                 f"(found {fields})")
             reader.fieldnames = fields
             for row in reader:
                 line = reader.line_num
@@ -453,28 +488,15 @@ class CsvImages(_FileImages):
                 path = rel if os.path.isabs(rel) else os.path.join(base, rel)
                 if not os.path.isfile(path):
                     raise ValueError(f"{csv_path}, line {line}: image file not found: {path}")
+                first = first_line.setdefault(os.path.normpath(path), line)
+                if first != line:  # else a held-out part carved from this manifest could hold training images
+                    raise ValueError(f"{csv_path}, line {line}: {rel} is listed again (first on line {first}); "
+                                     "one row per image, with its classes as 'a;b'")
                 paths.append(path)
                 labels.append(label)
-        if not paths:
-            raise ValueError(f"{csv_path}: the manifest lists no images")
-        self.paths = paths
-        if any(";" in x for x in labels):
-            self.multi_label = True
-            parts = [tuple(sorted({p.strip() for p in x.split(";") if p.strip()})) for x in labels]
-            self.classes = sorted({c for p in parts for c in p})
-            index = {c: k for k, c in enumerate(self.classes)}
-            self.targets = [tuple(index[c] for c in p) for p in parts]
-            return
-        try:  # integer labels sort as numbers (2 before 10), and "01" and "1" are the same class
-            ints = [int(x) for x in labels]
-        except ValueError:
-            self.classes = sorted(set(labels))
-            index = {c: k for k, c in enumerate(self.classes)}
-            self.targets = [index[x] for x in labels]
-        else:
-            self.classes = [str(v) for v in sorted(set(ints))]
-            index = {c: k for k, c in enumerate(self.classes)}
-            self.targets = [index[str(v)] for v in ints]
+    except UnicodeDecodeError as e:  # a spreadsheet saved in its local encoding (Latin-1, ...)
+        raise ValueError(f"{csv_path}, after line {line}: not UTF-8 text ({e.reason}); save it as UTF-8") from e
+    return paths, labels
 
 
 class DigitsImages(LabelledImages):
