@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bigtransfer.checkpoints import save_weights
+from bigtransfer.checkpoints import CheckpointError, save_weights
 from bigtransfer.data import LabelledImages, open_dataset, sample_per_class
 from bigtransfer.evaluate import metrics_from_confusion
 from bigtransfer.finetuning import finetune, make_plan
@@ -336,15 +336,18 @@ def test_a_run_cut_short_in_its_final_evaluation_only_evaluates_again(tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_before_anything_is_saved(tmp_path):
-    """(GN + WS keep even lr 1e6 finite here; a NaN in the starting weights is the realistic way to NaN.)"""
+    """(GN + WS keep even lr 1e6 finite here; a NaN in the starting weights is the realistic way to NaN. A
+    checkpoint holding one is refused when it is read; a model passed in is trained as it is.)"""
     upstream = create_model(TINY, num_classes=10)
     with torch.no_grad():
         upstream.stages[1][0].conv2.weight[0, 0, 0, 0] = float("nan")
     save_weights(upstream, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match="nan.safetensors: array 'stages.1.0.conv2.weight' holds NaN or inf"):
+        finetune(TINY, "digits", out=tmp_path / "run", pretrained=tmp_path / "nan.safetensors", steps=4, **FAST)
     with pytest.raises(FloatingPointError, match="the training loss is nan at step 1: the run diverged"):
-        finetune(TINY, "digits", out=tmp_path / "run", pretrained=tmp_path / "nan.safetensors", steps=4,
-                 batch_size=16, log_every=5, checkpoint_every=1, **FAST)
-    assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+        finetune(upstream, "digits", out=tmp_path / "passed", steps=4, batch_size=16, log_every=5, checkpoint_every=1,
+                 **FAST)
+    assert not any((tmp_path / "passed" / name).exists() for name in ("model.safetensors", "checkpoint.pt"))
     # lr 1e8: a step's loss (taken before its update) is finite, the update's weights are not: never checkpointed
     with pytest.raises(FloatingPointError, match=r"the weights hold NaN or infinite values after step \d+ \("):
         finetune(TINY, "digits", out=tmp_path / "far", base_lr=1e8, steps=8, batch_size=8, checkpoint_every=1,
@@ -387,6 +390,30 @@ def test_bad_images_are_reported_not_trained_on(tmp_path):
         bad.unlink()
     (everything, six), (clean_everything, _) = probe(root), probe(clean)
     assert everything == clean_everything and 0 < six <= 1  # the bad files are left out, not scored as blank
+
+
+def test_a_folder_another_process_trains_into_is_refused_and_its_files_left_alone(tmp_path):
+    """Two commands training into one folder would interleave checkpoints and metrics: the second, a real
+    `bit finetune` process holding it, makes this one stop at once, before it removes the other's files."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(bit_command("finetune", "--model", TINY, "--data", "digits", "--steps", "100000",
+                                         "--resolution", "40", "32", "--no-progress", "--out", out),
+                             env=bit_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "config.json").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        writing = out / ".checkpoint.pt.0123456789ab.tmp"  # as atomic_path names a file it is writing
+        writing.write_bytes(b"half a checkpoint")
+        with pytest.raises(ValueError, match=r"run is in use by another process training into it; wait for it"):
+            finetune(TINY, "digits", out=out, steps=3, **FAST)
+        assert writing.exists() and "stopped by" not in (out / "log.txt").read_text()
+    finally:
+        first.send_signal(signal.SIGTERM)  # stops after its step, with a checkpoint
+        first.wait(timeout=120)
+    with pytest.raises(ValueError, match="holds a run with other settings"):  # free again: reaches the settings
+        finetune(TINY, "digits", out=out, steps=3, **FAST)
 
 
 def test_bad_images_in_memory_and_on_the_device_are_left_out_as_from_files(tmp_path):

@@ -221,3 +221,37 @@ def test_a_given_resolution_replaces_the_fallback_without_a_warning(trained, cap
     run_cli(capsys, "embed", image, "--model", tmp_path / "BiT-X.npz", "--out", tmp_path / "f.npy", "--resolution", 40)
     assert "records no input side" not in caplog.text
     assert load_model(tmp_path / "BiT-X.npz")[2] == 224 and "records no input side" in caplog.text
+
+
+def test_evaluate_against_the_models_own_predictions_with_and_without_the_matrix(trained, tmp_path, caplog):
+    """Top-1 and the confusion matrix against argmax(model(x)) image by image, computed here; per_class=False
+    (upstream's 21k classes) gives the same top-1 without the matrix; an unreadable image is left out, counted
+    and logged in both."""
+    import shutil
+
+    from bigtransfer.data import HyperRuleTransform, open_dataset, to_model_input
+    from bigtransfer.data.loader import eval_loader
+    from bigtransfer.data.sources import BadImageError
+
+    shutil.copytree(trained / "shapes", tmp_path / "shapes")
+    (tmp_path / "shapes" / "class0" / "broken.png").write_bytes(b"not an image")
+    for k, path in enumerate(sorted((tmp_path / "shapes" / "class1").glob("*.png"))[:3]):  # mislabelled: errors
+        path.rename(tmp_path / "shapes" / "class2" / f"moved{k}.png")
+    source = open_dataset(str(tmp_path / "shapes"), hold_out=False)
+    model = load_model(trained / "run" / "model.safetensors")[0]
+    transform = HyperRuleTransform(36, 32, train=False)
+    expected = torch.zeros(3, 3, dtype=torch.int64)
+    for i in range(len(source)):
+        try:
+            image, label = source[i]
+        except BadImageError:
+            continue
+        with torch.no_grad():
+            expected[label, int(model(to_model_input(transform(image, 0)[None])).argmax())] += 1
+    cpu = Runtime(torch.device("cpu"))
+    full = evaluate(model, eval_loader(source, transform, 5), 3, cpu)
+    brief = evaluate(model, eval_loader(source, transform, 5), 3, cpu, per_class=False)
+    assert full["confusion_matrix"] == expected.tolist() and full["examples"] == len(source) - 1 == 24
+    assert full["top1"] == brief["top1"] == expected.trace().item() / 24 and expected[2, 1] == 3
+    assert full["bad_images"] == brief["bad_images"] == 1 and "confusion_matrix" not in brief
+    assert caplog.text.count("bad image skipped in evaluation: ") == 2 and "broken.png" in caplog.text

@@ -242,56 +242,58 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     train_source, _ = select_examples(source, k, k_seed)  # what the plan describes, without decoding anything
     name = model_or_name if isinstance(model_or_name, str) else f"BiT-{model_or_name.arch.name}"
     plan = make_plan(name, train_source, **overrides)
-    run = RunDir(out or default_run_dir(plan), writer=runtime.is_main)
-    settings = {"plan": as_recorded(dataclasses.asdict(plan)),
-                "pretrained": starting_weights(model_or_name, pretrained), "eval_data": held_out_data(eval_source)}
-    done = run.previous_results(settings)
-    if done is not None:  # what the run returned when it finished
-        if not isinstance(model_or_name, str):  # a model passed in ends with the run's weights, as after training
-            load_weights(_task_head(model_or_name, plan), run / "model.safetensors")
-        return {**done, "eval": run.read_json("eval.json")}
-    with run.log_to_file(), torch.random.fork_rng(devices=[]):  # seeded inside; the caller's RNG left as it was
-        train_source, chosen = select_examples(source, k, k_seed, readable=True)  # only for a run that trains
-        if runtime.is_main and progress:
-            Console(stderr=True).print(plan_table(plan))
-        if runtime.is_main:
-            run.write_json("config.json", {**settings, "world_size": runtime.world_size, "device": str(runtime.device)})
-            if chosen is not None:
-                run.write_json("examples.json", {"indices": chosen, "files": [source.describe(i) for i in chosen]})
-        if in_memory or device_data:  # after the few-shot choice: a 5-shot run decodes its 5 images per class
-            side = plan.resize if plan.random_crop else plan.crop  # the training transform's first resize
-            train_source = InMemoryImages(train_source, side, workers=max(1, workers), progress=progress)
-        model = _build_model(model_or_name, plan, pretrained)
-        optimizer = momentum_sgd(model.parameters(), plan.base_lr, runtime.device)
-        config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
-                              input_size=plan.crop, batch_split=plan.batch_split, mixup_alpha=plan.mixup_alpha,
-                              precision=plan.precision, channels_last=plan.channels_last, compile=plan.compile,
-                              seed=plan.seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                              checkpoint_minutes=checkpoint_minutes, log_every=log_every, progress=progress)
-        train_tf = HyperRuleTransform(plan.resize, plan.crop, train=True, flip=plan.flip,
-                                      random_crop=plan.random_crop)
-        eval_tf = HyperRuleTransform(plan.resize, plan.crop, train=False)
-        sampler = StepSampler(len(train_source), plan.batch_size, plan.seed, runtime.rank, runtime.world_size)
-        pin = runtime.device.type == "cuda"
+    with RunDir(out or default_run_dir(plan), writer=runtime.is_main) as run:  # claimed until this returns
+        settings = {"plan": as_recorded(dataclasses.asdict(plan)),
+                    "pretrained": starting_weights(model_or_name, pretrained), "eval_data": held_out_data(eval_source)}
+        done = run.previous_results(settings)
+        if done is not None:  # what the run returned when it finished
+            if not isinstance(model_or_name, str):  # a model passed in ends with the run's weights, as after training
+                load_weights(_task_head(model_or_name, plan), run / "model.safetensors")
+            return {**done, "eval": run.read_json("eval.json")}
+        with run.log_to_file(), torch.random.fork_rng(devices=[]):  # seeded inside; the caller's RNG left as it was
+            train_source, chosen = select_examples(source, k, k_seed, readable=True)  # only for a run that trains
+            if runtime.is_main and progress:
+                Console(stderr=True).print(plan_table(plan))
+            if runtime.is_main:
+                run.write_json("config.json", {**settings, "world_size": runtime.world_size,
+                                               "device": str(runtime.device)})
+                if chosen is not None:
+                    run.write_json("examples.json", {"indices": chosen, "files": [source.describe(i) for i in chosen]})
+            if in_memory or device_data:  # after the few-shot choice: a 5-shot run decodes its 5 images per class
+                side = plan.resize if plan.random_crop else plan.crop  # the training transform's first resize
+                train_source = InMemoryImages(train_source, side, workers=max(1, workers), progress=progress)
+            model = _build_model(model_or_name, plan, pretrained)
+            optimizer = momentum_sgd(model.parameters(), plan.base_lr, runtime.device)
+            config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
+                                  input_size=plan.crop, batch_split=plan.batch_split, mixup_alpha=plan.mixup_alpha,
+                                  precision=plan.precision, channels_last=plan.channels_last, compile=plan.compile,
+                                  seed=plan.seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                                  checkpoint_minutes=checkpoint_minutes, log_every=log_every, progress=progress)
+            train_tf = HyperRuleTransform(plan.resize, plan.crop, train=True, flip=plan.flip,
+                                          random_crop=plan.random_crop)
+            eval_tf = HyperRuleTransform(plan.resize, plan.crop, train=False)
+            sampler = StepSampler(len(train_source), plan.batch_size, plan.seed, runtime.rank, runtime.world_size)
+            pin = runtime.device.type == "cuda"
 
-        on_device = DeviceImages(train_source, runtime.device) if device_data else None
+            on_device = DeviceImages(train_source, runtime.device) if device_data else None
 
-        def batches(start: int):
-            if on_device is not None:
-                return device_batches(on_device, train_tf, sampler, start, plan.steps)
-            return train_loader(train_source, train_tf, sampler, start, plan.steps, workers, pin_memory=pin)
+            def batches(start: int):
+                if on_device is not None:
+                    return device_batches(on_device, train_tf, sampler, start, plan.steps)
+                return train_loader(train_source, train_tf, sampler, start, plan.steps, workers, pin_memory=pin)
 
-        def evaluator(net: nn.Module, batch_size: int) -> dict | None:
-            if eval_source is None:
-                return None
-            loader = eval_loader(eval_source, eval_tf, batch_size, workers, runtime.rank, runtime.world_size, pin)
-            return evaluate(net, loader, len(eval_source.classes), runtime, plan.precision, plan.channels_last)
+            def evaluator(net: nn.Module, batch_size: int) -> dict | None:
+                if eval_source is None:
+                    return None
+                loader = eval_loader(eval_source, eval_tf, batch_size, workers, runtime.rank, runtime.world_size, pin)
+                return evaluate(net, loader, len(eval_source.classes), runtime, plan.precision, plan.channels_last)
 
-        labels = {"bigtransfer.classes": json.dumps(list(source.classes)), "bigtransfer.resolution": str(plan.crop)}
-        results = train(model, optimizer, batches, config, runtime, run, evaluator=evaluator, weights_metadata=labels)
-        results["plan"] = settings["plan"]  # as a finished run returns it
-        _write_summary(run, plan, results)
-        return results
+            labels = {"bigtransfer.classes": json.dumps(list(source.classes)), "bigtransfer.resolution": str(plan.crop)}
+            results = train(model, optimizer, batches, config, runtime, run, evaluator=evaluator,
+                            weights_metadata=labels)
+            results["plan"] = settings["plan"]  # as a finished run returns it
+            _write_summary(run, plan, results)
+            return results
 
 
 def _build_model(model_or_name: nn.Module | str, plan: FinetunePlan, pretrained: bool | str | os.PathLike) -> ResNetV2:

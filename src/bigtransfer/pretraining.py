@@ -249,52 +249,53 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
         raise ValueError(f"{name} holds no images to train on")
     plan = make_pretrain_plan(model_name, name, n, len(classes), multi, recipe, data_flip=flip, **overrides)
     process_share(plan.batch_size, runtime.world_size)  # refused here for shards too, before anything is written
-    run = RunDir(out, writer=runtime.is_main)
-    probe = None if probe_data is None else f"probe {probe_data}, {probe_shots} per class"
-    settings = {"plan": as_recorded(dataclasses.asdict(plan)), "pretrained": starting_weights(model_name, pretrained),
-                "eval_data": held_out_data(eval_source, probe)}
-    if shards is not None:  # the same folder re-sharded, re-ordered or re-written: resume would skip other samples
-        settings["shards"] = shard_fingerprint(manifest)
-    done = run.previous_results(settings)
-    if done is not None:
-        return done
-    with run.log_to_file(), torch.random.fork_rng(devices=[]):  # seeded inside; the caller's RNG left as it was
-        saved = run.read_json("config.json")
-        if saved is not None and shards is not None and (saved["world_size"], saved.get("workers", workers)) != (
-                runtime.world_size, workers):
-            log.warning("resuming with %d processes of %d data workers, the run started with %d of %s: the shard "
-                        "order of the current epoch changes, so that epoch may see some samples twice and others "
-                        "not at all", runtime.world_size, workers, saved["world_size"], saved.get("workers"))
-        torch.manual_seed(plan.seed)
-        model = create_model(model_name, num_classes=plan.num_classes, pretrained=pretrained)
-        if multi and not model.head.bias.any():  # a new head (random init, or another checkpoint's head size)
-            nn.init.constant_(model.head.bias, HEAD_BIAS_SIGMOID)
-        model.set_grad_checkpointing(plan.activation_checkpointing)
-        local = plan.batch_size // runtime.world_size
-        micro = local // plan.batch_split if isinstance(plan.batch_split, int) else local
-        if runtime.is_main:
-            memory = memory_plan(model, micro, plan.crop, plan.precision, plan.activation_checkpointing)
-            Console(stderr=True).print(plan_table(plan, memory))
-            run.write_json("config.json", {**settings, "memory": memory, "world_size": runtime.world_size,
-                                           "workers": workers})
-        optimizer = momentum_sgd(parameter_groups(model, plan.weight_decay), plan.base_lr, runtime.device)
-        config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
-                              input_size=plan.crop, batch_split=plan.batch_split, precision=plan.precision,
-                              channels_last=plan.channels_last, compile=plan.compile, seed=plan.seed,
-                              eval_every=eval_every, checkpoint_every=checkpoint_every,
-                              checkpoint_minutes=checkpoint_minutes, log_every=log_every, progress=progress)
-        transform = InceptionCropTransform(plan.crop, plan.flip, scale=(plan.min_crop_area, 1.0))
-        batches = _batch_source(shards, None if shards else source, transform, plan, runtime, workers,
-                                run if sample_log else None)
-        evaluator = _evaluator(eval_source, probe_data, probe_shots, plan, runtime, workers)
-        loss = sigmoid_cross_entropy if multi else softmax_cross_entropy
-        labels = {"bigtransfer.classes": json.dumps([str(c) for c in classes]),
-                  "bigtransfer.resolution": str(plan.crop)}
-        results = train(model, optimizer, batches, config, runtime, run, loss_fn=loss, evaluator=evaluator,
-                        weights_metadata=labels)
-        results["plan"] = settings["plan"]  # as a finished run returns it
-        run.write_json("summary.json", results)
-        return results
+    with RunDir(out, writer=runtime.is_main) as run:  # claimed until this returns
+        probe = None if probe_data is None else f"probe {probe_data}, {probe_shots} per class"
+        settings = {"plan": as_recorded(dataclasses.asdict(plan)),
+                    "pretrained": starting_weights(model_name, pretrained),
+                    "eval_data": held_out_data(eval_source, probe)}
+        if shards is not None:  # the same folder re-sharded, re-ordered or re-written: resume would skip other samples
+            settings["shards"] = shard_fingerprint(manifest)
+        done = run.previous_results(settings)
+        if done is not None:
+            return done
+        with run.log_to_file(), torch.random.fork_rng(devices=[]):  # seeded inside; the caller's RNG left as it was
+            saved = run.read_json("config.json")
+            if saved is not None and shards is not None and (saved["world_size"], saved.get("workers", workers)) != (
+                    runtime.world_size, workers):
+                log.warning("resuming with %d processes of %d data workers, the run started with %d of %s: the shard "
+                            "order of the current epoch changes, so that epoch may see some samples twice and others "
+                            "not at all", runtime.world_size, workers, saved["world_size"], saved.get("workers"))
+            torch.manual_seed(plan.seed)
+            model = create_model(model_name, num_classes=plan.num_classes, pretrained=pretrained)
+            if multi and not model.head.bias.any():  # a new head (random init, or another checkpoint's head size)
+                nn.init.constant_(model.head.bias, HEAD_BIAS_SIGMOID)
+            model.set_grad_checkpointing(plan.activation_checkpointing)
+            local = plan.batch_size // runtime.world_size
+            micro = local // plan.batch_split if isinstance(plan.batch_split, int) else local
+            if runtime.is_main:
+                memory = memory_plan(model, micro, plan.crop, plan.precision, plan.activation_checkpointing)
+                Console(stderr=True).print(plan_table(plan, memory))
+                run.write_json("config.json", {**settings, "memory": memory, "world_size": runtime.world_size,
+                                               "workers": workers})
+            optimizer = momentum_sgd(parameter_groups(model, plan.weight_decay), plan.base_lr, runtime.device)
+            config = EngineConfig(schedule=plan.schedule, base_lr=plan.base_lr, global_batch=plan.batch_size,
+                                  input_size=plan.crop, batch_split=plan.batch_split, precision=plan.precision,
+                                  channels_last=plan.channels_last, compile=plan.compile, seed=plan.seed,
+                                  eval_every=eval_every, checkpoint_every=checkpoint_every,
+                                  checkpoint_minutes=checkpoint_minutes, log_every=log_every, progress=progress)
+            transform = InceptionCropTransform(plan.crop, plan.flip, scale=(plan.min_crop_area, 1.0))
+            batches = _batch_source(shards, None if shards else source, transform, plan, runtime, workers,
+                                    run if sample_log else None)
+            evaluator = _evaluator(eval_source, probe_data, probe_shots, plan, runtime, workers)
+            loss = sigmoid_cross_entropy if multi else softmax_cross_entropy
+            labels = {"bigtransfer.classes": json.dumps([str(c) for c in classes]),
+                      "bigtransfer.resolution": str(plan.crop)}
+            results = train(model, optimizer, batches, config, runtime, run, loss_fn=loss, evaluator=evaluator,
+                            weights_metadata=labels)
+            results["plan"] = settings["plan"]  # as a finished run returns it
+            run.write_json("summary.json", results)
+            return results
 
 
 def _batch_source(shards: Path | None, source: LabelledImages | None, transform, plan: PretrainPlan,

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 
 from .checkpoints.formats import atomic_path, remove_stale_temporaries
@@ -84,9 +85,28 @@ class RunDir:
     def __init__(self, path: str | os.PathLike, writer: bool = True) -> None:
         self.path = Path(path)
         self.writer = writer
+        self._lock: FileLock | None = None
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> RunDir:
+        """The folder claimed by this process (the main one under torchrun) until the block ends: a second
+        command training into it would interleave its checkpoints and metrics with the first's. Refused at
+        once, naming the folder; the lock (``.lock``, an flock) goes with the process, however it ends. Then
+        what a killed process left half-written is removed (not before: it could be the other process's)."""
+        if self.writer:
+            self._lock = FileLock(str(self / ".lock"), timeout=0)
+            try:
+                self._lock.acquire()
+            except Timeout:
+                raise ValueError(f"{self.path} is in use by another process training into it; wait for it to "
+                                 "finish, or pass another output folder (--out)") from None
             remove_stale_temporaries(self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
