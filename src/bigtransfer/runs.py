@@ -8,6 +8,7 @@
     curves.png         loss / learning rate / accuracy against steps
     summary.json/.md   the outcome in short
     log.txt            the log
+    .lock              held by the process training into the folder (`RunDir` as a context manager)
 """
 
 from __future__ import annotations
