@@ -171,6 +171,7 @@ def test_wrong_shape_is_named(tmp_path, tiny_npz):
      r"has shape \(2, 1, 512, 6\), a BiT-R14x0.25 needs \(1, 1, 512, 6\)"),
     ("resnet/head/conv2d/kernel", np.zeros(6, np.float32), r"has shape \(6,\), a BiT-R14x0.25 needs \(1, 1, 512, 6\)"),
     ("resnet/head/conv2d/bias", np.zeros((6, 1), np.float32), r"has shape \(6, 1\): a bias is a vector"),
+    ("resnet/head/conv2d/bias", np.zeros(7, np.float32), r"has 7 classes, 'resnet/head/conv2d/kernel' 6"),
     ("resnet/root_block/standardized_conv2d/kernel", np.zeros(3, np.float32),
      r"has shape \(3,\): a convolution kernel has 4 dimensions"),
     ("resnet/block2/unit01/a/group_norm/gamma", np.full(64, np.nan, np.float32), "holds NaN or infinite values"),

@@ -308,7 +308,14 @@ def infer_architecture(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[Arch
     if not depths:
         raise CheckpointError(f"no residual units (no array like {foreign_name(fmt, 'stages.0.0.conv1.weight')!r}): "
                               "not a BiT ResNet-v2")
-    head = tensors.get(head_key)
+    head, kernel_key = tensors.get(head_key), foreign_name(fmt, "head.weight")
+    if head is not None and kernel_key in tensors:  # the bias sets the head size: a wrong one is named, not the kernel
+        try:
+            classes = from_foreign(fmt, "head.weight", tensors[kernel_key]).shape[0]
+        except (RuntimeError, IndexError):  # no class count to compare with: the shape check names the kernel
+            classes = head.shape[0]
+        if classes != head.shape[0]:
+            raise CheckpointError(f"array {head_key!r} has {head.shape[0]} classes, {kernel_key!r} {classes}")
     return Architecture(depths=tuple(depths), width=root.shape[0] / 64), 0 if head is None else head.shape[0]
 
 
