@@ -29,7 +29,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 BENCH="$PY benchmarks/bench_models.py --device cuda --precision bf16 --threads 16 --repeats 5 --iters 10"
-sections=${*:-facts fused profile bench bench512 sizes e2e e2e512 compiled}
+sections=${*:-fused pool levers}  # the next call's; at most 8 sections a call (one file each comes back)
 
 facts() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -55,6 +55,7 @@ finetune() {  # NAME BATCH GRAPHS [FLAGS...]: `bit finetune` on a generated CIFA
   # on-device batches, 60 steps; prints the metrics and the img/s between steps 20 and 60 (data included)
   local name=$1 batch=$2 graphs=$3
   shift 3
+  rm -rf "/tmp/e2e_$name"  # a run folder left by an earlier call would return its old results, not train
   echo "== $name: batch $batch, BIGTRANSFER_CUDA_GRAPHS=$graphs $*"
   BIGTRANSFER_CUDA_GRAPHS=$graphs timeout 150 $PY -m bigtransfer finetune --model BiT-M-R50x1 \
     --data fractals:10 --in-memory --device-data --eval-data none --steps 60 --batch "$batch" \

@@ -392,6 +392,19 @@ def test_bad_images_are_reported_not_trained_on(tmp_path):
     assert everything == clean_everything and 0 < six <= 1  # the bad files are left out, not scored as blank
 
 
+def test_the_logged_speed_is_the_images_between_log_steps_over_their_time(tmp_path):
+    """images_per_s is what elapsed_s says, to its rounding: on a GPU, times taken per step measured how fast
+    the CPU queued kernels (the logs said twice the H100's real rate)."""
+    finetune(TINY, "digits", out=tmp_path / "run", steps=12, batch_size=16, log_every=3, **FAST)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in logged] == [3, 6, 9, 12]
+    for before, after in zip(logged, logged[1:], strict=False):
+        seconds = after["elapsed_s"] - before["elapsed_s"]  # each rounded to 1 ms
+        low, high = 16 * 3 / (seconds + 0.001), 16 * 3 / (seconds - 0.001)
+        assert low - 0.01 <= after["images_per_s"] <= high + 0.01, (before, after)
+
+
 def test_a_folder_another_process_trains_into_is_refused_and_its_files_left_alone(tmp_path):
     """Two commands training into one folder would interleave checkpoints and metrics: the second, a real
     `bit finetune` process holding it, makes this one stop at once, before it removes the other's files."""
@@ -680,6 +693,13 @@ def test_layout_defaults_to_channels_last_only_where_the_step_runs_as_cuda_graph
     model.grad_checkpointing = True
     assert not _graphs_wanted(model, config, cuda, split=1)
     model.grad_checkpointing = False
+    handle = model.register_forward_hook(lambda *args: None)  # a replay would not call it
+    assert not _graphs_wanted(model, config, cuda, split=1)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda *args: None)
+    assert not _graphs_wanted(model, config, cuda, split=1)
+    handle.remove()
+    assert _graphs_wanted(model, config, cuda, split=1)
     monkeypatch.setenv("BIGTRANSFER_CUDA_GRAPHS", "0")
     assert not _graphs_wanted(model, config, cuda, split=1)
 

@@ -157,6 +157,11 @@ def test_folding_weight_standardization_is_exact():
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(fold_weight_standardization(model)(x), model(x), rtol=1e-5, atol=1e-6)
+        half = bt.create_model("BiT-R14x0.25", num_classes=5, zero_head=False).eval().bfloat16()
+        half.load_state_dict(model.state_dict())
+        folded = fold_weight_standardization(half)  # in the model's dtype (and device), not fp32 CPU layers
+        assert {p.dtype for p in folded.parameters()} == {torch.bfloat16}
+        torch.testing.assert_close(folded(x.bfloat16()).float(), model(x), rtol=0.1, atol=0.05)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -165,6 +170,9 @@ def test_export_matches_pytorch(trained, capsys, tmp_path, fmt):
     out = tmp_path / f"model.{fmt}"
     run_cli(capsys, "export", "--model", ckpt, "--format", fmt, "--out", out, "--resolution", "32")
     model, _, _ = load_model(ckpt)
+    if fmt == "torchscript":  # a bf16 model exports the fp32 file every runtime takes
+        bt.export(load_model(ckpt)[0].bfloat16(), tmp_path / "from_bf16.pt", fmt, resolution=32)
+        assert {p.dtype for p in torch.jit.load(str(tmp_path / "from_bf16.pt")).parameters()} == {torch.float32}
     x = torch.randn(3, 3, 32, 32)  # another batch size than the export's example: the batch axis is dynamic
     with torch.no_grad():
         reference = model(x).numpy()

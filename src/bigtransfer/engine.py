@@ -33,6 +33,7 @@ from .checkpoints import save_weights
 from .checkpoints.formats import atomic_path
 from .data import to_model_input
 from .hyperrule import MOMENTUM, Schedule, learning_rate
+from .models.resnetv2 import hooked
 from .runs import RunDir
 from .runtime import Runtime, TrainingInterrupted, all_reduce_sum, autocast, upload
 
@@ -120,7 +121,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
     last_save = time.monotonic()
     done = start
     with _signals() as stop, _progress(config.progress and runtime.is_main, total, start) as bar:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # the last log step's time (after the GPU finished it), and its step: images/s
+        logged_step = start  # between log steps, of the whole loop (data loading, evaluations, checkpoints)
         started = t0 - elapsed  # elapsed_s counts the training time of every attempt, as the steps do
         for step, (images, labels, reports) in zip(range(start, total), batches(start), strict=False):
             lr = learning_rate(step, config.schedule, config.base_lr)
@@ -136,14 +138,15 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
                 images, labels = images[keep], labels[keep]
             loss = _update(net, graphed, optimizer, scaler, images, labels, loss_fn, split, step, config, runtime)
             done = step + 1
-            now = time.perf_counter()  # images/s of the whole loop, data loading included
-            rate, t0 = config.global_batch / (now - t0), now
-            if loss is not None:  # a step skipped for bad images has neither a loss nor a speed to report
-                speed = 0.9 * speed + 0.1 * rate if speed else rate
             stopping = stop.signum is not None
             timed = time.monotonic() - last_save > 60 * config.checkpoint_minutes
             if done % config.log_every == 0 or done == total:
                 mean, (stopping, timed) = _meet(loss, (stopping, timed), runtime)  # the same answers everywhere
+                # timed only here: `_meet` waits for the GPU, which between log steps runs behind the CPU (a
+                # CPU-side time per step measured how fast kernels were queued: twice the H100's real rate)
+                now = time.perf_counter()
+                speed = config.global_batch * (done - logged_step) / (now - t0)
+                t0, logged_step = now, done
                 if mean is not None:
                     last_loss = _finite(mean, done)
                     run.append_metrics({"step": done, "loss": last_loss, "lr": lr, "images_per_s": round(speed, 2),
@@ -271,8 +274,9 @@ def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.op
     optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=runtime.device)
     chunks = torch.arange(n, device=runtime.device).tensor_split(split)
+    ddp = isinstance(getattr(net, "_orig_mod", net), DistributedDataParallel)  # under torch.compile too
     for i, idx in enumerate(chunks):
-        sync = i == len(chunks) - 1 or not isinstance(net, DistributedDataParallel)
+        sync = i == len(chunks) - 1 or not ddp
         with contextlib.nullcontext() if sync else net.no_sync():
             x = to_model_input(images[idx])
             if perm is not None:
@@ -308,7 +312,7 @@ def _graphs_wanted(model: nn.Module, config: EngineConfig, runtime: Runtime, spl
     convolutions are NHWC kernels, and given NCHW spend 31% of the step's GPU time transposing); launched op by
     op, it is slower (more CPU time per step than the GPU saves; benchmarks/RESULTS.md)."""
     return (runtime.device.type == "cuda" and split == 1 and not runtime.distributed and not config.compile
-            and not getattr(model, "grad_checkpointing", False)
+            and not getattr(model, "grad_checkpointing", False) and not hooked(model.modules())
             and os.environ.get("BIGTRANSFER_CUDA_GRAPHS", "1") != "0")
 
 
@@ -320,10 +324,10 @@ def _capture_cuda_graphs(model: nn.Module, config: EngineConfig, runtime: Runtim
     launch the next kernel; a replay launches the ~1,000 kernels of an R50 step at once (measured on an
     H100, R50x1 at 128 px: see benchmarks/RESULTS.md). Only where it is exact and simple (`_graphs_wanted`): one CUDA
     process (DDP's gradient hooks have their own way), no torch.compile (Inductor has its own), no
-    activation checkpointing (it reads the RNG state, which a capture forbids), and one micro-batch per
-    step (the replayed backward hands out the same gradient buffers every time, which accumulation over
-    micro-batches would alias). Batches of another shape -- shortened by bad images -- run the ordinary
-    forward. The model keeps its own `forward`: the graphed one is returned.
+    activation checkpointing (it reads the RNG state, which a capture forbids), no hooks (a replay would not
+    run them), and one micro-batch per step (the replayed backward hands out the same gradient buffers every
+    time, which accumulation over micro-batches would alias). Batches of another shape -- shortened by bad
+    images -- run the ordinary forward. The model keeps its own `forward`: the graphed one is returned.
     ``BIGTRANSFER_CUDA_GRAPHS=0`` turns it off. None where the capture fails."""
     x = torch.zeros(micro_batch, 3, config.input_size, config.input_size, device=runtime.device)
     if config.channels_last:
@@ -335,8 +339,9 @@ def _capture_cuda_graphs(model: nn.Module, config: EngineConfig, runtime: Runtim
             torch.cuda.make_graphed_callables(model, (x,), allow_unused_input=True)
         log.info("CUDA graphs: the training step is captured for batches of %d", micro_batch)
         return _GraphedForward(model.forward, x.shape)
-    except RuntimeError as e:  # out of memory, or an op that cannot be captured
-        log.warning("training without CUDA graphs: capturing them failed (%s)", str(e).splitlines()[0])
+    except (RuntimeError, AssertionError) as e:  # out of memory, an op that cannot be captured, or torch's checks
+        log.warning("training without CUDA graphs: capturing them failed (%s)",
+                    (str(e).splitlines() or [type(e).__name__])[0])
         torch.cuda.empty_cache()
         return None
     finally:

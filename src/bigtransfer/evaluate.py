@@ -40,10 +40,12 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, runtime: Ru
     bad = []
     with evaluating(model):
         for images, labels, reports in loader:
-            keep = torch.tensor([not r for r in reports])
-            bad += [r for r in reports if r]
-            images = to_model_input(images[keep].to(runtime.device, non_blocking=True))
-            labels = labels[keep].to(runtime.device)
+            if any(reports):  # (indexing copies out of the loader's pinned memory: only where needed)
+                keep = torch.tensor([not r for r in reports])
+                bad += [r for r in reports if r]
+                images, labels = images[keep], labels[keep]
+            images = to_model_input(images.to(runtime.device, non_blocking=True))
+            labels = labels.to(runtime.device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(runtime.device, precision):

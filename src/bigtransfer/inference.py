@@ -178,7 +178,8 @@ class FoldedConv2d(nn.Conv2d):
 
 def fold_weight_standardization(model: ResNetV2) -> ResNetV2:
     """A copy whose weight-standardised convolutions are plain Conv2d with the standardised kernels:
-    identical outputs, no standardisation at run time, nothing exotic for exporters."""
+    identical outputs, no standardisation at run time, nothing exotic for exporters. The copy stays on the
+    model's device and in its dtype (a bf16 kernel is standardised in fp32, then rounded once)."""
     import copy
 
     folded = copy.deepcopy(model).eval()
@@ -186,9 +187,9 @@ def fold_weight_standardization(model: ResNetV2) -> ResNetV2:
         for name, child in list(module.named_children()):
             if isinstance(child, StdConv2d):
                 conv = FoldedConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                    child.padding, bias=False)
+                                    child.padding, bias=False, device=child.weight.device, dtype=child.weight.dtype)
                 with torch.no_grad():
-                    conv.weight.copy_(standardize(child.weight, child.eps))
+                    conv.weight.copy_(standardize(child.weight.float(), child.eps))
                 setattr(module, name, conv)
     return folded
 
@@ -198,7 +199,8 @@ EXPORT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".t
 
 def export(model: ResNetV2, path: str | os.PathLike, fmt: str = "onnx", resolution: int = DEFAULT_RESOLUTION) -> Path:
     """ONNX (dynamic batch) or TorchScript, Weight Standardization folded in, traced at `resolution` (the side
-    the model was trained at: `load_model` returns it)."""
+    the model was trained at: `load_model` returns it). The file holds fp32 CPU weights, whatever the model's
+    device and dtype: what every runtime takes."""
     if fmt not in EXPORT_SUFFIXES:
         raise ValueError(f"unknown export format {fmt!r}; choose onnx or torchscript")
     other = [f for f, suffixes in EXPORT_SUFFIXES.items() if f != fmt and Path(path).suffix in suffixes]
@@ -211,7 +213,7 @@ def export(model: ResNetV2, path: str | os.PathLike, fmt: str = "onnx", resoluti
         except ImportError as e:
             raise ImportError("ONNX export needs the onnx package: pip install onnx (TorchScript needs nothing "
                               "more: --format torchscript)") from e
-    folded = fold_weight_standardization(model)
+    folded = fold_weight_standardization(model).to("cpu", torch.float32)
     # an image-like input: on zeros every norm sees a constant and the tracer's own check reports noise
     example = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with atomic_path(path) as tmp:

@@ -17,6 +17,7 @@ import functools
 import math
 import operator
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -300,12 +301,14 @@ class Architecture:
         return total + cin * num_classes
 
 
-def _global_hooks() -> bool:
-    """Whether hooks registered for all modules (``torch.nn.modules.module.register_module_forward_hook`` and
-    the like) are set."""
+def hooked(modules: Iterable[nn.Module]) -> bool:
+    """Whether a hook would run when one of `modules` is called: its own, or one registered for all modules
+    (``torch.nn.modules.module.register_module_forward_hook`` and the like). Paths that skip calling modules
+    (the fused residual adds, a CUDA-graph replay) are not taken then, so that no user's hook goes unheard."""
     hooks = torch.nn.modules.module
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-                or hooks._global_backward_pre_hooks)
+                or hooks._global_backward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
 def _channels(value: float) -> int:
@@ -407,8 +410,7 @@ class ResNetV2(nn.Module):
             return False
         units = [unit for stage in self.stages for unit in stage]
         bypassed = [*self.stages, *units, *(unit.norm1 for unit in units), self.norm]
-        return not (_global_hooks() or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                                            or m._backward_pre_hooks for m in bypassed))
+        return not hooked(bypassed)
 
     def _units_with_fused_residuals(self, x: torch.Tensor) -> torch.Tensor:
         """The stages and the head norm, each unit handing on its last convolution's output and its shortcut
