@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoints import save_weights
-from .checkpoints.formats import atomic_path
+from .checkpoints.formats import atomic_path, first_non_finite
 from .data import to_model_input
 from .hyperrule import MOMENTUM, Schedule, learning_rate
 from .models.resnetv2 import hooked
@@ -210,10 +210,8 @@ def _finite(value: float, step: int) -> float:
 def _finite_weights(model: nn.Module, step: int) -> None:
     """The weights, if all finite (one check for all of them: one wait for a GPU), else the run stops as for a
     diverged loss, its last checkpoint kept."""
-    named = list(model.named_parameters())
-    finite = torch.stack([p.detach().isfinite().all() for _, p in named]).tolist()
-    if not all(finite):
-        name = next(n for (n, _), ok in zip(named, finite, strict=True) if not ok)
+    name = first_non_finite(dict(model.named_parameters()))
+    if name is not None:
         raise FloatingPointError(f"the weights hold NaN or infinite values after step {step} ({name} first): the "
                                  "run diverged (is the learning rate too high?); its last checkpoint is kept")
 

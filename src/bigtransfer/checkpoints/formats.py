@@ -286,6 +286,15 @@ _UNIT_ARRAYS = tuple(f"{layer}.{p}" for layer in ("norm1", "norm2", "norm3") for
     f"{conv}.weight" for conv in ("conv1", "conv2", "conv3"))
 
 
+def _laid_out(fmt: str, name: str, t: torch.Tensor) -> torch.Tensor | None:
+    """`from_foreign`, or None for a shape that cannot even be laid out as ours (torch's reshape or index error
+    would name neither the file nor the array)."""
+    try:
+        return from_foreign(fmt, name, t)
+    except (RuntimeError, IndexError):
+        return None
+
+
 def infer_architecture(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[Architecture, int]:
     """Units per stage (by probing names: a unit is there if any of its arrays is, so that a missing one is
     reported by name, not read as a shallower network) and width (root conv channels / 64); head size or 0."""
@@ -310,10 +319,8 @@ def infer_architecture(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[Arch
                               "not a BiT ResNet-v2")
     head, kernel_key = tensors.get(head_key), foreign_name(fmt, "head.weight")
     if head is not None and kernel_key in tensors:  # the bias sets the head size: a wrong one is named, not the kernel
-        try:
-            classes = from_foreign(fmt, "head.weight", tensors[kernel_key]).shape[0]
-        except (RuntimeError, IndexError):  # no class count to compare with: the shape check names the kernel
-            classes = head.shape[0]
+        kernel = _laid_out(fmt, "head.weight", tensors[kernel_key])  # None: the shape check names the kernel
+        classes = head.shape[0] if kernel is None else kernel.shape[0]
         if classes != head.shape[0]:
             raise CheckpointError(f"array {head_key!r} has {head.shape[0]} classes, {kernel_key!r} {classes}")
     return Architecture(depths=tuple(depths), width=root.shape[0] / 64), 0 if head is None else head.shape[0]
@@ -342,10 +349,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         key = foreign_name(fmt, name)
         if key not in tensors:
             raise CheckpointError(f"{path}: missing array {key!r} (a {fmt} checkpoint of a BiT-{arch.name})")
-        try:
-            t = from_foreign(fmt, name, tensors[key])
-        except (RuntimeError, IndexError):  # a shape that cannot even be laid out as ours
-            t = None
+        t = _laid_out(fmt, name, tensors[key])
         if t is None or t.shape != shape:
             want = tuple(to_foreign(fmt, name, torch.empty(shape, device="meta")).shape)
             raise CheckpointError(f"{path}: array {key!r} has shape {tuple(tensors[key].shape)}, "
@@ -358,12 +362,18 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} arrays not part of a BiT-{arch.name}: "
                               f"{', '.join(repr(k) for k in unexpected[:5])}")
-    finite = torch.stack([t.isfinite().all() for t in state.values()])  # a diverged run's weights predict NaN
-    if not finite.all():
-        bad = list(state)[int((~finite).nonzero()[0])]
+    bad = first_non_finite(state)  # a diverged run's weights predict NaN
+    if bad is not None:
         raise CheckpointError(f"{path}: array {foreign_name(fmt, bad)!r} holds NaN or infinite values")
     _check_metadata(path, metadata, num_classes)
     return Checkpoint(path, fmt, arch, num_classes, state, metadata)
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or an infinity, or None: one check for all of them (one wait
+    for a GPU)."""
+    finite = torch.stack([t.detach().isfinite().all() for t in tensors.values()]).tolist()
+    return next((name for name, ok in zip(tensors, finite, strict=True) if not ok), None)
 
 
 def _check_metadata(path: Path, metadata: dict[str, str], num_classes: int) -> None:
