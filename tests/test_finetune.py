@@ -63,6 +63,8 @@ def test_few_shot_sampler():
     assert a[0] not in b and set(a[1:]) <= set(b) and len(b) == 9
     with pytest.raises(ValueError, match="examples per class need single-label data"):  # not flat indices into
         sample_per_class([(0, 1), (1, 2), (0, 2)] * 2, 1, seed=0)  # an (N, 2) array, some past the 6 items
+    with pytest.raises(ValueError, match="the few-shot seed must be >= 0, got -1"):
+        sample_per_class(targets, 3, seed=-1)
 
 
 def test_plan_checks_the_resolution_it_will_use():
@@ -381,6 +383,7 @@ def test_bad_images_are_reported_not_trained_on(tmp_path):
 
     def probe(folder):  # every readable image for training and for testing, and 6 per class for training
         data = open_dataset(str(folder), hold_out=False)
+        torch.manual_seed(0)  # the same network for both folders
         return [r["accuracy"] for r in linear_probe(create_model(TINY, num_classes=0), data, data, 32,
                                                      shots=(None, 6))]
 

@@ -1,5 +1,7 @@
 """The linear probe against a hand-made separable problem and scikit-learn's Ridge."""
 
+import copy
+
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
@@ -50,5 +52,18 @@ def test_probe_rows_for_shots_and_seeds():
         assert r["accuracy"] == pytest.approx(np.mean(ref.predict(test_x).argmax(1) == test_y), abs=1.5 / len(test_y))
     assert len({r["accuracy"] for r in rows}) == 5  # draws and k give other fits
     assert rows[-1]["accuracy"] > 0.5  # even random GN+WS features separate digits with all 1,000 examples
+    # without None, only the drawn training images are read, and each row is the same fit
+    read = set()
+
+    class Counted(type(train)):
+        def __getitem__(self, i):
+            read.add(i)
+            return super().__getitem__(i)
+
+    counted = copy.copy(train)
+    counted.__class__ = Counted
+    assert linear_probe(model, counted, test, 32, setup("cpu"), shots=(1, 5), seeds=(0, 1)) == rows[:4]
+    drawn = {i for k in (1, 5) for seed in (0, 1) for i in sample_per_class(train.targets, k, seed, train.classes)}
+    assert read == drawn and len(read) <= 120 < len(train)
     # the package's top level has it too, and the runtime defaults to the model's device
     assert bt.linear_probe(model, train, test, 32, shots=(1,), seeds=(1,))[0] == rows[1]

@@ -136,7 +136,8 @@ def _data_inputs(args: argparse.Namespace) -> tuple:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .finetuning import make_plan, plan_table, select_examples
+    from .data import select_examples
+    from .finetuning import make_plan, plan_table
 
     source, _, overrides = _plan_inputs(args)
     source, _ = select_examples(source, overrides.get("examples_per_class"),
@@ -238,7 +239,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     results_folder(args.out, {"command": "fewshot", **_sweep_settings(args, train, test), "overrides": overrides})
     rows = few_shot_sweep(args.model, train, test, Path(args.out) / "runs", pretrained=args.pretrained,
                           shots=_k_list(args.shots, args.full), seeds=list(range(args.seeds)), device=args.device,
-                          **overrides)
+                          workers=args.workers, **overrides)
     title = f"{args.model} few-shot on {train.name}"
     write_results(rows, args.out, title)
     console.print(results_table(rows, title))
@@ -263,7 +264,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     torch.manual_seed(0)  # a random-init baseline is the same network at every run
     model = create_model(args.model, pretrained=args.pretrained).to(runtime.device)
     rows = linear_probe(model, train, test, resolution, runtime, shots=_k_list(args.shots, args.full),
-                        seeds=list(range(args.seeds)), l2=args.l2)
+                        seeds=list(range(args.seeds)), l2=args.l2, workers=args.workers)
     for row in rows:
         row["init"] = "pretrained" if args.pretrained else "scratch"
     title = f"linear probe of {args.model} on {train.name} (ridge, l2 {args.l2:g})"
@@ -504,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--full", action="store_true", help="also all training data")
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
+        p.add_argument("--workers", type=INDEX, default=0, help="data-loading worker processes (default 0)")
         if name == "probe":
             p.add_argument("--l2", type=POSITIVE, default=2.0**10, help="ridge regularisation (default 1024)")
         p.set_defaults(func=cmd_fewshot if name == "fewshot" else cmd_probe)

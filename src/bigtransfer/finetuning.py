@@ -25,7 +25,6 @@ from torch.utils.data import Dataset
 from . import hyperrule
 from .checkpoints import load_weights
 from .data import (
-    BadImageError,
     HyperRuleTransform,
     LabelledImages,
     StepSampler,
@@ -34,7 +33,7 @@ from .data import (
     match_classes,
     measure_image_size,
     open_dataset,
-    sample_per_class,
+    select_examples,
     train_loader,
 )
 from .data.device import DeviceImages, device_batches
@@ -184,27 +183,6 @@ def open_sources(train_data: LabelledImages | Dataset | str, eval_data: Labelled
         return train, None
     held_out = as_source(eval_data, "eval", download, hold_out=same)
     return train, match_classes(train.classes, held_out, multi_label=train.multi_label)
-
-
-def select_examples(source: LabelledImages, examples_per_class: int | None, seed: int = 0,
-                    readable: bool = False) -> tuple[LabelledImages, list[int] | None]:
-    """The few-shot training set (and the chosen indices), or the whole source when k is None. `readable`:
-    decode the draws and replace those that do not decode (k examples means k images to learn from); without
-    it, nothing is decoded, which is all a plan needs."""
-    if examples_per_class is None:
-        return source, None
-
-    def decodes(i: int) -> bool:
-        try:
-            source[i]
-            return True
-        except BadImageError as e:
-            log.warning("few-shot draw: %s; another example of its class is drawn instead", e)
-            return False
-
-    chosen = sample_per_class(source.targets, examples_per_class, seed, source.classes,
-                              usable=decodes if readable else None)
-    return source.subset(chosen), chosen
 
 
 def default_run_dir(plan: FinetunePlan) -> Path:

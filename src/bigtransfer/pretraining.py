@@ -351,7 +351,7 @@ def _evaluator(eval_source: LabelledImages | None, probe_data: str | None, probe
                                     per_class=plan.num_classes <= 1000)
         if probe is not None and runtime.is_main:
             rows = linear_probe(net, *probe, resolution=plan.crop, runtime=runtime, shots=(probe_shots,),
-                                batch_size=batch_size, precision=plan.precision)
+                                batch_size=batch_size, precision=plan.precision, workers=workers)
             metrics[f"probe_{probe_shots}shot"] = rows[0]["accuracy"]
         return metrics
 

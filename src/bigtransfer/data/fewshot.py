@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from .sources import BadImageError, LabelledImages
+
+log = logging.getLogger("bigtransfer")
 
 
 def sample_per_class(targets: Sequence[int], examples_per_class: int, seed: int,
@@ -17,6 +22,8 @@ def sample_per_class(targets: Sequence[int], examples_per_class: int, seed: int,
     stays k; the draws of every other item are the same as without `usable`."""
     if examples_per_class < 1:
         raise ValueError(f"examples_per_class must be >= 1, got {examples_per_class}")
+    if seed < 0:  # numpy's generators take no negative seed; its own error names no option
+        raise ValueError(f"the few-shot seed must be >= 0, got {seed}")
     if any(isinstance(t, tuple | list) for t in targets):
         raise ValueError("examples per class need single-label data: these images have several classes each")
     targets = np.asarray(targets)
@@ -39,3 +46,24 @@ def sample_per_class(targets: Sequence[int], examples_per_class: int, seed: int,
             drawn = good
         chosen.extend(drawn)
     return sorted(chosen)
+
+
+def select_examples(source: LabelledImages, examples_per_class: int | None, seed: int = 0,
+                    readable: bool = False) -> tuple[LabelledImages, list[int] | None]:
+    """The few-shot training set (and the chosen indices), or the whole source when k is None. `readable`:
+    decode the draws and replace those that do not decode (k examples means k images to learn from); without
+    it, nothing is decoded, which is all a plan needs."""
+    if examples_per_class is None:
+        return source, None
+
+    def decodes(i: int) -> bool:
+        try:
+            source[i]
+            return True
+        except BadImageError as e:
+            log.warning("few-shot draw: %s; another example of its class is drawn instead", e)
+            return False
+
+    chosen = sample_per_class(source.targets, examples_per_class, seed, source.classes,
+                              usable=decodes if readable else None)
+    return source.subset(chosen), chosen
