@@ -7,7 +7,7 @@ import pytest
 from sklearn.linear_model import Ridge
 
 import bigtransfer as bt
-from bigtransfer.data import open_dataset, sample_per_class
+from bigtransfer.data import match_classes, open_dataset, sample_per_class
 from bigtransfer.probe import extract_features, linear_probe, ridge_accuracy, ridge_fit
 from bigtransfer.runtime import setup
 
@@ -67,3 +67,6 @@ def test_probe_rows_for_shots_and_seeds():
     assert read == drawn and len(read) <= 120 < len(train)
     # the package's top level has it too, and the runtime defaults to the model's device
     assert bt.linear_probe(model, train, test, 32, shots=(1,), seeds=(1,))[0] == rows[1]
+    tags = match_classes(train.classes, train, multi_label=True)  # a tuple of labels per image
+    with pytest.raises(ValueError, match="the linear probe fits one class per image: digits has several"):
+        linear_probe(model, tags, test, 32, shots=(None,))

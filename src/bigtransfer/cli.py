@@ -264,7 +264,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     torch.manual_seed(0)  # a random-init baseline is the same network at every run
     model = create_model(args.model, pretrained=args.pretrained).to(runtime.device)
     rows = linear_probe(model, train, test, resolution, runtime, shots=_k_list(args.shots, args.full),
-                        seeds=list(range(args.seeds)), l2=args.l2, workers=args.workers)
+                        seeds=list(range(args.seeds)), l2=args.l2, workers=args.workers, progress=True)
     for row in rows:
         row["init"] = "pretrained" if args.pretrained else "scratch"
     title = f"linear probe of {args.model} on {train.name} (ridge, l2 {args.l2:g})"

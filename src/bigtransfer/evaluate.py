@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import to_model_input
+from .data import HyperRuleTransform, LabelledImages, eval_loader, to_model_input
 from .runtime import Runtime, all_reduce_sum, autocast
 
 log = logging.getLogger("bigtransfer")
@@ -27,6 +28,35 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+def model_outputs(fn: Callable[[torch.Tensor], torch.Tensor], source: LabelledImages, width: int, resolution: int,
+                  batch_size: int, device: torch.device, workers: int = 0, precision: str = "fp32",
+                  progress: bool = False) -> tuple[torch.Tensor, dict[int, str]]:
+    """(fn's float output row of every item, in order; {index: why} for items that do not decode), images resized
+    straight to `resolution`. An unreadable image gets a row of NaN and a report rather than stopping a run over
+    thousands of files. The caller puts the model in eval mode (`evaluating`)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    loader = eval_loader(source, HyperRuleTransform(resolution, resolution, train=False), batch_size, workers,
+                         pin_memory=device.type == "cuda")
+    rows: list[torch.Tensor] = []
+    errors: dict[int, str] = {}
+    done = 0
+    with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
+        task = bar.add_task("images", total=len(source))
+        for x, _, reports in loader:
+            good = torch.tensor([not r for r in reports])
+            out = torch.full((len(reports), width), math.nan)
+            if good.any():
+                with torch.inference_mode(), autocast(device, precision):
+                    out[good] = fn(to_model_input(x[good].to(device, non_blocking=True))).float().cpu()
+            errors.update({done + i: r for i, r in enumerate(reports) if r})
+            rows.append(out)
+            done += len(reports)
+            bar.advance(task, len(reports))
+    return torch.cat(rows), errors
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -22,9 +21,8 @@ from torch import nn
 
 from .checkpoints import SUFFIX_FORMATS, load_weights, read_checkpoint
 from .checkpoints.formats import atomic_path
-from .data import HyperRuleTransform, eval_loader, to_model_input
 from .data.sources import ImageFiles
-from .evaluate import evaluating
+from .evaluate import evaluating, model_outputs
 from .models import ResNetV2, create_model, get_model_spec, list_models
 from .models.resnetv2 import StdConv2d, standardize
 from .runtime import resolve_device
@@ -66,33 +64,6 @@ def _resolution(metadata: dict[str, str], path: Path) -> int:
     return DEFAULT_RESOLUTION
 
 
-def _outputs(model: nn.Module, images: ImageFiles, width: int, fn, resolution: int, batch_size: int,
-             device: torch.device, workers: int, progress: bool) -> tuple[torch.Tensor, dict[str, str]]:
-    """(fn's output row of every image in order, {file: why} for those that do not decode). An unreadable
-    image gets a row of NaN and a report rather than stopping a run over thousands of files."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    loader = eval_loader(images, HyperRuleTransform(resolution, resolution, train=False), batch_size, workers,
-                         pin_memory=device.type == "cuda")
-    rows: list[torch.Tensor] = []
-    errors: dict[str, str] = {}
-    done = 0
-    with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
-        task = bar.add_task("images", total=len(images))
-        for x, _, reports in loader:
-            good = torch.tensor([not r for r in reports])
-            out = torch.full((len(reports), width), math.nan)
-            if good.any():
-                with torch.inference_mode():
-                    out[good] = fn(to_model_input(x[good].to(device, non_blocking=True))).float().cpu()
-            errors.update({images.paths[done + i]: r for i, r in enumerate(reports) if r})
-            rows.append(out)
-            done += len(reports)
-            bar.advance(task, len(reports))
-    return torch.cat(rows), errors
-
-
 def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike,
             classes: Sequence[str] | None = None, top_k: int = 5, resolution: int | None = None, batch_size: int = 32,
             device: str | None = None, workers: int = 0, progress: bool = False) -> list[dict]:
@@ -107,8 +78,9 @@ def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathL
         raise ValueError(f"{len(classes)} class names for a head of {model.num_classes} classes")
     model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
     with evaluating(model):
-        probs, errors = _outputs(model, images, model.num_classes, lambda x: model(x).softmax(-1), resolution,
-                                 batch_size, dev, workers, progress)
+        probs, errors = model_outputs(lambda x: model(x).softmax(-1), images, model.num_classes, resolution,
+                                      batch_size, dev, workers, progress=progress)
+    errors = {images.paths[i]: why for i, why in errors.items()}
     values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
     names = list(classes) if classes is not None else [str(i) for i in range(probs.shape[1])]
     return [{"file": f, "error": errors[f]} if f in errors else
@@ -126,9 +98,9 @@ def embed(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLik
     model's own; the model is left in the mode (train/eval) it came in."""
     model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
     with evaluating(model):
-        features, errors = _outputs(model, images, model.num_features, model.forward_features, resolution,
-                                    batch_size, dev, workers, progress)
-    return features.numpy(), images.paths, errors
+        features, errors = model_outputs(model.forward_features, images, model.num_features, resolution,
+                                         batch_size, dev, workers, progress=progress)
+    return features.numpy(), images.paths, {images.paths[i]: why for i, why in errors.items()}
 
 
 def _prepared(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike, resolution: int | None,

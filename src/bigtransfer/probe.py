@@ -11,52 +11,38 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
-from .data import (
-    BadImageError,
-    HyperRuleTransform,
-    LabelledImages,
-    eval_loader,
-    match_classes,
-    select_examples,
-    to_model_input,
-)
-from .evaluate import evaluating
-from .runtime import Runtime, autocast, setup
+from .data import BadImageError, LabelledImages, match_classes, select_examples
+from .evaluate import evaluating, model_outputs
+from .runtime import Runtime, setup
 
 DEFAULT_L2 = 2.0**10
 log = logging.getLogger("bigtransfer")
 
 
 def extract_features(model: nn.Module, source: LabelledImages, resolution: int, runtime: Runtime,
-                     batch_size: int = 256, precision: str = "fp32", workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 256, precision: str = "fp32", workers: int = 0,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Pre-logit features (N, C) of every item, images resized straight to `resolution`, and labels. Images
     that do not decode are left out, named in a warning: a probe is fitted and scored on the readable ones."""
-    features, labels, _ = _features(model, source, resolution, runtime, batch_size, precision, workers)
+    features, labels, _ = _features(model, source, resolution, runtime, batch_size, precision, workers, progress)
     return features, labels
 
 
-@torch.no_grad()
 def _features(model: nn.Module, source: LabelledImages, resolution: int, runtime: Runtime, batch_size: int,
-              precision: str, workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              precision: str, workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`extract_features` and which items it kept (a bool per item)."""
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     inner = getattr(inner, "module", inner)  # DDP's
-    feats, labels, kept = [], [], []
-    loader = eval_loader(source, HyperRuleTransform(resolution, resolution, train=False), batch_size, workers)
     with evaluating(model):
-        for images, targets, reports in loader:
-            good = torch.tensor([not r for r in reports])
-            for report in filter(None, reports):
-                log.warning("bad image left out of the probe: %s", report)
-            with autocast(runtime.device, precision):
-                out = inner.forward_features(to_model_input(images[good].to(runtime.device)))
-            feats.append(out.float().cpu().numpy())
-            labels.append(targets[good].numpy())
-            kept.append(good.numpy())
-    return np.concatenate(feats).astype(np.float64), np.concatenate(labels), np.concatenate(kept)
+        features, errors = model_outputs(inner.forward_features, source, inner.num_features, resolution,
+                                         batch_size, runtime.device, workers, precision, progress)
+    for report in errors.values():
+        log.warning("bad image left out of the probe: %s", report)
+    kept = np.ones(len(source), dtype=bool)
+    kept[list(errors)] = False
+    return features[kept].double().numpy(), np.asarray(source.targets)[kept], kept
 
 
 def ridge_fit(features: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -83,22 +69,24 @@ def ridge_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray,
 def linear_probe(model: nn.Module, train: LabelledImages, test: LabelledImages, resolution: int,
                  runtime: Runtime | None = None, shots: Sequence[int | None] = (None,), seeds: Sequence[int] = (0,),
                  l2: float = DEFAULT_L2, batch_size: int = 256, precision: str = "fp32",
-                 workers: int = 0) -> list[dict]:
+                 workers: int = 0, progress: bool = False) -> list[dict]:
     """Test accuracy of the probe for every (examples per class, seed); None means all training data.
     Features are extracted once, of the drawn training images only unless None is asked for (a 10-shot probe
     of CIFAR-10 reads 100 of its 50,000); every k and seed only re-fits the closed form. The draws are
     fine-tuning's (`select_examples`): the same seed gives the same images, an unreadable one replaced.
     `runtime`: by default the model's device (`runtime.setup`)."""
     runtime = runtime or setup(str(next(model.parameters()).device))
-    test = match_classes(train.classes, test, multi_label=train.multi_label)
+    if train.multi_label:
+        raise ValueError(f"the linear probe fits one class per image: {train.name} has several")
+    test = match_classes(train.classes, test)
     draws = {(k, seed): select_examples(train, k, seed, readable=True)[1]
              for k in shots if k is not None for seed in seeds}
     items = np.arange(len(train)) if None in shots else np.unique([i for d in draws.values() for i in d])
     train_x, train_y, kept = _features(model, train.subset(items.tolist()), resolution, runtime, batch_size,
-                                       precision, workers)
+                                       precision, workers, progress)
     row = np.full(len(train), -1)
     row[items[kept]] = np.arange(len(train_y))
-    test_xy = extract_features(model, test, resolution, runtime, batch_size, precision, workers)
+    test_xy = extract_features(model, test, resolution, runtime, batch_size, precision, workers, progress)
     rows = []
     for k in shots:
         for seed in (0,) if k is None else seeds:
