@@ -462,11 +462,13 @@ def _progress(enabled: bool, total: int, start: int) -> Iterator[_NoBar | _Bar]:
     if not enabled:
         yield _NoBar()
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
-                                   "{task.fields[speed]:.1f} img/s"), TextColumn("ETA"), TimeRemainingColumn())
+                                   "{task.fields[speed]:.1f} img/s"), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=Console(stderr=True))  # with the plan table and the log: stdout keeps the results
     task = progress.add_task("train", total=total, completed=start, loss=math.nan, lr=0.0, speed=0.0)
     with progress:
         yield _Bar(progress, task)
