@@ -2,7 +2,7 @@
 # The GPU checks (device tool); results go to $OUT (default ./gpu_out), one file per section (the device
 # tool brings back at most 8). Next, in one call (~7 min; measured runs: benchmarks/RESULTS.md):
 #   bash benchmarks/gpu_check.sh fused pool levers   # the prepared levers per kernel, then in the whole loop
-# then, with the faster defaults: bash benchmarks/gpu_check.sh profile bench bench512tuned   (~4 min).
+# then, with the faster defaults: bash benchmarks/gpu_check.sh profile bench bench512tuned shortened   (~5 min).
 # A device session has 15 minutes, and a machine left idle goes back within a minute: the second call starts
 # a fresh one (1-2 min). `levers` ends with a table whose `all_three` row is the whole loop with every
 # prepared lever on, i.e. what the defaults become if each lever wins on its own row: the first call alone
@@ -22,6 +22,7 @@
 # sizes     R101x1 and R50x3 against timm, batch 128
 # e2e       the whole fine-tuning loop (data included), with and without CUDA graphs, batch 512 and 128
 # e2e512    the whole fine-tuning loop at batch 512 with CUDA graphs: NCHW or channels_last, cuDNN autotuned or not
+# shortened batches shortened by bad images (in-memory, on the device), with and without CUDA graphs: same weights
 # compiled  R50x1 and timm both under torch.compile
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -74,15 +75,38 @@ e2e() {  # same seed: same losses expected with and without graphs
     for graphs in 0 1; do
       finetune "b${batch}_graphs${graphs}" "$batch" "$graphs" --channels-last  # one layout for both
     done
-    $PY - "$batch" <<'EOF'
+    same_weights "b${batch}_graphs0" "b${batch}_graphs1"
+  done
+}
+
+same_weights() {  # RUN RUN: relative L2 distance of two finetune runs' final weights
+  $PY - "$1" "$2" <<'EOF'
 import sys
 from safetensors.torch import load_file
-a, b = (load_file(f"/tmp/e2e_b{sys.argv[1]}_graphs{g}/model.safetensors") for g in (0, 1))
+a, b = (load_file(f"/tmp/e2e_{name}/model.safetensors") for name in sys.argv[1:])
 num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
 den = sum(float(a[k].double().norm() ** 2) for k in a)
-print(f"final weights, graphs vs eager: relative L2 distance {(num / den) ** 0.5:.2e}")
+print(f"final weights, {sys.argv[2]} vs {sys.argv[1]}: relative L2 distance {(num / den) ** 0.5:.2e}")
 EOF
+}
+
+shortened() {  # batches shortened by bad images: padded to the captured batch under CUDA graphs (engine._padded)
+  rm -rf /tmp/bad_folder
+  $PY - <<'EOF'
+import sys
+sys.path.insert(0, "tests")
+from images import make_image_folder
+root = make_image_folder("/tmp/bad_folder", classes=4, per_class=64, size=160)
+for c in range(2):
+    (root / f"class{c}" / "broken.png").write_bytes(b"not an image")
+EOF
+  for graphs in 0 1; do
+    rm -rf "/tmp/e2e_bad$graphs"
+    BIGTRANSFER_CUDA_GRAPHS=$graphs timeout 120 $PY -m bigtransfer finetune --model BiT-M-R50x1 --data /tmp/bad_folder \
+      --in-memory --device-data --eval-data none --steps 30 --batch 64 --precision bf16 --channels-last --no-progress \
+      --out "/tmp/e2e_bad$graphs" 2>&1 | grep -E "CUDA graphs|bad|done|Error" | tail -6
   done
+  same_weights bad0 bad1
 }
 
 e2e512() {  # cuDNN autotuning (BIGTRANSFER_CUDNN_AUTOTUNE) and the layout, each on and off

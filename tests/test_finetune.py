@@ -210,6 +210,34 @@ def test_a_mixup_update_by_hand():
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_a_batch_shortened_by_bad_images_replays_the_captured_step():
+    """Under CUDA graphs, 6 good images of a captured batch of 8 are padded to 8 and give the eager update on
+    the 6 (the capture itself needs a GPU: a recording stand-in for the graphed forward runs it here)."""
+    from bigtransfer.engine import EngineConfig, _GraphedForward, _update, softmax_cross_entropy
+    from bigtransfer.hyperrule import schedule
+    from bigtransfer.runtime import setup
+
+    torch.manual_seed(0)
+    model = create_model(TINY, num_classes=3, zero_head=False)
+    images, labels = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
+    config = EngineConfig(schedule(100), 0.0, 8, 16, mixup_alpha=0.4, seed=3, channels_last=False)
+
+    def update(graphed):
+        model.zero_grad()
+        loss = _update(model, graphed, torch.optim.SGD(model.parameters(), lr=0.0),
+                       torch.amp.GradScaler("cpu", enabled=False), images, labels, softmax_cross_entropy, 1, 7,
+                       config, setup("cpu"))
+        return loss, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    given = []
+    loss, grads = update(_GraphedForward(lambda x: given.append(x.clone()) or model(x), torch.Size([8, 3, 16, 16])))
+    assert len(given) == 1 and given[0].shape == (8, 3, 16, 16) and not given[0][6:].any()
+    eager_loss, eager_grads = update(None)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-7)
+    for k, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_batch_split_gives_the_same_update(tmp_path):
     """GroupNorm has no batch statistics: 4 micro-batches of 8 = one batch of 32 (MixUp on, too)."""
     common = dict(steps=6, batch_size=32, base_lr=0.05, mixup_alpha=0.2, **FAST)
@@ -432,6 +460,19 @@ def test_a_folder_another_process_trains_into_is_refused_and_its_files_left_alon
         finetune(TINY, "digits", out=out, steps=3, **FAST)
 
 
+def test_a_finished_run_in_a_folder_that_cannot_be_written_is_still_returned(tmp_path):
+    """A finished run in a read-only folder (an archive, another user's run) returns its results; one that would
+    train there is refused, naming the folder. (A directory where the lock file goes stands in for a read-only
+    folder, which root, who runs CI, could write anyway.)"""
+    done = finetune(TINY, "digits", out=tmp_path / "run", steps=3, **FAST)
+    (tmp_path / "run" / ".lock").unlink()
+    (tmp_path / "run" / ".lock").mkdir()
+    assert finetune(TINY, "digits", out=tmp_path / "run", steps=3, **FAST) == done
+    (tmp_path / "new" / ".lock").mkdir(parents=True)
+    with pytest.raises(PermissionError, match=r"new: cannot write here \(Is a directory\); pass another output"):
+        finetune(TINY, "digits", out=tmp_path / "new", steps=3, **FAST)
+
+
 def test_bad_images_in_memory_and_on_the_device_are_left_out_as_from_files(tmp_path):
     """--in-memory and --device-data keep an unreadable image's place and report it when drawn: the same
     weights (in memory) and the same report as from the files, instead of refusing the run."""
@@ -444,6 +485,10 @@ def test_bad_images_in_memory_and_on_the_device_are_left_out_as_from_files(tmp_p
     files, memory, on_device = (json.loads((tmp_path / run / "bad_images.json").read_text())
                                 for run in ("files", "memory", "device"))
     assert files == memory == on_device and files["count"] == device["bad_images"] == 2
+    from bigtransfer.data.memory import InMemoryImages
+
+    kept = InMemoryImages(open_dataset(str(root), "all"), 40).bad  # for the whole run: no decoder frames or bytes
+    assert len(kept) == 2 and all(e.__traceback__ is e.__cause__ is e.__context__ is None for e in kept.values())
 
 
 def _interrupted_once(root, at_read: int):
@@ -675,6 +720,19 @@ def test_fused_sgd_steps_equal_torchs_default_after_an_overflow_and_a_resume_in_
     assert not torch.allclose(_sgd_steps(False, overflow), _sgd_steps(False, grads))  # the skip did happen
     for layout in (torch.contiguous_format, torch.channels_last):
         torch.testing.assert_close(_sgd_steps(True, grads, layout), _sgd_steps(False, grads, layout), **exact)
+
+
+def test_momentum_buffers_are_made_for_the_parameters_that_train():
+    """As torch makes them (at a parameter's first gradient): none for a frozen backbone, whose buffers would
+    hold device memory and fill every checkpoint (3.5 GiB for R152x4)."""
+    from bigtransfer.engine import _optimizer_state_like_parameters, momentum_sgd
+
+    model = create_model(TINY, num_classes=3)
+    model.root.requires_grad_(False)
+    optimizer = momentum_sgd(model.parameters(), 0.1, torch.device("cpu"))
+    _optimizer_state_like_parameters(optimizer)
+    made = {n for n, p in model.named_parameters() if "momentum_buffer" in optimizer.state[p]}
+    assert made == {n for n, p in model.named_parameters() if p.requires_grad} and not any("root" in n for n in made)
 
 
 def test_layout_defaults_to_channels_last_only_where_the_step_runs_as_cuda_graphs(monkeypatch):

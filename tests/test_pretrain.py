@@ -373,6 +373,25 @@ def test_damaged_shards_and_manifests_are_named_never_read_with_wrong_labels(tmp
     manifest.write_text(text[:40])
     with pytest.raises(ValueError, match=r"manifest.json: not a shard manifest \(.*\); `bit shards SRC"):
         ShardImages(tmp_path / "shards")
-    manifest.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "shards"}))
-    with pytest.raises(ValueError, match=r"manifest.json: the manifest has no shards; `bit shards SRC"):
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k not in ("shards", "total")}))
+    with pytest.raises(ValueError, match=r"manifest.json: the manifest has no shards, total; `bit shards SRC"):
         ShardImages(tmp_path / "shards")
+    manifest.write_text(text.replace('"count": 6', '"count": "6"'))  # counts are read as numbers
+    with pytest.raises(ValueError, match=r"the manifest has no an integer shards\[0\].count; `bit shards SRC"):
+        ShardImages(tmp_path / "shards")
+    # the label member the manifest names is read, and only it: .cls under a multi-label manifest is named
+    shard.write_bytes(original)
+    _rewrite_shard(shard, lambda name: True, {})
+    with tarfile.open(shard, "a") as tar:  # a metadata member beside the labels is not a label
+        info = tarfile.TarInfo(f"{key}.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    manifest.write_text(text)
+    assert Counter(ShardImages(tmp_path / "shards").targets) == {0: 2, 1: 2, 2: 2}
+    assert len(_take(ShardStream(tmp_path / "shards", HyperRuleTransform(16, 16), 6, seed=0), 2)) == 2
+    shard.write_bytes(original)
+    manifest.write_text(text.replace('"multi_label": false', '"multi_label": true'))
+    with pytest.raises(ValueError, match=r"sample \w+ has no label \(.json, as the manifest's multi-label"):
+        ShardImages(tmp_path / "shards")
+    with pytest.raises(ValueError, match=r"shards:\w+: no .json member, the label of every sample of a multi-label"):
+        _take(ShardStream(tmp_path / "shards", HyperRuleTransform(16, 16), 6, seed=0), 2)

@@ -281,8 +281,8 @@ def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.op
                 x = lam * x + (1 - lam) * to_model_input(images[perm[idx]])
             if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if graphed is not None and x.shape == graphed.input_shape:
-                logits = graphed.forward(x)
+            if graphed is not None and x.shape[1:] == graphed.input_shape[1:]:
+                logits = graphed.forward(_padded(x, graphed.input_shape[0]))[:len(idx)]
             else:
                 with autocast(runtime.device, config.precision):
                     logits = net(x)
@@ -301,6 +301,14 @@ def _update(net: nn.Module, graphed: _GraphedForward | None, optimizer: torch.op
 class _GraphedForward:
     forward: Callable[[torch.Tensor], torch.Tensor]
     input_shape: torch.Size
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` followed by zero images up to `rows`, the captured batch: a batch shortened by bad images replays the
+    graphs rather than running eagerly beside their memory pool (a second copy of the activations, enough to
+    run out of memory where the captured step just fits). Exact: every layer sees each image alone (GroupNorm,
+    not BatchNorm), and the padding gets no loss, hence no gradient."""
+    return x if len(x) == rows else torch.cat([x, x.new_zeros(rows - len(x), *x.shape[1:])])
 
 
 def _graphs_wanted(model: nn.Module, config: EngineConfig, runtime: Runtime, split: int) -> bool:
@@ -324,8 +332,8 @@ def _capture_cuda_graphs(model: nn.Module, config: EngineConfig, runtime: Runtim
     process (DDP's gradient hooks have their own way), no torch.compile (Inductor has its own), no
     activation checkpointing (it reads the RNG state, which a capture forbids), no hooks (a replay would not
     run them), and one micro-batch per step (the replayed backward hands out the same gradient buffers every
-    time, which accumulation over micro-batches would alias). Batches of another shape -- shortened by bad
-    images -- run the ordinary forward. The model keeps its own `forward`: the graphed one is returned.
+    time, which accumulation over micro-batches would alias). A batch shortened by bad images replays it too,
+    padded (`_padded`). The model keeps its own `forward`: the graphed one is returned.
     ``BIGTRANSFER_CUDA_GRAPHS=0`` turns it off. None where the capture fails."""
     x = torch.zeros(micro_batch, 3, config.input_size, config.input_size, device=runtime.device)
     if config.channels_last:
@@ -378,7 +386,7 @@ def _optimizer_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
                 if torch.is_tensor(value) and value.shape == p.shape and (
                         value.device != p.device or value.stride() != p.stride()):
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-            if group.get("momentum") and "momentum_buffer" not in state:
+            if group.get("momentum") and p.requires_grad and "momentum_buffer" not in state:  # as torch would
                 state["momentum_buffer"] = torch.zeros_like(p)
 
 

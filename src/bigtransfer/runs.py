@@ -94,7 +94,8 @@ class RunDir:
         """The folder claimed by this process (the main one under torchrun) until the block ends: a second
         command training into it would interleave its checkpoints and metrics with the first's. Refused at
         once, naming the folder; the lock (``.lock``, an flock) goes with the process, however it ends. Then
-        what a killed process left half-written is removed (not before: it could be the other process's)."""
+        what a killed process left half-written is removed (not before: it could be the other process's). A
+        finished run in a folder where the lock cannot be made (read-only) is opened for reading only."""
         if self.writer:
             self._lock = FileLock(str(self / ".lock"), timeout=0)
             try:
@@ -102,6 +103,12 @@ class RunDir:
             except Timeout:
                 raise ValueError(f"{self.path} is in use by another process training into it; wait for it to "
                                  "finish, or pass another output folder (--out)") from None
+            except OSError as e:  # a read-only folder (an archive, another user's): a finished run is still read
+                if not (self / "summary.json").exists():
+                    raise PermissionError(f"{self.path}: cannot write here ({e.strerror or e}); pass another "
+                                          "output folder (--out)") from e
+                self._lock, self.writer = None, False
+                return self
             remove_stale_temporaries(self.path)
         return self
 

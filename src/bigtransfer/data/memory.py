@@ -65,7 +65,7 @@ def _decode_chunk(source: LabelledImages, indices: range) -> list[np.ndarray | B
         try:
             out.append(np.asarray(source[i][0], dtype=np.uint8))
         except BadImageError as e:
-            out.append(e.with_traceback(None))  # kept: without the decoder's frames
+            out.append(BadImageError(e.path, e.reason))  # kept: without the decoder's frames and bytes
     return out
 
 

@@ -108,9 +108,12 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{root}: no {MANIFEST}; write shards with `bit shards SRC {root}`")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        missing = [k for k in ("classes", "multi_label", "shards") if k not in manifest]
+        missing = [k for k in ("classes", "multi_label", "shards", "total") if k not in manifest]
         missing += [f"shards[{i}].{k}" for i, s in enumerate(manifest.get("shards", []))
                     for k in ("name", "count", "sha256") if k not in s]
+        missing += [f"an integer {k}" for k, v in [("total", manifest.get("total", 0))] + [
+            (f"shards[{i}].count", s.get("count", 0)) for i, s in enumerate(manifest.get("shards", []))]
+            if type(v) is not int]
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, or not a mapping of mappings
         raise ValueError(f"{path}: not a shard manifest ({e}); `bit shards SRC {root}` writes it again") from e
     if missing:
@@ -175,7 +178,11 @@ def _target(members: dict[str, bytes], multi_label: bool, num_classes: int, wher
             ) -> int | tuple[int, ...]:
     """The sample's class index (or indices), checked against the manifest's classes: a label out of range
     would otherwise surface as an index error in the loss (a device-side assert on a GPU)."""
-    raw = members["json"] if multi_label else members["cls"]
+    member = "json" if multi_label else "cls"
+    if member not in members:
+        raise ValueError(f"{where}: no .{member} member, the label of every sample of a "
+                         f"{'multi' if multi_label else 'single'}-label manifest's shards")
+    raw = members[member]
     try:
         labels = json.loads(raw)["labels"] if multi_label else [int(raw)]
         if not all(type(c) is int and 0 <= c < num_classes for c in labels):
@@ -203,6 +210,7 @@ class ShardImages(LabelledImages):
         self.flip = manifest.get("flip", True)  # the source's rule, as `write_shards` recorded it
         self.locations: list[tuple[str, int, int, str]] = []  # shard, data offset, size, key
         self.targets = []
+        member = "json" if self.multi_label else "cls"  # the label; other members (metadata) are not read
         for shard in manifest["shards"]:
             path, labels, images = self.root / shard["name"], {}, []
             try:
@@ -211,7 +219,7 @@ class ShardImages(LabelledImages):
                         key, _, ext = info.name.partition(".")
                         if ext == "jpg":
                             images.append((shard["name"], info.offset_data, info.size, key))
-                        elif ext in ("cls", "json"):
+                        elif ext == member:
                             labels[key] = _target({ext: tar.extractfile(info).read()}, self.multi_label,
                                                   len(self.classes), f"{path}:{key}")
             except tarfile.TarError as e:
@@ -220,7 +228,8 @@ class ShardImages(LabelledImages):
                 raise _unreadable(path, f"{len(images)} images, the manifest says {shard['count']}")
             unlabelled = [key for *_, key in images if key not in labels]  # pairs by key, never by position
             if unlabelled:
-                raise _unreadable(path, f"sample {unlabelled[0]} has no label (.cls or .json)")
+                raise _unreadable(path, f"sample {unlabelled[0]} has no label (.{member}, as the manifest's "
+                                        f"{'multi' if self.multi_label else 'single'}-label samples hold)")
             self.locations += images
             self.targets += [labels[key] for *_, key in images]
 

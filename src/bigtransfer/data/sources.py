@@ -148,7 +148,7 @@ def decode_image(source: str | os.PathLike | bytes, describe: str | None = None)
             rgb = _to_rgb(_upright(img))
             if rgb is img:  # detach from the file handle the context manager is about to close
                 rgb = img.copy()
-    except BadImageError:
+    except (BadImageError, MemoryError):  # a valid image that did not fit in memory is not a corrupt one
         raise
     except UnidentifiedImageError as e:
         raise BadImageError(name, "not an image file Pillow can identify") from e
@@ -195,6 +195,8 @@ def _file_size(path: str) -> tuple[int, int]:
             return (img.width, img.height) if turned else (img.height, img.width)
     except Image.DecompressionBombError as e:  # its header is read; Pillow refuses the size it states
         raise BadImageError(path, f"refused as a decompression bomb ({e})") from e
+    except MemoryError:
+        raise
     except Exception as e:  # OSError, SyntaxError, ... and whatever else a corrupt header makes Pillow raise
         raise BadImageError(path, f"cannot read image header ({type(e).__name__}: {e})") from e
 
