@@ -182,6 +182,13 @@ def test_fewshot_and_probe_commands(tmp_path, capsys):
     code, _, err = run_main(capsys, "fewshot", *common[:-4], "--shots", "2", "200", "--out", tmp_path / "big")
     assert code == 2 and "has only" in err and "200 per class were asked for" in err
     assert not (tmp_path / "big" / "runs").exists()  # refused before any run trained
+    code, _, err = run_main(capsys, "probe", *common[:-4], "--shots", "200", "--out", tmp_path / "pb")
+    assert code == 2 and "200 per class were asked for" in err and not (tmp_path / "pb" / "sweep.json").exists()
+    # so the corrected command is not refused; and a checkpoint's features are at the side its run trained at
+    trained = tmp_path / "fs" / "runs" / "scratch_k2_seed0" / "model.safetensors"  # at 32 px
+    _, out, _ = run_main(capsys, "probe", *common, "--pretrained", trained, "--out", tmp_path / "pb")
+    assert json.loads((tmp_path / "pb" / "sweep.json").read_text())["resolution"] == 32
+    assert "features at 32 px" in (tmp_path / "pb" / "report.md").read_text()
     # neither overwrites the other's results: a sweep's folder is no run, a run's folder takes no sweep results
     run = tmp_path / "fs" / "runs" / "scratch_k2_seed1"
     code, _, err = run_main(capsys, "probe", *common, "--out", run)

@@ -224,6 +224,17 @@ def _sweep_settings(args: argparse.Namespace, train, test) -> dict:
             "seeds": args.seeds}
 
 
+def _trained_side(model: str, pretrained: bool | str) -> int:
+    """The side a checkpoint file's run trained at (our runs record it), else the registry's for `model`."""
+    from .checkpoints import read_checkpoint
+
+    if pretrained not in (False, True):
+        metadata = read_checkpoint(pretrained).metadata
+        if "bigtransfer.resolution" in metadata:
+            return int(metadata["bigtransfer.resolution"])
+    return get_model_spec(model).resolution
+
+
 def _k_list(shots: list[int], full: bool) -> list[int | None]:
     return list(shots) + ([None] if full else [])
 
@@ -236,12 +247,13 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
         raise ValueError("bit fewshot needs evaluation data (--eval-data)")
     _refuse_flags(overrides, ("examples_per_class", "examples_per_class_seed", "seed"),
                   "bit fewshot draws the examples and seeds itself (--shots, --seeds)")
-    results_folder(args.out, {"command": "fewshot", **_sweep_settings(args, train, test), "overrides": overrides})
+    settings = {"command": "fewshot", **_sweep_settings(args, train, test), "overrides": overrides}
+    results_folder(args.out, settings)
     rows = few_shot_sweep(args.model, train, test, Path(args.out) / "runs", pretrained=args.pretrained,
                           shots=_k_list(args.shots, args.full), seeds=list(range(args.seeds)), device=args.device,
                           workers=args.workers, **overrides)
     title = f"{args.model} few-shot on {train.name}"
-    write_results(rows, args.out, title)
+    write_results(rows, args.out, title, settings=settings)
     console.print(results_table(rows, title))
     return 0
 
@@ -257,9 +269,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     train, test = _data_inputs(args)
     if test is None:
         raise ValueError("bit probe needs evaluation data (--eval-data)")
-    resolution = args.resolution or get_model_spec(args.model).resolution
-    results_folder(args.out, {"command": "probe", **_sweep_settings(args, train, test), "resolution": resolution,
-                              "l2": args.l2})
+    resolution = args.resolution or _trained_side(args.model, args.pretrained)
+    settings = {"command": "probe", **_sweep_settings(args, train, test), "resolution": resolution, "l2": args.l2}
+    results_folder(args.out, settings)
     runtime = setup(args.device)
     torch.manual_seed(0)  # a random-init baseline is the same network at every run
     model = create_model(args.model, pretrained=args.pretrained).to(runtime.device)
@@ -268,7 +280,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for row in rows:
         row["init"] = "pretrained" if args.pretrained else "scratch"
     title = f"linear probe of {args.model} on {train.name} (ridge, l2 {args.l2:g})"
-    write_results(rows, args.out, title, [f"features at {resolution} px"])
+    write_results(rows, args.out, title, [f"features at {resolution} px"], settings)
     console.print(results_table(rows, title))
     return 0
 
@@ -497,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:  # no network is trained: no HyperRule flags
             add_data_arguments(p)
             p.add_argument("--resolution", type=COUNT, metavar="SIDE",
-                           help="input side of the features (default: the registry's)")
+                           help="input side of the features (default: the side a checkpoint file was trained at, "
+                                "where it records it, else the registry's)")
         p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="CKPT",
                        help="released weights (flag alone) or a checkpoint file")
         p.add_argument("--shots", type=COUNT, nargs="+", default=[1, 5, 10], help="examples per class")

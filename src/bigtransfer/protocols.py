@@ -113,8 +113,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
 def results_folder(out: str | os.PathLike, settings: dict | None = None) -> Path:
     """`out`, unless it holds a training run (its config.json), whose summary.json the results would replace,
     or the results of other `settings` (its sweep.json: model, data, starting weights, shots...), which a table
-    of this sweep alone would silently replace. Checked before the work (recording `settings`), and again before
-    writing."""
+    of this sweep alone would silently replace. Checked before the work, and again by `write_results`, which
+    records `settings` with the results: a command refused on the way (a k too large, a wrong checkpoint)
+    leaves nothing that would refuse the corrected one."""
     out = Path(out)
     if (out / "config.json").exists():
         raise ValueError(f"{out} holds a training run (config.json); pass another output folder (--out)")
@@ -129,17 +130,17 @@ def results_folder(out: str | os.PathLike, settings: dict | None = None) -> Path
             diffs = "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed)
             raise ValueError(f"{out} holds the results of other settings ({diffs}); pass another output folder "
                              "(--out)")
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(now, indent=1) + "\n")
     return out
 
 
-def write_results(rows: Sequence[dict], out: str | os.PathLike, title: str, notes: Sequence[str] = ()) -> None:
-    """summary.json, report.md and accuracy.png into `out`."""
-    out = results_folder(out)
+def write_results(rows: Sequence[dict], out: str | os.PathLike, title: str, notes: Sequence[str] = (),
+                  settings: dict | None = None) -> None:
+    """summary.json, report.md and accuracy.png into `out`, and `settings` (sweep.json; see `results_folder`)."""
+    out = results_folder(out, settings)
     out.mkdir(parents=True, exist_ok=True)
+    if settings is not None:
+        with atomic_path(out / "sweep.json") as tmp:
+            tmp.write_text(json.dumps(settings, indent=1) + "\n")
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps({"rows": list(rows), "summary": summarize(rows)}, indent=1) + "\n")
     report = [f"# {title}", "", "Top-1 accuracy (%), min <- median -> max over seeds.", "", markdown_table(rows), ""]
