@@ -323,6 +323,23 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     assert elapsed == sorted(elapsed) and elapsed[0] > 0  # the training time of both attempts, not restarted
 
 
+def test_ctrl_c_with_loader_workers_stops_once(tmp_path):
+    """A terminal's Ctrl-C signals the whole process group, DataLoader workers included: one message, one
+    checkpoint, the workers shut down by the loop (they inherit its handler, and used to report it each)."""
+    args = ["finetune", "--model", TINY, "--data", "digits", "--eval-data", "none", "--steps", "500", "--batch",
+            "48", "--resolution", "72", "64", "--workers", "2", "--no-progress", "--out", tmp_path / "run"]
+    proc = subprocess.Popen(bit_command(*args), env=bit_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert err.count("SIGINT: stopping after this step") == 1 and "Traceback" not in err, err[-2000:]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] >= 10
+
+
 def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path):
     args = ["finetune", "--model", TINY, "--data", "digits", "--eval-data", "none", "--steps", "500", "--batch",
             "48", "--resolution", "72", "64", "--no-progress", "--out", tmp_path / "run"]

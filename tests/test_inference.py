@@ -47,6 +47,9 @@ def test_predict_names_the_classes(trained, capsys):
     for r, p, t in zip(out, probs.tolist(), top.tolist(), strict=True):
         assert [(e["label"], e["index"]) for e in r["top"]] == [(classes[i], i) for i in t]
         assert [e["probability"] for e in r["top"]] == pytest.approx(p, rel=1e-5)
+    # the run's checkpoint.pt (an interrupted run has no model.safetensors yet) carries the names and side too
+    assert json.loads(run_cli(capsys, "predict", *files, "--model", trained / "run" / "checkpoint.pt",
+                              "--top-k", "2")) == out
 
 
 def test_embed_matches_forward_features(trained, capsys, tmp_path):
@@ -182,6 +185,11 @@ def test_export_matches_pytorch(trained, capsys, tmp_path, fmt):
     else:
         got = torch.jit.load(str(out))(x).detach().numpy()
     assert np.abs(got - reference).max() <= 1e-4 * np.abs(reference).max()
+    if fmt == "torchscript":  # a program, which no checkpoint reader should take for a state dict
+        from bigtransfer.checkpoints import CheckpointError
+
+        with pytest.raises(CheckpointError, match=r"model.torchscript: a TorchScript program \(`bit export"):
+            load_model(out)
 
 
 def test_onnx_export_without_onnx_says_what_to_install(trained, capsys, tmp_path, monkeypatch):

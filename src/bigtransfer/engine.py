@@ -112,7 +112,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
         _finite_weights(model, step)  # a step's loss is taken before its update: the update may still diverge
         _save_bad_images(run, runtime, step, bad_seen, bad_count)
         run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "elapsed_s": time.perf_counter() - started})
+                             "elapsed_s": time.perf_counter() - started,  # and what predict needs from the file:
+                             "metadata": weights_metadata or {}})  # classes, side (`bit predict` reads it too)
 
     bad_seen, bad_count = _load_bad_images(run, runtime, start)
     logged = [r for r in run.metrics() if "loss" in r] if start else []  # what a resumed run reports until it logs
@@ -430,13 +431,17 @@ class _Stop:
 def _signals() -> Iterator[_Stop]:
     """SIGTERM/SIGINT only set a flag; the loop checkpoints after the current step and stops (under torchrun at
     the next step where the processes meet, every `log_every` steps, so that they all stop at the same one).
-    A second SIGINT stops at once, without that checkpoint: a step (or a stalled data source) can take long."""
-    stop = _Stop()
+    A second SIGINT stops at once, without that checkpoint: a step (or a stalled data source) can take long.
+    DataLoader workers forked meanwhile inherit the handler and ignore the signal (a terminal's Ctrl-C reaches
+    them too): the loop shuts them down."""
+    stop, owner = _Stop(), os.getpid()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            return
         if stop.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt("interrupted again: stopped at once; the last checkpoint resumes the run")
         if stop.signum is None:

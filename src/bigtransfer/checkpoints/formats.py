@@ -123,6 +123,9 @@ def _sniff(path: Path) -> str:
                 names = z.namelist()
         except zipfile.BadZipFile as e:
             raise CheckpointError(f"{path}: broken or truncated zip archive ({e})") from e
+        if any(n.endswith("/constants.pkl") for n in names):
+            raise CheckpointError(f"{path}: a TorchScript program (`bit export --format torchscript`), not a "
+                                  "checkpoint: run it with torch.jit.load, or give the checkpoint it was exported from")
         return "torch" if any(n.endswith("data.pkl") for n in names) else "npz"
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
         return "safetensors"
@@ -152,7 +155,8 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (not a dict)
-        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), path), {}
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return _unwrap(obj, path), _own_metadata(obj)
     except CheckpointError:
         raise
     except Exception as e:  # every reader raises its own types for truncation and bad payloads
@@ -202,6 +206,14 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
             except (zipfile.BadZipFile, EOFError, OSError) as e:
                 raise CheckpointError(f"{path}: array {key!r} is truncated or corrupt ({e})") from e
     return out
+
+
+def _own_metadata(obj: object) -> dict[str, str]:
+    """The string metadata a training run's checkpoint.pt carries beside its weights (classes, side)."""
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    if not isinstance(metadata, dict):
+        return {}
+    return {k: v for k, v in metadata.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ Streaming (`ShardStream`) is exact and resumable:
   worker w of K every K-th of those. All W x K streams yield the same number of samples per epoch (the
   shortest one's, the rest of the longer ones' last window is left out of that epoch), so they move from
   epoch to epoch in step: every sample is read at most once per epoch, all of them with one stream, and
-  with more, all but at most (W x K - 1) shards' worth, other ones each epoch;
+  with more, all but at most (W x K - 1) shards' worth, other ones each epoch (plus, for each of those streams,
+  what a short last shard lacks of a full one);
 * samples are shuffled inside windows of a few shards with a seeded buffer;
 * everything is a function of (seed, rank, worker, position), so a restart at step s skips exactly
   the samples steps 0..s-1 consumed (whole windows by the manifest's counts, without reading them).
