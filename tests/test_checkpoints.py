@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,7 +103,8 @@ def test_written_files_get_the_usual_permissions_and_conversions_keep_metadata(t
     try:
         model = bt.ResNetV2(bt.read_checkpoint(tmp_path / "r14x1.npz").arch, num_classes=6)
         bt.load_weights(model, tmp_path / "r14x1.npz")
-        meta = {"bigtransfer.classes": '["a", "b", "c", "d", "e", "f"]', "bigtransfer.resolution": "48"}
+        meta = {"bigtransfer.classes": '["a", "b", "c", "d", "e", "f"]', "bigtransfer.resolution": "48",
+                "bigtransfer.multi_label": "true"}
         src = bt.save_weights(model, tmp_path / "ft.safetensors", metadata=meta)
         assert main(["convert", str(src), str(tmp_path / "copy.safetensors")]) == 0
         assert main(["convert", str(src), str(tmp_path / "hf_dir"), "--to", "hf"]) == 0
@@ -112,7 +114,7 @@ def test_written_files_get_the_usual_permissions_and_conversions_keep_metadata(t
         os.umask(old)
     for path in (tmp_path / "copy.safetensors", tmp_path / "hf_dir"):
         net, classes, resolution = load_model(path)
-        assert classes == list("abcdef") and resolution == 48
+        assert classes == list("abcdef") and resolution == 48 and net.multi_label
         for key, value in model.state_dict().items():
             assert torch.equal(net.state_dict()[key], value), key
     assert bt.read_checkpoint(tmp_path / "hf_dir").format == "hf"
@@ -121,11 +123,12 @@ def test_written_files_get_the_usual_permissions_and_conversions_keep_metadata(t
     # the HF config carries the class names too (HF's pipelines show them; a folder HF saved again keeps them)
     config = json.loads((tmp_path / "hf_dir" / "config.json").read_text())
     assert config["id2label"] == {str(i): c for i, c in enumerate("abcdef")} and config["label2id"]["f"] == 5
+    assert config["problem_type"] == "multi_label_classification"  # HF's name for a sigmoid head
     from safetensors.torch import load_file, save_file
 
     weights = tmp_path / "hf_dir" / "model.safetensors"
     save_file(load_file(weights), weights)  # as HF writes it: no metadata of ours
-    assert load_model(tmp_path / "hf_dir")[1] == list("abcdef")
+    assert load_model(tmp_path / "hf_dir")[1] == list("abcdef") and load_model(tmp_path / "hf_dir")[0].multi_label
     # labels renamed the HF way, in config.json, win over those our own copy of the file still carries
     assert main(["convert", str(src), str(tmp_path / "bit-r14.v2"), "--to", "hf"]) == 0  # a dotted name: a folder
     renamed = json.loads((tmp_path / "bit-r14.v2" / "config.json").read_text())
@@ -294,3 +297,23 @@ def test_a_write_that_fails_names_the_file(tmp_path):
     assert checkpoint.value.filename == str(tmp_path / "run" / "checkpoint.pt")
     assert "could not be written" in str(checkpoint.value)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["run"]
+
+
+def test_the_released_heads_say_how_they_score():
+    """BiT-M's ImageNet-21k head was trained with sigmoid cross-entropy (multi-label data; the authors' answer
+    to how BiT-M was trained), BiT-S's and every fine-tuned head with softmax. A released file records nothing: its
+    registry entry (found by the file's name) says; a record in the file wins."""
+    from bigtransfer.checkpoints import Checkpoint, head_is_multi_label
+    from bigtransfer.inference import _registry_entry
+
+    m = bt.get_model_spec("BiT-M-R50x1")
+    assert m.multi_label and not bt.get_model_spec("BiT-S-R50x1").multi_label
+    assert not bt.get_model_spec("BiT-M-R50x1-ILSVRC2012").multi_label  # fine-tuned: softmax
+    assert _registry_entry(Path("/downloads/BiT-M-R50x1.npz")) is m and _registry_entry(Path("mine.npz")) is None
+
+    def released(num_classes, **metadata):
+        return Checkpoint(Path("BiT-M-R50x1.npz"), "npz", m.arch, num_classes, {}, metadata)
+
+    assert head_is_multi_label(released(21843), m) and not head_is_multi_label(released(21843), None)
+    assert not head_is_multi_label(released(10), m)  # another head than the release's
+    assert not head_is_multi_label(released(21843, **{"bigtransfer.multi_label": "false"}), m)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import bigtransfer as bt
-from bigtransfer.data import HyperRuleTransform, InceptionCropTransform, open_dataset
+from bigtransfer.data import HyperRuleTransform, InceptionCropTransform, decode_image, open_dataset, to_model_input
 from bigtransfer.data.shards import ShardImages, ShardStream, verify_shards, write_shards
 from bigtransfer.data.sources import MissingSplit
 from bigtransfer.pretraining import (
@@ -222,6 +222,21 @@ def test_multi_label_pretraining_reports_map_and_starts_from_bias_minus_ten(tmp_
     assert r["plan"]["loss"] == "sigmoid" and 0 < r["eval"]["mAP"] <= 1
     bias = load_file(str(tmp_path / "run" / "model.safetensors"))["head.bias"]
     assert bias.shape == (4,) and (bias < -9).all()  # four small steps barely move it from -10
+    # its head scores each class on its own: predict gives sigmoid(logits), from both files the run wrote
+    files = [tmp_path / "img" / "class1" / "001.png", tmp_path / "img" / "class2" / "004.png"]
+    model, classes, side = bt.load_model(tmp_path / "run" / "model.safetensors")
+    x = torch.stack([HyperRuleTransform(side, side, train=False)(decode_image(f), 0) for f in files])
+    with torch.no_grad():
+        scores = model(to_model_input(x)).sigmoid()
+    for path in ("run/model.safetensors", "run/checkpoint.pt"):
+        rows = bt.predict(bt.load_model(tmp_path / path)[0], files, classes, top_k=4, resolution=side)
+        for row, expected in zip(rows, scores, strict=True):
+            assert {e["label"]: e["probability"] for e in row["top"]} == pytest.approx(
+                dict(zip(classes, expected.tolist(), strict=True)), rel=1e-5), path
+    assert scores.sum(1).max() < 0.5  # not a distribution: a softmax would sum to 1
+    trained = tmp_path / "run" / "model.safetensors"
+    assert bt.create_model(TINY, pretrained=trained).multi_label  # its head, and how it scores
+    assert not bt.create_model(TINY, num_classes=3, pretrained=trained).multi_label  # a new head
     # held-out data with one label per image (as ImageNet-21k's often is), and a start from a checkpoint whose
     # head has another size: the new head starts at -10 too
     (tmp_path / "single.csv").write_text("\n".join(["path,label"] + [f"img/class{c}/{i:03d}.png,c{c}"

@@ -266,7 +266,8 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
                 loader = eval_loader(eval_source, eval_tf, batch_size, workers, runtime.rank, runtime.world_size, pin)
                 return evaluate(net, loader, len(eval_source.classes), runtime, plan.precision, plan.channels_last)
 
-            labels = {"bigtransfer.classes": json.dumps(list(source.classes)), "bigtransfer.resolution": str(plan.crop)}
+            labels = {"bigtransfer.classes": json.dumps(list(source.classes)), "bigtransfer.resolution": str(plan.crop),
+                      "bigtransfer.multi_label": "false"}  # the HyperRule trains a softmax head
             results = train(model, optimizer, batches, config, runtime, run, evaluator=evaluator,
                             weights_metadata=labels)
             results["plan"] = settings["plan"]  # as a finished run returns it
@@ -289,6 +290,7 @@ def _task_head(model: ResNetV2, plan: FinetunePlan) -> ResNetV2:
         log.info("replacing the model's %d-class head with a zero-initialised %d-class head",
                  model.num_classes, plan.num_classes)
         model.reset_head(plan.num_classes)
+    model.multi_label = False  # a kept head too: the HyperRule trains it with softmax
     return model
 
 

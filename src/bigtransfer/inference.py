@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import SUFFIX_FORMATS, load_weights, read_checkpoint
+from .checkpoints import SUFFIX_FORMATS, head_is_multi_label, load_weights, read_checkpoint
 from .checkpoints.formats import atomic_path
 from .data.sources import ImageFiles
 from .evaluate import evaluating, model_outputs
-from .models import ResNetV2, create_model, get_model_spec, list_models
+from .models import ModelSpec, ResNetV2, create_model, get_model_spec, list_models
 from .models.resnetv2 import StdConv2d, standardize
 from .runtime import resolve_device
 
@@ -39,6 +39,7 @@ def load_model(model: str | os.PathLike, resolution: int | None = None
         ckpt = read_checkpoint(path)
         net = ResNetV2(ckpt.arch, num_classes=ckpt.num_classes)
         load_weights(net, ckpt)
+        net.multi_label = head_is_multi_label(ckpt, _registry_entry(path))
         classes = json.loads(ckpt.metadata["bigtransfer.classes"]) if "bigtransfer.classes" in ckpt.metadata else None
         return net.eval(), classes, resolution or _resolution(ckpt.metadata, path)
     if path.suffix in SUFFIX_FORMATS or os.sep in str(model):
@@ -50,15 +51,20 @@ def load_model(model: str | os.PathLike, resolution: int | None = None
 DEFAULT_RESOLUTION = 224  # the side BiT's released checkpoints were trained and evaluated at
 
 
+def _registry_entry(path: Path) -> ModelSpec | None:
+    """The registry checkpoint the file is named after (a downloaded or bundled one), if any."""
+    return next((spec for spec in map(get_model_spec, list_models())
+                 if path.name in {Path(f).name for f in (spec.file, spec.bundled) if f}), None)
+
+
 def _resolution(metadata: dict[str, str], path: Path) -> int:
     """The side the checkpoint's run trained at (our runs record it); else that of the registry checkpoint
-    the file is named after (a downloaded or bundled one); else BiT's upstream 224."""
+    the file is named after; else BiT's upstream 224."""
     if "bigtransfer.resolution" in metadata:
         return int(metadata["bigtransfer.resolution"])
-    for name in list_models():
-        spec = get_model_spec(name)
-        if path.name in {Path(f).name for f in (spec.file, spec.bundled) if f}:
-            return spec.resolution
+    spec = _registry_entry(path)
+    if spec is not None:
+        return spec.resolution
     log.warning("%s records no input side (our runs and `bit convert` to .safetensors do): %d px, BiT's upstream "
                 "side; --resolution sets another", path, DEFAULT_RESOLUTION)
     return DEFAULT_RESOLUTION
@@ -67,10 +73,10 @@ def _resolution(metadata: dict[str, str], path: Path) -> int:
 def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike,
             classes: Sequence[str] | None = None, top_k: int = 5, resolution: int | None = None, batch_size: int = 32,
             device: str | None = None, workers: int = 0, progress: bool = False) -> list[dict]:
-    """Top-k classes with probabilities for every image file (folders are read recursively), in order; an
-    image that does not decode gets ``{"file", "error"}`` instead of ``"top"``. `resolution`: the side the
-    model was trained at (`load_model` returns it). `device`: by default the model's own; the model is left in
-    the mode (train/eval) it came in."""
+    """Top-k classes with probabilities (softmax; each class's sigmoid where `model.multi_label`) for every
+    image file (folders are read recursively), in order; an image that does not decode gets ``{"file",
+    "error"}`` instead of ``"top"``. `resolution`: the side the model was trained at (`load_model` returns it).
+    `device`: by default the model's own; the model is left in the mode (train/eval) it came in."""
     _require_head(model)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -78,7 +84,8 @@ def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathL
         raise ValueError(f"{len(classes)} class names for a head of {model.num_classes} classes")
     model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
     with evaluating(model):
-        probs, errors = model_outputs(lambda x: model(x).softmax(-1), images, model.num_classes, resolution,
+        score = torch.sigmoid if model.multi_label else lambda logits: logits.softmax(-1)
+        probs, errors = model_outputs(lambda x: score(model(x)), images, model.num_classes, resolution,
                                       batch_size, dev, workers, progress=progress)
     errors = {images.paths[i]: why for i, why in errors.items()}
     values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)

@@ -270,6 +270,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
             model = create_model(model_name, num_classes=plan.num_classes, pretrained=pretrained)
             if multi and not model.head.bias.any():  # a new head (random init, or another checkpoint's head size)
                 nn.init.constant_(model.head.bias, HEAD_BIAS_SIGMOID)
+            model.multi_label = multi  # as it is trained: sigmoid or softmax scores
             model.set_grad_checkpointing(plan.activation_checkpointing)
             local = plan.batch_size // runtime.world_size
             micro = local // plan.batch_split if isinstance(plan.batch_split, int) else local
@@ -290,7 +291,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
             evaluator = _evaluator(eval_source, probe_data, probe_shots, plan, runtime, workers)
             loss = sigmoid_cross_entropy if multi else softmax_cross_entropy
             labels = {"bigtransfer.classes": json.dumps([str(c) for c in classes]),
-                      "bigtransfer.resolution": str(plan.crop)}
+                      "bigtransfer.resolution": str(plan.crop), "bigtransfer.multi_label": str(multi).lower()}
             results = train(model, optimizer, batches, config, runtime, run, loss_fn=loss, evaluator=evaluator,
                             weights_metadata=labels)
             results["plan"] = settings["plan"]  # as a finished run returns it

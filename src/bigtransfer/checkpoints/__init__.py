@@ -69,6 +69,15 @@ def _check_released(path: Path, spec: ModelSpec) -> None:
                               f"BiT-{spec.arch.name} with {spec.num_classes}")
 
 
+def head_is_multi_label(ckpt: Checkpoint, spec: ModelSpec | None = None) -> bool:
+    """Whether the checkpoint's head scores every class on its own (sigmoid cross-entropy on multi-label data)
+    rather than one class among all (softmax). Our runs record it (`bigtransfer.multi_label`, also HF's
+    `problem_type`); a file without the record goes by its registry entry `spec` (BiT-M's ImageNet-21k head)."""
+    if "bigtransfer.multi_label" in ckpt.metadata:
+        return ckpt.metadata["bigtransfer.multi_label"] == "true"
+    return spec is not None and spec.multi_label and ckpt.num_classes == spec.num_classes
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Checkpoint:
     """Load a checkpoint of any supported format into a BiT `model`.
 
@@ -89,6 +98,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Chec
     missing, unexpected = model.load_state_dict(state, strict=head_fits)
     if unexpected or any(not k.startswith("head.") for k in missing):  # a model whose modules were changed
         raise CheckpointError(f"{ckpt.path}: does not fit the model (missing {missing}, unexpected {unexpected})")
+    if head_fits:  # the head's weights, and how they score
+        model.multi_label = head_is_multi_label(ckpt)
     return ckpt
 
 

@@ -172,7 +172,8 @@ _HF_BIT_LAYOUT = {"layer_type": "preactivation", "global_padding": None, "embedd
 
 
 def _hf_folder_metadata(folder: Path) -> dict[str, str]:
-    """What an HF folder's config.json says that the tensors cannot: its class names. A config for another
+    """What an HF folder's config.json says that the tensors cannot: its class names, and whether its head is
+    multi-label (`problem_type`). A config for another
     layout (SAME padding, dynamic stem padding, a bottleneck ViT-hybrid backbone...) would load without a
     missing array and compute something else, so it is refused."""
     path = folder / "config.json"
@@ -190,9 +191,12 @@ def _hf_folder_metadata(folder: Path) -> dict[str, str]:
                               f"({', '.join(f'{k}={v!r}' for k, v in _HF_BIT_LAYOUT.items() if k in other)})")
     labels = config.get("id2label") or {}
     names = [labels.get(str(i), "") for i in range(len(labels))]
+    metadata = {}
     if names and any(n != f"LABEL_{i}" for i, n in enumerate(names)):
-        return {"bigtransfer.classes": json.dumps(names)}
-    return {}
+        metadata["bigtransfer.classes"] = json.dumps(names)
+    if config.get("problem_type") in ("multi_label_classification", "single_label_classification"):
+        metadata["bigtransfer.multi_label"] = str(config["problem_type"] == "multi_label_classification").lower()
+    return metadata
 
 
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
@@ -389,7 +393,8 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 def _check_metadata(path: Path, metadata: dict[str, str], num_classes: int) -> None:
-    """Our keys, if present, as `load_model` reads them: class names for the head, a positive input side."""
+    """Our keys, if present, as `load_model` reads them: class names for the head, a positive input side, the
+    head's scoring (multi-label or not)."""
     if "bigtransfer.classes" in metadata:
         try:
             classes = json.loads(metadata["bigtransfer.classes"])
@@ -403,6 +408,9 @@ def _check_metadata(path: Path, metadata: dict[str, str], num_classes: int) -> N
     if not side.isdigit() or int(side) < 1:
         raise CheckpointError(f"{path}: metadata 'bigtransfer.resolution' must be a positive number of pixels, "
                               f"got {side!r}")
+    if metadata.get("bigtransfer.multi_label", "false") not in ("true", "false"):
+        raise CheckpointError(f"{path}: metadata 'bigtransfer.multi_label' must be 'true' or 'false', got "
+                              f"{metadata['bigtransfer.multi_label'][:80]!r}")
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: str | os.PathLike,
@@ -421,8 +429,8 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
     if misnamed or (container == "npz") != (path.suffix == ".npz"):
         raise ValueError(f"{path}: a {fmt} checkpoint is written as a {container} file, which the name's "
                          f"{path.suffix} would misname")
-    kept = sorted(k.removeprefix("bigtransfer.") for k in metadata or {} if k in ("bigtransfer.classes",
-                                                                                 "bigtransfer.resolution"))
+    kept = sorted(k.removeprefix("bigtransfer.") for k in metadata or {} if k in (
+        "bigtransfer.classes", "bigtransfer.resolution", "bigtransfer.multi_label"))
     if kept and container != "safetensors":
         log.warning("%s: a %s file holds tensors only: the checkpoint's %s are left out (a .safetensors file "
                     "keeps them)", path, container, " and ".join(kept))
@@ -433,6 +441,8 @@ def write_checkpoint(state: dict[str, torch.Tensor], arch: Architecture, path: s
         if "bigtransfer.classes" in (metadata or {}):  # HF's pipelines and model cards show these names
             config["id2label"] = dict(enumerate(json.loads(metadata["bigtransfer.classes"])))
             config["label2id"] = {name: i for i, name in config["id2label"].items()}
+        if (metadata or {}).get("bigtransfer.multi_label") == "true":  # HF's name for a sigmoid head
+            config["problem_type"] = "multi_label_classification"
         with atomic_path(path / "config.json") as tmp:
             tmp.write_text(json.dumps(config, indent=2))
         path = path / "model.safetensors"

@@ -20,7 +20,7 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool | s
     checkpoint's head (the registry's head size for random models); another size gets a new head,
     zero-initialised unless `zero_head=False` -- BiT transfer starts from a zero head.
     """
-    from ..checkpoints import CheckpointError, download_pretrained, load_weights, read_checkpoint
+    from ..checkpoints import CheckpointError, download_pretrained, head_is_multi_label, load_weights, read_checkpoint
 
     spec = get_model_spec(name)
     ckpt = None
@@ -37,6 +37,8 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool | s
     model = ResNetV2(spec.arch, num_classes=head, zero_head=zero_head)
     if ckpt is not None:
         load_weights(model, ckpt)
+        if model.num_classes == ckpt.num_classes:  # a released file records nothing: its registry entry says
+            model.multi_label = head_is_multi_label(ckpt, spec)
         log.info("loaded %s weights (%s format) from %s", spec.name, ckpt.format, ckpt.path)
     return model
 

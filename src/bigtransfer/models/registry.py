@@ -19,7 +19,7 @@ BASE_URL_ENV = "BIT_MODELS_URL"
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 RELEASED = ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
-UPSTREAM = {"S": ("ILSVRC-2012", 1000), "M": ("ImageNet-21k", 21843)}
+UPSTREAM = {"S": ("ILSVRC-2012", 1000), "M": ("ImageNet-21k", 21843)}  # 21k is multi-label: a sigmoid head
 VTAB_ARCHS = ((50, 1), (101, 1), (50, 3), (101, 3), (152, 4))  # BiT-M fine-tuned on VTAB-1k, runs 0-2 each
 VTAB_TASKS = {  # the release's task names: (classes, side of the source images, as HyperRule sizes them)
     "caltech101": (102, 224), "cifar100": (100, 32), "dtd": (47, 224), "oxford_flowers102": (102, 224),
@@ -41,6 +41,7 @@ class ModelSpec:
     sha256: str | None = None  # None: unknown, the download is not verified
     description: str = ""
     bundled: str | None = None  # weights shipped inside the package (bigtransfer/weights/NAME), no download
+    multi_label: bool = False  # the released head was trained with sigmoid cross-entropy (multi-label upstream data)
 
     @property
     def vtab_run(self) -> bool:
@@ -91,7 +92,7 @@ def _register_released() -> None:
         for depth, width in RELEASED:
             name = f"BiT-{tier}-R{depth}x{width}"
             register_model(ModelSpec(name, _arch(depth, width), head, 224, data, f"{name}.npz",
-                                     description=f"upstream {data} weights"))
+                                     description=f"upstream {data} weights", multi_label=tier == "M"))
     for depth, width in RELEASED:
         # timm evaluates these at 448 px (480 for R152x4, which the paper fine-tuned at 480)
         name = f"BiT-M-R{depth}x{width}-ILSVRC2012"

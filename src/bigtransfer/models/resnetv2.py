@@ -335,6 +335,9 @@ class ResNetV2(nn.Module):
         self.norm = GroupNormAct(arch.num_features)
         self.num_features = arch.num_features
         self.head: nn.Linear | None = None
+        # True where the head scores every class on its own (sigmoid: trained on multi-label data, as BiT-M's
+        # ImageNet-21k head) rather than one class among all (softmax); what `predict` turns logits into
+        self.multi_label = False
         self.grad_checkpointing = False
         self._init_weights()
         self.reset_head(num_classes, zero_init=zero_head)
@@ -356,6 +359,7 @@ class ResNetV2(nn.Module):
             raise TypeError(f"num_classes must be a whole number, got {num_classes!r}") from None
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: no head), got {num_classes}")
+        self.multi_label = False  # a new head: whoever trains it multi-label says so
         if num_classes == 0:
             self.head = None
             return
