@@ -303,17 +303,17 @@ def test_the_released_heads_say_how_they_score():
     """BiT-M's ImageNet-21k head was trained with sigmoid cross-entropy (multi-label data; the authors' answer
     to how BiT-M was trained), BiT-S's and every fine-tuned head with softmax. A released file records nothing: its
     registry entry (found by the file's name) says; a record in the file wins."""
-    from bigtransfer.checkpoints import Checkpoint, head_is_multi_label
-    from bigtransfer.inference import _registry_entry
+    from bigtransfer.checkpoints import Checkpoint, head_is_multi_label, registry_entry
 
     m = bt.get_model_spec("BiT-M-R50x1")
     assert m.multi_label and not bt.get_model_spec("BiT-S-R50x1").multi_label
     assert not bt.get_model_spec("BiT-M-R50x1-ILSVRC2012").multi_label  # fine-tuned: softmax
-    assert _registry_entry(Path("/downloads/BiT-M-R50x1.npz")) is m and _registry_entry(Path("mine.npz")) is None
+    assert registry_entry("/downloads/BiT-M-R50x1.npz") is m and registry_entry("mine.npz") is None
 
-    def released(num_classes, **metadata):
-        return Checkpoint(Path("BiT-M-R50x1.npz"), "npz", m.arch, num_classes, {}, metadata)
+    def released(num_classes, name="BiT-M-R50x1.npz", **metadata):
+        return Checkpoint(Path(name), "npz", m.arch, num_classes, {}, metadata)
 
-    assert head_is_multi_label(released(21843), m) and not head_is_multi_label(released(21843), None)
+    assert head_is_multi_label(released(21843)) and head_is_multi_label(released(21843, "r50.npz"), m)
+    assert not head_is_multi_label(released(21843, "r50.npz"))  # a file of no known name, no entry given
     assert not head_is_multi_label(released(10), m)  # another head than the release's
     assert not head_is_multi_label(released(21843, **{"bigtransfer.multi_label": "false"}), m)

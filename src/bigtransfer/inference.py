@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import SUFFIX_FORMATS, head_is_multi_label, load_weights, read_checkpoint
+from .checkpoints import SUFFIX_FORMATS, load_weights, read_checkpoint, registry_entry
 from .checkpoints.formats import atomic_path
 from .data.sources import ImageFiles
 from .evaluate import evaluating, model_outputs
-from .models import ModelSpec, ResNetV2, create_model, get_model_spec, list_models
+from .models import ResNetV2, create_model, get_model_spec
 from .models.resnetv2 import StdConv2d, standardize
 from .runtime import resolve_device
 
@@ -38,8 +38,7 @@ def load_model(model: str | os.PathLike, resolution: int | None = None
     if path.exists():
         ckpt = read_checkpoint(path)
         net = ResNetV2(ckpt.arch, num_classes=ckpt.num_classes)
-        load_weights(net, ckpt)
-        net.multi_label = head_is_multi_label(ckpt, _registry_entry(path))
+        load_weights(net, ckpt)  # with its head's scoring (`multi_label`)
         classes = json.loads(ckpt.metadata["bigtransfer.classes"]) if "bigtransfer.classes" in ckpt.metadata else None
         return net.eval(), classes, resolution or _resolution(ckpt.metadata, path)
     if path.suffix in SUFFIX_FORMATS or os.sep in str(model):
@@ -51,18 +50,12 @@ def load_model(model: str | os.PathLike, resolution: int | None = None
 DEFAULT_RESOLUTION = 224  # the side BiT's released checkpoints were trained and evaluated at
 
 
-def _registry_entry(path: Path) -> ModelSpec | None:
-    """The registry checkpoint the file is named after (a downloaded or bundled one), if any."""
-    return next((spec for spec in map(get_model_spec, list_models())
-                 if path.name in {Path(f).name for f in (spec.file, spec.bundled) if f}), None)
-
-
 def _resolution(metadata: dict[str, str], path: Path) -> int:
     """The side the checkpoint's run trained at (our runs record it); else that of the registry checkpoint
     the file is named after; else BiT's upstream 224."""
     if "bigtransfer.resolution" in metadata:
         return int(metadata["bigtransfer.resolution"])
-    spec = _registry_entry(path)
+    spec = registry_entry(path)
     if spec is not None:
         return spec.resolution
     log.warning("%s records no input side (our runs and `bit convert` to .safetensors do): %d px, BiT's upstream "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..models.registry import ModelSpec, get_model_spec
+from ..models.registry import ModelSpec, get_model_spec, list_models
 from .download import BadDownload, DownloadError, cache_dir, download
 from .formats import (
     FORMATS,
@@ -69,12 +69,21 @@ def _check_released(path: Path, spec: ModelSpec) -> None:
                               f"BiT-{spec.arch.name} with {spec.num_classes}")
 
 
+def registry_entry(path: str | os.PathLike) -> ModelSpec | None:
+    """The registry checkpoint a file is named after (a downloaded or bundled one), if any."""
+    name = Path(path).name
+    return next((spec for spec in map(get_model_spec, list_models())
+                 if name in {Path(f).name for f in (spec.file, spec.bundled) if f}), None)
+
+
 def head_is_multi_label(ckpt: Checkpoint, spec: ModelSpec | None = None) -> bool:
     """Whether the checkpoint's head scores every class on its own (sigmoid cross-entropy on multi-label data)
     rather than one class among all (softmax). Our runs record it (`bigtransfer.multi_label`, also HF's
-    `problem_type`); a file without the record goes by its registry entry `spec` (BiT-M's ImageNet-21k head)."""
+    `problem_type`); a file without the record goes by its registry entry, `spec` or the one it is named after
+    (BiT-M's ImageNet-21k head)."""
     if "bigtransfer.multi_label" in ckpt.metadata:
         return ckpt.metadata["bigtransfer.multi_label"] == "true"
+    spec = spec or registry_entry(ckpt.path)
     return spec is not None and spec.multi_label and ckpt.num_classes == spec.num_classes
 
 
