@@ -313,7 +313,27 @@ def test_the_released_heads_say_how_they_score():
     def released(num_classes, name="BiT-M-R50x1.npz", **metadata):
         return Checkpoint(Path(name), "npz", m.arch, num_classes, {}, metadata)
 
-    assert head_is_multi_label(released(21843)) and head_is_multi_label(released(21843, "r50.npz"), m)
-    assert not head_is_multi_label(released(21843, "r50.npz"))  # a file of no known name, no entry given
-    assert not head_is_multi_label(released(10), m)  # another head than the release's
-    assert not head_is_multi_label(released(21843, **{"bigtransfer.multi_label": "false"}), m)
+    assert head_is_multi_label(released(21843)) and not head_is_multi_label(released(21843, "r50.npz"))
+    assert not head_is_multi_label(released(10))  # another head than the release's
+    assert not head_is_multi_label(released(21843, **{"bigtransfer.multi_label": "false"}))
+
+
+def test_a_released_bit_m_head_keeps_its_sigmoid_when_converted_or_saved(tmp_path, caplog):
+    """The released file records nothing; its name says. Converted or saved from a loaded model, the new file
+    records it (and, converted, the side), where its name no longer says. A stand-in: a tiny network with the
+    21,843-class head, under the release's file name."""
+    from bigtransfer.cli import main
+    from bigtransfer.inference import load_model
+
+    released = tmp_path / "BiT-M-R50x1.npz"
+    random_bit_npz(released, *TINY, num_classes=21843)
+    model, _, side = load_model(released)
+    assert model.multi_label and side == bt.get_model_spec("BiT-M-R50x1").resolution
+    assert main(["convert", str(released), str(tmp_path / "r50.safetensors")]) == 0
+    bt.save_weights(model, tmp_path / "saved.safetensors")
+    caplog.clear()
+    converted, _, converted_side = load_model(tmp_path / "r50.safetensors")
+    assert converted.multi_label and converted_side == side and "records no input side" not in caplog.text
+    assert load_model(tmp_path / "saved.safetensors")[0].multi_label
+    shutil.copy(released, tmp_path / "renamed.npz")  # under another name, nothing says so
+    assert not load_model(tmp_path / "renamed.npz")[0].multi_label

@@ -213,7 +213,7 @@ def test_a_mixup_update_by_hand():
 def test_a_batch_shortened_by_bad_images_replays_the_captured_step():
     """Under CUDA graphs, 6 good images of a captured batch of 8 are padded to 8 and give the eager update on
     the 6 (the capture itself needs a GPU: a recording stand-in for the graphed forward runs it here)."""
-    from bigtransfer.engine import EngineConfig, _GraphedForward, _update, softmax_cross_entropy
+    from bigtransfer.engine import EngineConfig, _GraphedForward, _padded, _update, softmax_cross_entropy
     from bigtransfer.hyperrule import schedule
     from bigtransfer.runtime import setup
 
@@ -232,6 +232,8 @@ def test_a_batch_shortened_by_bad_images_replays_the_captured_step():
     given = []
     loss, grads = update(_GraphedForward(lambda x: given.append(x.clone()) or model(x), torch.Size([8, 3, 16, 16])))
     assert len(given) == 1 and given[0].shape == (8, 3, 16, 16) and not given[0][6:].any()
+    cl = torch.randn(6, 3, 16, 16).contiguous(memory_format=torch.channels_last)  # as the graphs were captured
+    assert _padded(cl, 8).is_contiguous(memory_format=torch.channels_last) and torch.equal(_padded(cl, 8)[:6], cl)
     eager_loss, eager_grads = update(None)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-7)
     for k, g in grads.items():

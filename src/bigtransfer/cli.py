@@ -23,6 +23,7 @@ from .checkpoints import (
     DownloadError,
     cached_path,
     download_pretrained,
+    implied_metadata,
     read_checkpoint,
     write_checkpoint,
 )
@@ -86,7 +87,7 @@ def _format_named_by(dst: Path) -> str:
 def cmd_convert(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.src)
     fmt = args.to or _format_named_by(Path(args.dst))
-    out = write_checkpoint(ckpt.state, ckpt.arch, args.dst, fmt, metadata=ckpt.metadata)  # class names, resolution
+    out = write_checkpoint(ckpt.state, ckpt.arch, args.dst, fmt, metadata=implied_metadata(ckpt))  # names, side...
     console.print(f"{ckpt.path} ({ckpt.format}, BiT-{ckpt.arch.name}) -> {out} ({fmt})")
     return 0
 
@@ -224,17 +225,6 @@ def _sweep_settings(args: argparse.Namespace, train, test) -> dict:
             "seeds": args.seeds}
 
 
-def _trained_side(model: str, pretrained: bool | str) -> int:
-    """The side a checkpoint file's run trained at (our runs record it), else the registry's for `model`."""
-    from .checkpoints import read_checkpoint
-
-    if pretrained not in (False, True):
-        metadata = read_checkpoint(pretrained).metadata
-        if "bigtransfer.resolution" in metadata:
-            return int(metadata["bigtransfer.resolution"])
-    return get_model_spec(model).resolution
-
-
 def _k_list(shots: list[int], full: bool) -> list[int | None]:
     return list(shots) + ([None] if full else [])
 
@@ -269,12 +259,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
     train, test = _data_inputs(args)
     if test is None:
         raise ValueError("bit probe needs evaluation data (--eval-data)")
-    resolution = args.resolution or _trained_side(args.model, args.pretrained)
+    # a file is read once: the side its run trained at (our runs record it; else the registry's), its weights
+    weights = args.pretrained if args.pretrained in (False, True) else read_checkpoint(args.pretrained)
+    recorded = int(getattr(weights, "metadata", {}).get("bigtransfer.resolution", 0))
+    resolution = args.resolution or recorded or get_model_spec(args.model).resolution
     settings = {"command": "probe", **_sweep_settings(args, train, test), "resolution": resolution, "l2": args.l2}
     results_folder(args.out, settings)
     runtime = setup(args.device)
     torch.manual_seed(0)  # a random-init baseline is the same network at every run
-    model = create_model(args.model, pretrained=args.pretrained).to(runtime.device)
+    model = create_model(args.model, pretrained=weights).to(runtime.device)
     rows = linear_probe(model, train, test, resolution, runtime, shots=_k_list(args.shots, args.full),
                         seeds=list(range(args.seeds)), l2=args.l2, workers=args.workers, progress=True)
     for row in rows:

@@ -309,7 +309,7 @@ def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
     graphs rather than running eagerly beside their memory pool (a second copy of the activations, enough to
     run out of memory where the captured step just fits). Exact: every layer sees each image alone (GroupNorm,
     not BatchNorm), and the padding gets no loss, hence no gradient."""
-    return x if len(x) == rows else torch.cat([x, x.new_zeros(rows - len(x), *x.shape[1:])])
+    return x if len(x) == rows else F.pad(x, (0, 0, 0, 0, 0, 0, 0, rows - len(x)))  # in x's layout
 
 
 def _graphs_wanted(model: nn.Module, config: EngineConfig, runtime: Runtime, split: int) -> bool:

@@ -77,7 +77,7 @@ def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathL
         raise ValueError(f"{len(classes)} class names for a head of {model.num_classes} classes")
     model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
     with evaluating(model):
-        score = torch.sigmoid if model.multi_label else lambda logits: logits.softmax(-1)
+        score = torch.sigmoid if getattr(model, "multi_label", False) else lambda logits: logits.softmax(-1)
         probs, errors = model_outputs(lambda x: score(model(x)), images, model.num_classes, resolution,
                                       batch_size, dev, workers, progress=progress)
     errors = {images.paths[i]: why for i, why in errors.items()}

@@ -76,15 +76,25 @@ def registry_entry(path: str | os.PathLike) -> ModelSpec | None:
                  if name in {Path(f).name for f in (spec.file, spec.bundled) if f}), None)
 
 
-def head_is_multi_label(ckpt: Checkpoint, spec: ModelSpec | None = None) -> bool:
+def head_is_multi_label(ckpt: Checkpoint) -> bool:
     """Whether the checkpoint's head scores every class on its own (sigmoid cross-entropy on multi-label data)
     rather than one class among all (softmax). Our runs record it (`bigtransfer.multi_label`, also HF's
-    `problem_type`); a file without the record goes by its registry entry, `spec` or the one it is named after
-    (BiT-M's ImageNet-21k head)."""
+    `problem_type`); a file without the record goes by the registry entry it is named after (BiT-M's
+    ImageNet-21k head; downloads and bundled files keep the registry's file names)."""
     if "bigtransfer.multi_label" in ckpt.metadata:
         return ckpt.metadata["bigtransfer.multi_label"] == "true"
-    spec = spec or registry_entry(ckpt.path)
+    spec = registry_entry(ckpt.path)
     return spec is not None and spec.multi_label and ckpt.num_classes == spec.num_classes
+
+
+def implied_metadata(ckpt: Checkpoint) -> dict[str, str]:
+    """The checkpoint's metadata, with what the registry entry it is named after says and it does not record
+    (its side, its head's scoring): a released file converted keeps them, where its name no longer gives them."""
+    spec = registry_entry(ckpt.path)
+    implied = {} if spec is None else {"bigtransfer.resolution": str(spec.resolution)}
+    if head_is_multi_label(ckpt):
+        implied["bigtransfer.multi_label"] = "true"
+    return {**implied, **ckpt.metadata}
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Checkpoint:
@@ -115,6 +125,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike | Checkpoint) -> Chec
 def save_weights(model: nn.Module, path: str | os.PathLike, format: str | None = None,
                  metadata: dict[str, str] | None = None) -> Path:
     """Write `model`'s weights in any supported format (see `formats.write_checkpoint`); by default the one the
-    suffix names (.pth/.pt/.bin timm, .npz the authors'), else ours (safetensors). An HF folder: format="hf"."""
+    suffix names (.pth/.pt/.bin timm, .npz the authors'), else ours (safetensors). An HF folder: format="hf".
+    A multi-label head's scoring is recorded with them (a released BiT-M head has it from its file's name)."""
+    if getattr(model, "multi_label", False):
+        metadata = {"bigtransfer.multi_label": "true", **(metadata or {})}
     return write_checkpoint(model.state_dict(), model.arch, path,
                             format or SUFFIX_FORMATS.get(Path(path).suffix, "safetensors"), metadata)

@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from .registry import get_model_spec
 from .resnetv2 import ResNetV2
 
+if TYPE_CHECKING:
+    from ..checkpoints import Checkpoint
+
 log = logging.getLogger("bigtransfer")
 
 
-def create_model(name: str, num_classes: int | None = None, pretrained: bool | str | os.PathLike = False,
-                 zero_head: bool = True) -> ResNetV2:
+def create_model(name: str, num_classes: int | None = None,
+                 pretrained: bool | str | os.PathLike | Checkpoint = False, zero_head: bool = True) -> ResNetV2:
     """Build the BiT variant `name`.
 
     pretrained: False (random init), True (the registry's released checkpoint, downloaded into the
-    cache), or a path to a checkpoint in any supported format. num_classes: None keeps the
+    cache), or a path to a checkpoint in any supported format (or one already read). num_classes: None keeps the
     checkpoint's head (the registry's head size for random models); another size gets a new head,
     zero-initialised unless `zero_head=False` -- BiT transfer starts from a zero head.
     """
-    from ..checkpoints import CheckpointError, download_pretrained, head_is_multi_label, load_weights, read_checkpoint
+    from ..checkpoints import Checkpoint, CheckpointError, download_pretrained, load_weights, read_checkpoint
 
     spec = get_model_spec(name)
-    ckpt = None
-    if pretrained is not False:
+    ckpt = pretrained if isinstance(pretrained, Checkpoint) else None
+    if ckpt is None and pretrained is not False:
         path = download_pretrained(spec) if pretrained is True else pretrained
         try:
             ckpt = read_checkpoint(path)
@@ -36,9 +40,7 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool | s
     head = num_classes if num_classes is not None else (ckpt.num_classes if ckpt else spec.num_classes)
     model = ResNetV2(spec.arch, num_classes=head, zero_head=zero_head)
     if ckpt is not None:
-        load_weights(model, ckpt)
-        if model.num_classes == ckpt.num_classes:  # a released file records nothing: its registry entry says
-            model.multi_label = head_is_multi_label(ckpt, spec)
+        load_weights(model, ckpt)  # with its head's scoring, which a released file's name tells
         log.info("loaded %s weights (%s format) from %s", spec.name, ckpt.format, ckpt.path)
     return model
 
