@@ -392,7 +392,7 @@ def test_damaged_shards_and_manifests_are_named_never_read_with_wrong_labels(tmp
     with pytest.raises(ValueError, match=r"manifest.json: the manifest has no shards, total; `bit shards SRC"):
         ShardImages(tmp_path / "shards")
     manifest.write_text(text.replace('"count": 6', '"count": "6"'))  # counts are read as numbers
-    with pytest.raises(ValueError, match=r"the manifest has no an integer shards\[0\].count; `bit shards SRC"):
+    with pytest.raises(ValueError, match=r"the manifest's shards\[0\].count: not a whole number; `bit shards SRC"):
         ShardImages(tmp_path / "shards")
     # the label member the manifest names is read, and only it: .cls under a multi-label manifest is named
     shard.write_bytes(original)

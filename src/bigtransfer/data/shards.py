@@ -112,13 +112,16 @@ def read_manifest(root: str | os.PathLike) -> dict:
         missing = [k for k in ("classes", "multi_label", "shards", "total") if k not in manifest]
         missing += [f"shards[{i}].{k}" for i, s in enumerate(manifest.get("shards", []))
                     for k in ("name", "count", "sha256") if k not in s]
-        missing += [f"an integer {k}" for k, v in [("total", manifest.get("total", 0))] + [
+        counts = [("total", manifest.get("total", 0))] + [
             (f"shards[{i}].count", s.get("count", 0)) for i, s in enumerate(manifest.get("shards", []))]
-            if type(v) is not int]
+        not_counts = [k for k, v in counts if type(v) is not int]
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, or not a mapping of mappings
         raise ValueError(f"{path}: not a shard manifest ({e}); `bit shards SRC {root}` writes it again") from e
     if missing:
         raise ValueError(f"{path}: the manifest has no {', '.join(missing)}; `bit shards SRC {root}` writes it again")
+    if not_counts:
+        raise ValueError(f"{path}: the manifest's {', '.join(not_counts)}: not a whole number; `bit shards SRC "
+                         f"{root}` writes it again")
     for shard in manifest["shards"]:
         if not (Path(root) / shard["name"]).is_file():
             raise FileNotFoundError(f"{root}: shard {shard['name']} listed in {MANIFEST} is missing")
