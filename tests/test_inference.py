@@ -185,6 +185,20 @@ def test_export_matches_pytorch(trained, capsys, tmp_path, fmt):
     else:
         got = torch.jit.load(str(out))(x).detach().numpy()
     assert np.abs(got - reference).max() <= 1e-4 * np.abs(reference).max()
+    # the features `bit embed` writes, as a model of its own (a backbone without a head too)
+    run_cli(capsys, "export", "--model", ckpt, "--format", fmt, "--output", "features", "--out",
+            tmp_path / f"features.{fmt}", "--resolution", "32")
+    with torch.no_grad():
+        reference = model.forward_features(x).numpy()
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(tmp_path / f"features.{fmt}"), providers=["CPUExecutionProvider"])
+        assert [o.name for o in session.get_outputs()] == ["features"]
+        got = session.run(None, {"images": x.numpy()})[0]
+    else:
+        got = torch.jit.load(str(tmp_path / f"features.{fmt}"))(x).detach().numpy()
+    assert got.shape == (3, 512) and np.abs(got - reference).max() <= 1e-4 * np.abs(reference).max()
+    backbone = bt.create_model("BiT-R14x0.25", num_classes=0)
+    bt.export(backbone, tmp_path / f"backbone.{fmt}", fmt, resolution=32, output="features")
     if fmt == "torchscript":  # a program, which no checkpoint reader should take for a state dict
         from bigtransfer.checkpoints import CheckpointError
 
@@ -209,7 +223,8 @@ def test_user_errors_name_the_file(trained, capsys, tmp_path):
     backbone = bt.create_model("BiT-R14x0.25", num_classes=0)
     bt.save_weights(backbone, tmp_path / "backbone.safetensors")
     assert main(["predict", str(image), "--model", str(tmp_path / "backbone.safetensors")]) == 2
-    assert "no classification head (a backbone): `bit embed` gives its features" in capsys.readouterr().err
+    assert "no classification head (a backbone): `bit embed` gives its features (`bit export --output features`" \
+        in capsys.readouterr().err
     ckpt = trained / "run" / "model.safetensors"
     assert main(["embed", str(image), "--model", str(ckpt), "--out", str(tmp_path / "features")]) == 2
     assert "features: features are written as .npy or .safetensors" in capsys.readouterr().err

@@ -331,8 +331,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .inference import export, load_model
 
     model, _, resolution = load_model(args.model, args.resolution)
-    out = export(model, args.out, args.format, resolution)
-    console.print(f"{args.format} with Weight Standardization folded in -> {out}")
+    out = export(model, args.out, args.format, resolution, args.output)
+    console.print(f"{args.format} ({args.output}) with Weight Standardization folded in -> {out}")
     return 0
 
 
@@ -549,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resolution", type=COUNT, help="input side (default: the checkpoint's or registry's)")
         if name == "export":
             p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+            p.add_argument("--output", choices=("logits", "features"), default="logits",
+                           help="what the exported model gives: logits (default) or the pre-logit features")
             p.add_argument("--out", required=True, help="output file")
         else:
             p.add_argument("images", nargs="+", help="image files, or folders to read recursively")

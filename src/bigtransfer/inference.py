@@ -169,16 +169,32 @@ def fold_weight_standardization(model: ResNetV2) -> ResNetV2:
 EXPORT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}
 
 
-def export(model: ResNetV2, path: str | os.PathLike, fmt: str = "onnx", resolution: int = DEFAULT_RESOLUTION) -> Path:
+class _Features(nn.Module):
+    """A model whose output is its pre-logit features, for an embedding export."""
+
+    def __init__(self, model: ResNetV2) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def export(model: ResNetV2, path: str | os.PathLike, fmt: str = "onnx", resolution: int = DEFAULT_RESOLUTION,
+           output: str = "logits") -> Path:
     """ONNX (dynamic batch) or TorchScript, Weight Standardization folded in, traced at `resolution` (the side
-    the model was trained at: `load_model` returns it). The file holds fp32 CPU weights, whatever the model's
-    device and dtype: what every runtime takes."""
+    the model was trained at: `load_model` returns it), giving the logits or (`output="features"`) the pre-logit
+    features `bit embed` writes. The file holds fp32 CPU weights, whatever the model's device and dtype: what
+    every runtime takes."""
     if fmt not in EXPORT_SUFFIXES:
         raise ValueError(f"unknown export format {fmt!r}; choose onnx or torchscript")
+    if output not in ("logits", "features"):
+        raise ValueError(f"unknown export output {output!r}; choose logits or features")
     other = [f for f, suffixes in EXPORT_SUFFIXES.items() if f != fmt and Path(path).suffix in suffixes]
     if other:
         raise ValueError(f"{path}: a {fmt} file under a name that says {other[0]}; name it {EXPORT_SUFFIXES[fmt][0]}")
-    _require_head(model)
+    if output == "logits":
+        _require_head(model)
     if fmt == "onnx":
         try:
             import onnx  # noqa: F401 (torch.onnx.export needs it, and says so only after tracing)
@@ -186,19 +202,21 @@ def export(model: ResNetV2, path: str | os.PathLike, fmt: str = "onnx", resoluti
             raise ImportError("ONNX export needs the onnx package: pip install onnx (TorchScript needs nothing "
                               "more: --format torchscript)") from e
     folded = fold_weight_standardization(model).to("cpu", torch.float32)
+    traced = folded if output == "logits" else _Features(folded)
     # an image-like input: on zeros every norm sees a constant and the tracer's own check reports noise
     example = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with atomic_path(path) as tmp:
         if fmt == "torchscript":
             with warnings.catch_warnings():  # torch.jit's deprecation notices: TorchScript files are what is asked
                 warnings.simplefilter("ignore", FutureWarning)
-                torch.jit.trace(folded, example).save(str(tmp))
+                torch.jit.trace(traced, example).save(str(tmp))
         else:
-            torch.onnx.export(folded, (example,), str(tmp), input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            torch.onnx.export(traced, (example,), str(tmp), input_names=["images"], output_names=[output],
+                              dynamic_axes={"images": {0: "batch"}, output: {0: "batch"}}, dynamo=False)
     return Path(path)
 
 
 def _require_head(model: ResNetV2) -> None:
     if model.head is None:
-        raise ValueError("this checkpoint has no classification head (a backbone): `bit embed` gives its features")
+        raise ValueError("this checkpoint has no classification head (a backbone): `bit embed` gives its features "
+                         "(`bit export --output features` a model of them)")
