@@ -318,7 +318,7 @@ def test_the_released_heads_say_how_they_score():
     assert not head_is_multi_label(released(21843, **{"bigtransfer.multi_label": "false"}))
 
 
-def test_a_released_bit_m_head_keeps_its_sigmoid_when_converted_or_saved(tmp_path, caplog):
+def test_a_released_bit_m_head_keeps_its_sigmoid_when_converted_or_saved(tmp_path, caplog, capsys):
     """The released file records nothing; its name says. Converted or saved from a loaded model, the new file
     records it (and, converted, the side), where its name no longer says. A stand-in: a tiny network with the
     21,843-class head, under the release's file name."""
@@ -337,3 +337,6 @@ def test_a_released_bit_m_head_keeps_its_sigmoid_when_converted_or_saved(tmp_pat
     assert load_model(tmp_path / "saved.safetensors")[0].multi_label
     shutil.copy(released, tmp_path / "renamed.npz")  # under another name, nothing says so
     assert not load_model(tmp_path / "renamed.npz")[0].multi_label
+    capsys.readouterr()
+    assert main(["info", str(released)]) == 0 and "21843 (sigmoid: multi-label)" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "renamed.npz")]) == 0 and "21843 (softmax)" in capsys.readouterr().out

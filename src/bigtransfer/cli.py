@@ -23,6 +23,7 @@ from .checkpoints import (
     DownloadError,
     cached_path,
     download_pretrained,
+    head_is_multi_label,
     implied_metadata,
     read_checkpoint,
     write_checkpoint,
@@ -67,7 +68,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     names = {"safetensors": "bigtransfer's own", "npz": "npz (the authors' release)"}.get(ckpt.format, ckpt.format)
     rows = [("parameter names", names), ("architecture", f"BiT-{ckpt.arch.name}"),
             ("units per stage", str(list(ckpt.arch.depths))), ("width factor", f"{ckpt.arch.width:g}"),
-            ("parameters", f"{ckpt.num_params:,}"), ("head size", str(ckpt.num_classes or "none")),
+            ("parameters", f"{ckpt.num_params:,}"),
+            ("head size", f"{ckpt.num_classes} ({'sigmoid: multi-label' if head_is_multi_label(ckpt) else 'softmax'})"
+             if ckpt.num_classes else "none"),
             ("registry names", ", ".join(same) or "(none)")]
     rows += [(f"metadata: {k}", v) for k, v in sorted(ckpt.metadata.items())]
     for row in rows:
