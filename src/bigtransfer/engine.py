@@ -87,6 +87,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
     total = config.schedule.total_steps
     model.to(runtime.device)
     start, elapsed = _resume(model, optimizer, run, runtime)
+    _optimizer_state_like_parameters(optimizer)  # before --batch-split auto's probe, which must leave room for them
     local_batch = config.global_batch // runtime.world_size
     split = _batch_split(config, model, local_batch, runtime)
     graphs = _graphs_wanted(model, config, runtime, split)
@@ -94,7 +95,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSour
         config = replace(config, channels_last=graphs)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    _optimizer_state_like_parameters(optimizer)
+        _optimizer_state_like_parameters(optimizer)  # the buffers in the parameters' new layout
     net: nn.Module = model
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -400,7 +401,7 @@ def _batch_split(config: EngineConfig, model: nn.Module, local_batch: int, runti
     if runtime.device.type != "cuda":
         return 1  # CPU memory is rarely the limit; accumulation only slows it down
     for split in (s for s in range(1, local_batch + 1) if local_batch % s == 0):
-        try:  # one probe forward/backward at the micro-batch size; no weights change
+        try:  # one probe forward/backward at the micro-batch size, beside the momentum buffers; no weights change
             x = torch.zeros(local_batch // split, 3, config.input_size, config.input_size, device=runtime.device)
             with autocast(runtime.device, config.precision):
                 model(x).float().sum().backward()
