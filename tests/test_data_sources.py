@@ -324,25 +324,29 @@ def test_open_dataset_split_folders(tmp_path):
         open_dataset(str(tmp_path), "test")
 
 
-def test_open_dataset_single_tree_is_split_stratified_and_deterministic(tmp_path):
-    root = _tree(tmp_path / "tree", {"a": 10, "b": 5, "c": 7, "d": 1})
-    full = ImageFolderImages(root)
-    train = open_dataset(str(root), "train", val_fraction=0.2, split_seed=3)
-    val = open_dataset(str(root), "val", val_fraction=0.2, split_seed=3)
-    test = open_dataset(str(root), "test", val_fraction=0.2, split_seed=3)
-    tr = {train.describe(i) for i in range(len(train))}
-    va = {val.describe(i) for i in range(len(val))}
-    assert va == {test.describe(i) for i in range(len(test))}
-    assert not tr & va
-    assert tr | va == {full.describe(i) for i in range(len(full))}
-    for c, n in {0: 10, 1: 5, 2: 7}.items():  # every class with >= 5 images is in both
-        assert train.targets.count(c) > 0 and val.targets.count(c) > 0
-        assert val.targets.count(c) == round(0.2 * n)
-    assert train.targets.count(3) == 1 and val.targets.count(3) == 0
-    again = open_dataset(str(root), "train", val_fraction=0.2, split_seed=3)
-    assert [again.describe(i) for i in range(len(again))] == [train.describe(i) for i in range(len(train))]
-    other = open_dataset(str(root), "val", val_fraction=0.2, split_seed=4)
-    assert {other.describe(i) for i in range(len(other))} != va
+def test_a_single_tree_gives_up_a_held_out_part_that_added_images_never_change(tmp_path):
+    root = _tree(tmp_path / "tree", {"a": 300, "b": 5, "c": 2, "d": 1})
+
+    def part(split, seed=3, at=root):  # {file relative to the tree: label}
+        d = open_dataset(str(at), split, val_fraction=0.2, split_seed=seed)
+        return {os.path.relpath(d.describe(i), at): d.targets[i] for i in range(len(d))}
+
+    train, val = part("train"), part("val")
+    assert part("test") == part("eval") == val and not train.keys() & val.keys() and len(train) + len(val) == 308
+    assert 0.13 < list(val.values()).count(0) / 300 < 0.27  # about a fifth of a large class (60 +- 7 expected)
+    for c in (1, 2):  # a small class has an image in each part, whatever the draws
+        assert c in train.values() and c in val.values()
+    assert list(train.values()).count(3) == 1 and 3 not in val.values()  # a class of one image is trained on
+    assert part("train") == train and part("val", seed=4) != val
+    shutil.copytree(root, tmp_path / "moved")  # the names are read relative to the tree: moved, it splits alike
+    assert part("val", at=tmp_path / "moved") == val
+    for k in range(100):  # images added later: no earlier training image is held out after, nor the reverse
+        _png(root / "a" / f"new{k}.png")
+    for k in range(20):
+        _png(root / "b" / f"new{k}.png")
+    grown = part("val")
+    assert not train.keys() & grown.keys() and {f for f, c in val.items() if c == 0} <= grown.keys()
+    assert any(f.startswith("a/new") for f in grown) and len(part("train")) + len(grown) == 428
 
 
 def test_held_out_folder_is_labelled_by_class_name_and_read_whole(tmp_path):
@@ -403,14 +407,17 @@ def test_a_csv_that_is_also_the_evaluation_data_gives_up_a_held_out_part(tmp_pat
     (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     train, held_out = open_sources(str(tmp_path / "m.csv"), str(tmp_path / "m.csv"))
     seen, scored = ({d.describe(i) for i in range(len(d))} for d in (train, held_out))
-    assert (len(seen), len(scored)) == (8, 2) and not seen & scored and sorted(held_out.targets) == [0, 1]
-    assert [len(d) for d in open_sources(str(tmp_path / "m.csv"), str(tmp_path / "m.csv"))] == [8, 2]  # fixed
+    assert len(seen | scored) == 10 and not seen & scored and sorted(set(held_out.targets)) == [0, 1]
+    again = open_sources(str(tmp_path / "m.csv"), str(tmp_path / "m.csv"))  # fixed
+    assert [again[1].describe(i) for i in range(len(again[1]))] == [held_out.describe(i) for i in range(len(held_out))]
     other = tmp_path / "other.csv"
     other.write_text("path,label\n0.png,a\n1.png,b\n")
     assert [len(d) for d in open_sources(str(tmp_path / "m.csv"), str(other))] == [10, 2]  # from elsewhere: whole
+    # a multi-label manifest is split as a whole (a class per image would not be a partition)
     (tmp_path / "tags.csv").write_text("path,label\n" + "\n".join(r.replace(",a", ",a;b") for r in rows) + "\n")
-    with pytest.raises(MissingSplit, match="tags.csv holds a single split and no held-out part can be taken"):
-        open_sources(str(tmp_path / "tags.csv"), str(tmp_path / "tags.csv"))  # multi-label: not stratified here
+    tags, tags_held_out = open_sources(str(tmp_path / "tags.csv"), str(tmp_path / "tags.csv"))
+    seen, scored = ({d.describe(i) for i in range(len(d))} for d in (tags, tags_held_out))
+    assert len(seen | scored) == 10 and not seen & scored and scored and tags_held_out.multi_label
     assert len(open_dataset(str(tmp_path / "m.csv"), "test", hold_out=False)) == 10  # held out elsewhere: whole
 
 

@@ -1,7 +1,7 @@
 """Labelled image sources: every dataset the fine-tuner reads, behind one small interface.
 
 Each source maps an index to ``(PIL RGB image, label)`` (a class index; a tuple of them for multi-label data) and
-exposes ``targets`` without decoding anything, so few-shot sampling and stratified splits stay cheap. File discovery
+exposes ``targets`` without decoding anything, so few-shot sampling and held-out splits stay cheap. File discovery
 and dataset formats are delegated to torchvision and scikit-learn; this module only normalises what they return
 (colour modes, bit depths, broken files).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -318,6 +319,7 @@ class _FileImages(LabelledImages):
     """Shared behaviour of sources whose items are image files: decode on access, header-only sizes."""
 
     paths: list[str]
+    root: str  # a held-out part carved from the source hashes its paths relative to this (`_held_out_items`)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         i = self._check_index(i)
@@ -441,6 +443,7 @@ class CsvImages(_FileImages):
     def __init__(self, csv_path: str | os.PathLike) -> None:
         csv_path = os.fspath(csv_path)
         self.name = f"csv:{os.path.abspath(csv_path)}"
+        self.root = os.path.dirname(os.path.abspath(csv_path))  # what its relative paths are relative to
         paths, labels = _manifest_rows(csv_path)
         if not paths:
             raise ValueError(f"{csv_path}: the manifest lists no images")
@@ -717,29 +720,38 @@ def measure_image_size(data: LabelledImages, sample: int = 256, seed: int = 0) -
     return int(np.rint(h)), int(np.rint(w))
 
 
-def _stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Per class, ``val_fraction`` of items (at least one, never all, when a class has two or more) go to val.
+def _held_out_items(whole: _FileImages, val_fraction: float, seed: int) -> set[int]:
+    """The items of a folder tree or CSV manifest that are held out: those whose path (relative to the tree or
+    the manifest's folder) hashes, with the seed, below ``val_fraction``.
 
-    Own code rather than sklearn's stratify, which refuses classes with a single image and rounds globally.
-    """
-    rng = np.random.default_rng(seed)
-    targets_arr = np.asarray(targets)
-    train: list[int] = []
-    val: list[int] = []
-    for c in np.unique(targets_arr):
-        members = np.flatnonzero(targets_arr == c)
-        rng.shuffle(members)
-        n = len(members)
-        n_val = min(max(int(round(val_fraction * n)), 1), n - 1) if n >= 2 else 0
-        val.extend(int(i) for i in members[:n_val])
-        train.extend(int(i) for i in members[n_val:])
-    return sorted(train), sorted(val)
+    Why a hash of the name and not a shuffled list: images added to the data later never move an earlier one
+    between the parts, so a model trained before is never scored on its own training images after (a shuffle
+    reassigns every class whose count changed). Within each class (a multi-label manifest: all of it) of two
+    or more images at least one is held out and one is not, whatever the draws."""
+    draws = [_unit_hash(f"{seed}/{os.path.relpath(p, whole.root).replace(os.sep, '/')}") for p in whole.paths]
+    groups: dict[Any, list[int]] = collections.defaultdict(list)
+    for i, target in enumerate(whole.targets):
+        groups[() if whole.multi_label else target].append(i)
+    held: set[int] = set()
+    for members in (m for m in groups.values() if len(m) >= 2):
+        part = {i for i in members if draws[i] < val_fraction}
+        if not part:
+            part = {min(members, key=draws.__getitem__)}
+        elif len(part) == len(members):
+            part.discard(max(members, key=draws.__getitem__))
+        held |= part
+    return held
 
 
-def _held_out_part(whole: LabelledImages, split: str, val_fraction: float, seed: int) -> LabelledImages:
+def _unit_hash(key: str) -> float:
+    """A number in [0, 1) fixed by `key`, the same on every machine and Python (unlike `hash`)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2.0**64
+
+
+def _held_out_part(whole: _FileImages, split: str, val_fraction: float, seed: int) -> LabelledImages:
     """The "train" part of a source with no splits of its own, or the held-out rest for any other split."""
-    train, val = _stratified_split(whole.targets, val_fraction, seed)
-    return whole.subset(train if split == "train" else val)
+    held = _held_out_items(whole, val_fraction, seed)
+    return whole.subset([i for i in range(len(whole)) if (i in held) != (split == "train")])
 
 
 _SPLIT_DIRS = {
@@ -772,9 +784,10 @@ def open_dataset(
     """Turn a command-line dataset spec into a source; see ``_SPEC_HELP`` for the forms.
 
     A single class-folder tree or CSV manifest has no held-out part, so one is carved out deterministically
-    (``split_seed``): ``val_fraction`` of each class is "val"/"test"/"eval", the rest "train". With
-    ``hold_out=False`` (the held-out data comes from elsewhere) every split of it is all of it. Shards and
-    multi-label manifests cannot be carved: they are all of it, or refused as held-out data.
+    (``split_seed``, `_held_out_items`): about ``val_fraction`` of each class, chosen by a hash of each file's
+    name, is "val"/"test"/"eval", the rest "train". With ``hold_out=False`` (the held-out data comes from
+    elsewhere) every split of it is all of it. Shards cannot be carved: they are all of it, or refused as
+    held-out data.
     """
     if split not in _SPLIT_DIRS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_DIRS)}, got {split!r}")
@@ -804,13 +817,12 @@ def open_dataset(
             from .shards import ShardImages
 
             whole = ShardImages(path)
-        carve = hold_out and not whole.multi_label and isinstance(whole, CsvImages)
+        carve = hold_out and isinstance(whole, CsvImages)
         if split == "all" or not hold_out or (split == "train" and not carve):
             return whole
         if not carve:  # never evaluate on the training data by accident
             raise MissingSplit(f"{path} holds a single split and no held-out part can be taken from it "
-                               f"({'multi-label' if whole.multi_label else 'streamed shards'}); give other "
-                               "evaluation data (--eval-data)")
+                               "(streamed shards); give other evaluation data (--eval-data)")
         return _held_out_part(whole, split, val_fraction, split_seed)
     if path.is_dir():
         present = [d for d in ("train", "val", "validation", "test") if (path / d).is_dir()]
