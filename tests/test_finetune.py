@@ -846,3 +846,24 @@ def test_device_data_finetune(tmp_path):
     r = finetune(TINY, "digits", open_dataset("digits", "test"), out=tmp_path / "run", steps=60, batch_size=32,
                  base_lr=0.05, device_data=True, examples_per_class=10, **FAST)
     assert r["eval"]["top1"] > 0.5
+
+
+def test_other_labels_under_the_same_name_and_size_start_a_new_run(tmp_path):
+    """A Python Dataset is named by its type, a folder by its path: a second Dataset of the same type and size
+    got the first one's results back, and a folder whose images moved between classes resumed on other labels."""
+    images = (torch.rand(12, 3, 16, 16) * 255).to(torch.uint8)
+    twos = torch.utils.data.TensorDataset(images, torch.arange(12) % 2)
+    first = finetune(TINY, twos, out=tmp_path / "run", steps=2, batch_size=4, **FAST)
+    halves = torch.utils.data.TensorDataset(images, torch.arange(12) // 6)  # same type, size and classes
+    with pytest.raises(ValueError, match=r"other settings \(labels: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
+        finetune(TINY, halves, out=tmp_path / "run", steps=2, batch_size=4, **FAST)
+    again = torch.utils.data.TensorDataset(images.clone(), torch.arange(12) % 2)  # the same data in a new object
+    assert finetune(TINY, again, out=tmp_path / "run", steps=2, batch_size=4, **FAST) == first
+    for c in range(2):  # the same for a folder, whose images move between its class folders
+        (tmp_path / "folder" / f"class{c}").mkdir(parents=True)
+        for k in range(3):
+            Image.new("RGB", (16, 16), (40 * k, 90 * c, 0)).save(tmp_path / "folder" / f"class{c}" / f"{c}{k}.png")
+    finetune(TINY, str(tmp_path / "folder"), out=tmp_path / "folder_run", steps=2, batch_size=4, **FAST)
+    shutil.move(tmp_path / "folder" / "class0" / "00.png", tmp_path / "folder" / "class1" / "00.png")
+    with pytest.raises(ValueError, match=r"other settings \(labels: "):
+        finetune(TINY, str(tmp_path / "folder"), out=tmp_path / "folder_run", steps=2, batch_size=4, **FAST)

@@ -41,7 +41,7 @@ from .data.memory import InMemoryImages
 from .engine import EngineConfig, momentum_sgd, train
 from .evaluate import evaluate
 from .models import ResNetV2, create_model
-from .runs import RunDir, as_recorded, held_out_data, starting_weights
+from .runs import RunDir, as_recorded, held_out_data, labels_fingerprint, starting_weights
 from .runtime import setup
 
 log = logging.getLogger("bigtransfer")
@@ -222,7 +222,8 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
     plan = make_plan(name, train_source, **overrides)
     with RunDir(out or default_run_dir(plan), writer=runtime.is_main) as run:  # claimed until this returns
         settings = {"plan": as_recorded(dataclasses.asdict(plan)),
-                    "pretrained": starting_weights(model_or_name, pretrained), "eval_data": held_out_data(eval_source)}
+                    "pretrained": starting_weights(model_or_name, pretrained), "eval_data": held_out_data(eval_source),
+                    "labels": labels_fingerprint(source, eval_source)}
         done = run.previous_results(settings)
         if done is not None:  # what the run returned when it finished
             if not isinstance(model_or_name, str):  # a model passed in ends with the run's weights, as after training

@@ -44,7 +44,7 @@ from .finetuning import as_source, open_sources, same_data
 from .hyperrule import MOMENTUM, Schedule
 from .models import ResNetV2, create_model
 from .probe import linear_probe
-from .runs import RunDir, as_recorded, held_out_data, read_jsonl, starting_weights
+from .runs import RunDir, as_recorded, held_out_data, labels_fingerprint, read_jsonl, starting_weights
 from .runtime import PRECISIONS, Runtime, autocast, setup
 
 log = logging.getLogger("bigtransfer")
@@ -256,6 +256,7 @@ def pretrain(model_name: str, data: str | os.PathLike | LabelledImages, eval_dat
                     "eval_data": held_out_data(eval_source, probe)}
         if shards is not None:  # the same folder re-sharded, re-ordered or re-written: resume would skip other samples
             settings["shards"] = shard_fingerprint(manifest)
+        settings["labels"] = labels_fingerprint(None if shards is not None else source, eval_source)
         done = run.previous_results(settings)
         if done is not None:
             return done
