@@ -728,7 +728,9 @@ def _held_out_items(whole: _FileImages, val_fraction: float, seed: int) -> set[i
     between the parts, so a model trained before is never scored on its own training images after (a shuffle
     reassigns every class whose count changed). Within each class (a multi-label manifest: all of it) of two
     or more images at least one is held out and one is not, whatever the draws."""
-    draws = [_unit_hash(f"{seed}/{os.path.relpath(p, whole.root).replace(os.sep, '/')}") for p in whole.paths]
+    prefix = os.path.join(whole.root, "")  # what a folder's paths start with (os.path.relpath takes 3x longer)
+    names = (p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, whole.root) for p in whole.paths)
+    draws = [_unit_hash(f"{seed}/{os.path.normpath(name).replace(os.sep, '/')}") for name in names]
     groups: dict[Any, list[int]] = collections.defaultdict(list)
     for i, target in enumerate(whole.targets):
         groups[() if whole.multi_label else target].append(i)
