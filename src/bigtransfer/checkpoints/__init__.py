@@ -83,7 +83,10 @@ def head_is_multi_label(ckpt: Checkpoint) -> bool:
     ImageNet-21k head; downloads and bundled files keep the registry's file names)."""
     if "bigtransfer.multi_label" in ckpt.metadata:
         return ckpt.metadata["bigtransfer.multi_label"] == "true"
-    spec = registry_entry(ckpt.path)
+    return _released_multi_label(ckpt, registry_entry(ckpt.path))
+
+
+def _released_multi_label(ckpt: Checkpoint, spec: ModelSpec | None) -> bool:
     return spec is not None and spec.multi_label and ckpt.num_classes == spec.num_classes
 
 
@@ -92,7 +95,7 @@ def implied_metadata(ckpt: Checkpoint) -> dict[str, str]:
     (its side, its head's scoring): a released file converted keeps them, where its name no longer gives them."""
     spec = registry_entry(ckpt.path)
     implied = {} if spec is None else {"bigtransfer.resolution": str(spec.resolution)}
-    if head_is_multi_label(ckpt):
+    if _released_multi_label(ckpt, spec):  # what the file records comes after, and wins
         implied["bigtransfer.multi_label"] = "true"
     return {**implied, **ckpt.metadata}
 
