@@ -55,6 +55,19 @@ def test_models_table_shows_computed_numbers(capsys):
     assert "ImageNet-21k" in row and "no" in row
 
 
+def test_plan_shows_the_held_out_part_a_folder_gives_up(tmp_path, capsys):
+    from bigtransfer.data import open_dataset
+    from images import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", classes=3, per_class=20, size=40)
+    rows = dict(re.findall(r"│ (training|held-out) examples +│ ([0-9,]+) ", run_main(capsys, "plan", "--model",
+                                                                                 "BiT-R14x0.25", "--data", folder)[1]))
+    trained, held_out = (len(open_dataset(str(folder), split)) for split in ("train", "eval"))
+    assert rows == {"training": str(trained), "held-out": str(held_out)} and trained + held_out == 60
+    assert "held-out" not in run_main(capsys, "plan", "--model", "BiT-R14x0.25", "--data", folder, "--eval-data",
+                                      "none")[1]
+
+
 def test_info_and_convert(tmp_path, capsys):
     random_bit_npz(tmp_path / "w.npz", (1, 1, 1, 1), 0.25, num_classes=3)
     info = run_main(capsys, "info", tmp_path / "w.npz")[1]

@@ -143,10 +143,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .data import select_examples
     from .finetuning import make_plan, plan_table
 
-    source, _, overrides = _plan_inputs(args)
+    source, eval_source, overrides = _plan_inputs(args)
     source, _ = select_examples(source, overrides.get("examples_per_class"),
                                 overrides.get("examples_per_class_seed", 0))
-    console.print(plan_table(make_plan(args.model, source, **overrides)))
+    console.print(plan_table(make_plan(args.model, source, **overrides), eval_source))
     return 0
 
 

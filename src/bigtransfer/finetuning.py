@@ -122,8 +122,8 @@ def make_plan(model: str, data: LabelledImages, **overrides) -> FinetunePlan:
     return plan
 
 
-def plan_table(plan: FinetunePlan) -> Table:
-    """The resolved plan as people read it, with the origin of every value."""
+def plan_table(plan: FinetunePlan, eval_data: LabelledImages | None = None) -> Table:
+    """The resolved plan as people read it, with the origin of every value (and the held-out data's size)."""
     def origin(*keys: str) -> str:
         return "override" if any(k in plan.overridden for k in keys) else f"HyperRule ({plan.variant})"
 
@@ -150,6 +150,9 @@ def plan_table(plan: FinetunePlan) -> Table:
          + (", compiled" if plan.compile else ""), "setting"),
         ("seed", str(plan.seed), "setting"),
     ]
+    if eval_data is not None:  # a folder that is its own held-out data shows how much of it is held out
+        where = "held out of the data" if eval_data.name == plan.data else "evaluation data"
+        rows.insert(1, ("held-out examples", f"{len(eval_data):,}", where))
     for row in rows:
         table.add_row(*row)
     return table
@@ -232,7 +235,7 @@ def finetune(model_or_name: nn.Module | str, train_data: LabelledImages | Datase
         with run.log_to_file(), torch.random.fork_rng(devices=[]):  # seeded inside; the caller's RNG left as it was
             train_source, chosen = select_examples(source, k, k_seed, readable=True)  # only for a run that trains
             if runtime.is_main and progress:
-                Console(stderr=True).print(plan_table(plan))
+                Console(stderr=True).print(plan_table(plan, eval_source))
             if runtime.is_main:
                 run.write_json("config.json", {**settings, "world_size": runtime.world_size,
                                                "device": str(runtime.device)})
