@@ -324,7 +324,7 @@ def test_open_dataset_split_folders(tmp_path):
         open_dataset(str(tmp_path), "test")
 
 
-def test_a_single_tree_gives_up_a_held_out_part_that_added_images_never_change(tmp_path):
+def test_a_single_tree_gives_up_a_held_out_part_that_added_images_never_change(tmp_path, caplog):
     root = _tree(tmp_path / "tree", {"a": 300, "b": 5, "c": 2, "d": 1})
 
     def part(split, seed=3, at=root):  # {file relative to the tree: label}
@@ -334,19 +334,29 @@ def test_a_single_tree_gives_up_a_held_out_part_that_added_images_never_change(t
     train, val = part("train"), part("val")
     assert part("test") == part("eval") == val and not train.keys() & val.keys() and len(train) + len(val) == 308
     assert 0.13 < list(val.values()).count(0) / 300 < 0.27  # about a fifth of a large class (60 +- 7 expected)
-    for c in (1, 2):  # a small class has an image in each part, whatever the draws
-        assert c in train.values() and c in val.values()
-    assert list(train.values()).count(3) == 1 and 3 not in val.values()  # a class of one image is trained on
     assert part("train") == train and part("val", seed=4) != val
     shutil.copytree(root, tmp_path / "moved")  # the names are read relative to the tree: moved, it splits alike
     assert part("val", at=tmp_path / "moved") == val
-    for k in range(100):  # images added later: no earlier training image is held out after, nor the reverse
-        _png(root / "a" / f"new{k}.png")
-    for k in range(20):
-        _png(root / "b" / f"new{k}.png")
-    grown = part("val")
-    assert not train.keys() & grown.keys() and {f for f, c in val.items() if c == 0} <= grown.keys()
-    assert any(f.startswith("a/new") for f in grown) and len(part("train")) + len(grown) == 428
+    for name in ("a", "b", "c", "d"):  # images added to every class, the one-image class too, and one removed:
+        for k in range(20):  # no other image changes part (one that was trained on is never held out after)
+            _png(root / name / f"new{k}.png")
+    os.remove(root / "b" / "0.png")
+    grown_train, grown_val = part("train"), part("val")
+    for f in (train.keys() | val.keys()) - {"b/0.png"}:
+        assert (f in grown_val) == (f in val) and (f in grown_train) == (f in train), f
+    assert any(f.startswith("a/new") for f in grown_val) and len(grown_train) + len(grown_val) == 387
+    latin = _tree(tmp_path / "latin", {"x": 9})
+    _png(latin / "x" / os.fsdecode(b"caf\xe9.png"))  # a name not in UTF-8 is hashed as its bytes
+    assert sum(len(open_dataset(str(latin), split)) for split in ("train", "eval")) == 10
+    # a class left with nothing to train on is named; data with nothing held out is no evaluation data
+    solo = _tree(tmp_path / "solo", {"x": 1, "y": 1})
+    seed = next(k for k in range(100) if len(open_dataset(str(solo), "train", split_seed=k)) == 1)
+    held_out = open_dataset(str(solo), "eval", split_seed=seed)
+    unseen = held_out.classes[held_out.targets[0]]
+    assert f"every image of class {unseen!r} was drawn for the held-out part: it is not trained on" in caplog.text
+    empty = next(k for k in range(100) if len(open_dataset(str(solo), "train", split_seed=k)) == 2)
+    with pytest.raises(MissingSplit, match=r"solo: none of its 2 images was drawn for the held-out part \(about 20%"):
+        open_dataset(str(solo), "eval", split_seed=empty)
 
 
 def test_held_out_folder_is_labelled_by_class_name_and_read_whole(tmp_path):
@@ -418,6 +428,9 @@ def test_a_csv_that_is_also_the_evaluation_data_gives_up_a_held_out_part(tmp_pat
     tags, tags_held_out = open_sources(str(tmp_path / "tags.csv"), str(tmp_path / "tags.csv"))
     seen, scored = ({d.describe(i) for i in range(len(d))} for d in (tags, tags_held_out))
     assert len(seen | scored) == 10 and not seen & scored and scored and tags_held_out.multi_label
+    (tmp_path / "one.csv").write_text("path,label\n0.png,a;b\n")  # refused before any training, not after it
+    with pytest.raises(MissingSplit, match=r"one.csv: (none|every one) of its 1 image was drawn for the held-out"):
+        open_sources(str(tmp_path / "one.csv"), str(tmp_path / "one.csv"))
     assert len(open_dataset(str(tmp_path / "m.csv"), "test", hold_out=False)) == 10  # held out elsewhere: whole
 
 

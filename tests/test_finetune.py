@@ -3,6 +3,7 @@
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -865,5 +866,24 @@ def test_other_labels_under_the_same_name_and_size_start_a_new_run(tmp_path):
             Image.new("RGB", (16, 16), (40 * k, 90 * c, 0)).save(tmp_path / "folder" / f"class{c}" / f"{c}{k}.png")
     finetune(TINY, str(tmp_path / "folder"), out=tmp_path / "folder_run", steps=2, batch_size=4, **FAST)
     shutil.move(tmp_path / "folder" / "class0" / "00.png", tmp_path / "folder" / "class1" / "00.png")
-    with pytest.raises(ValueError, match=r"other settings \(labels: "):
+    shutil.move(tmp_path / "folder" / "class1" / "10.png", tmp_path / "folder" / "class0" / "10.png")
+    with pytest.raises(ValueError, match=r"other settings \(labels: "):  # swapped: every count is the same
         finetune(TINY, str(tmp_path / "folder"), out=tmp_path / "folder_run", steps=2, batch_size=4, **FAST)
+
+
+def test_a_run_on_a_folders_carved_part_is_not_a_run_on_other_images_of_it(tmp_path):
+    """A run folder names the part of the data it trained on: one written before the held-out part was chosen by
+    file name recorded the folder alone, and its parts held other images, so it is neither resumed nor returned."""
+    from images import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=10, size=36)
+    finetune(TINY, str(folder), str(folder), out=tmp_path / "run", steps=2, batch_size=4, **FAST)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    whole = f"folder:{os.path.abspath(folder)}"
+    assert config["plan"]["data"] == f"{whole} (training part)"
+    assert config["eval_data"].startswith(f"{whole} (held-out part) (")
+    config["plan"]["data"], config["eval_data"] = whole, re.sub(r" \(held-out part\)", "", config.pop("eval_data"))
+    config.pop("labels")  # as an earlier version wrote it
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(f"data: '{whole}' -> '{whole} (training part)'")):
+        finetune(TINY, str(folder), str(folder), out=tmp_path / "run", steps=2, batch_size=4, **FAST)

@@ -38,6 +38,7 @@ from .data import (
 )
 from .data.device import DeviceImages, device_batches
 from .data.memory import InMemoryImages
+from .data.sources import HELD_OUT_PART
 from .engine import EngineConfig, momentum_sgd, train
 from .evaluate import evaluate
 from .models import ResNetV2, create_model
@@ -151,7 +152,7 @@ def plan_table(plan: FinetunePlan, eval_data: LabelledImages | None = None) -> T
         ("seed", str(plan.seed), "setting"),
     ]
     if eval_data is not None:  # a folder that is its own held-out data shows how much of it is held out
-        where = "held out of the data" if eval_data.name == plan.data else "evaluation data"
+        where = "held out of the data" if eval_data.name.endswith(f"({HELD_OUT_PART})") else "evaluation data"
         rows.insert(1, ("held-out examples", f"{len(eval_data):,}", where))
     for row in rows:
         table.add_row(*row)

@@ -23,7 +23,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch import nn
@@ -60,17 +59,15 @@ def held_out_data(*sources: LabelledImages | str | None) -> str:
 
 
 def labels_fingerprint(*sources: LabelledImages | None) -> str:
-    """A digest of the sources' class names and every item's label, which a run folder compares on a re-run
-    (config.json's "labels"): other data under the same name and size -- a Dataset passed in from Python,
-    which is named by its type, or a folder whose images moved between classes -- starts a new run instead of
-    getting the old one's results back or resuming it on other labels."""
+    """A digest of the sources' class names and of every item with its label (a file by its path), which a run
+    folder compares on a re-run (config.json's "labels"): other data under the same name and size -- a Dataset
+    passed in from Python, which is named by its type, or a folder whose images moved between classes -- starts
+    a new run instead of getting the old one's results back or resuming it on other labels."""
     digest = hashlib.sha256()
     for source in (s for s in sources if s is not None):
         digest.update(json.dumps([str(c) for c in source.classes]).encode())
-        if source.multi_label:  # a tuple of classes per image
-            digest.update(";".join(",".join(map(str, t)) for t in source.targets).encode())
-        else:
-            digest.update(np.asarray(source.targets, dtype=np.int64).tobytes())
+        items = "\n".join(f"{source.describe(i)}\t{t}" for i, t in enumerate(source.targets))
+        digest.update(items.encode("utf-8", "surrogateescape"))  # file names that are not UTF-8 as their bytes
         digest.update(b"|")
     return digest.hexdigest()[:16]
 

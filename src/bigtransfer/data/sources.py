@@ -724,36 +724,56 @@ def _held_out_items(whole: _FileImages, val_fraction: float, seed: int) -> set[i
     """The items of a folder tree or CSV manifest that are held out: those whose path (relative to the tree or
     the manifest's folder) hashes, with the seed, below ``val_fraction``.
 
-    Why a hash of the name and not a shuffled list: images added to the data later never move an earlier one
-    between the parts, so a model trained before is never scored on its own training images after (a shuffle
-    reassigns every class whose count changed). Within each class (a multi-label manifest: all of it) of two
-    or more images at least one is held out and one is not, whatever the draws."""
+    Why a hash of each name alone, and not a shuffled list or a rule per class: an image's part depends on
+    nothing else, so images added to the data later (or removed) never move an earlier one between the parts,
+    and a model trained before is never scored on its own training images after. The price: a small class may
+    have no image in one of the parts (`_held_out_part` says so)."""
     prefix = os.path.join(whole.root, "")  # what a folder's paths start with (os.path.relpath takes 3x longer)
-    names = (p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, whole.root) for p in whole.paths)
-    draws = [_unit_hash(f"{seed}/{os.path.normpath(name).replace(os.sep, '/')}") for name in names]
-    groups: dict[Any, list[int]] = collections.defaultdict(list)
-    for i, target in enumerate(whole.targets):
-        groups[() if whole.multi_label else target].append(i)
-    held: set[int] = set()
-    for members in (m for m in groups.values() if len(m) >= 2):
-        part = {i for i in members if draws[i] < val_fraction}
-        if not part:
-            part = {min(members, key=draws.__getitem__)}
-        elif len(part) == len(members):
-            part.discard(max(members, key=draws.__getitem__))
-        held |= part
-    return held
+    return {i for i, path in enumerate(whole.paths)
+            if _unit_hash(f"{seed}/{_relative_name(path, whole.root, prefix)}") < val_fraction}
+
+
+def _relative_name(path: str, root: str, prefix: str) -> str:
+    if path.startswith(prefix):
+        name = path[len(prefix):]
+    else:
+        try:
+            name = os.path.relpath(path, root)
+        except ValueError:  # Windows: a CSV row on another drive than the manifest
+            name = os.path.abspath(path)
+    return os.path.normpath(name).replace(os.sep, "/")
 
 
 def _unit_hash(key: str) -> float:
     """A number in [0, 1) fixed by `key`, the same on every machine and Python (unlike `hash`)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2.0**64
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8)  # a name's bytes, as on disk
+    return int.from_bytes(digest.digest(), "big") / 2.0**64
+
+
+HELD_OUT_PART = "held-out part"  # how the name of a source carved from its data ends (`_held_out_part`)
 
 
 def _held_out_part(whole: _FileImages, split: str, val_fraction: float, seed: int) -> LabelledImages:
-    """The "train" part of a source with no splits of its own, or the held-out rest for any other split."""
+    """The "train" part of a source with no splits of its own, or the held-out rest for any other split. Its
+    name says which part it is: a run folder that recorded the whole data, or a part carved otherwise (before
+    `_held_out_items`), is not the same data."""
     held = _held_out_items(whole, val_fraction, seed)
-    return whole.subset([i for i in range(len(whole)) if (i in held) != (split == "train")])
+    train = split == "train"
+    part = whole.subset([i for i in range(len(whole)) if (i in held) != train])
+    part.name = f"{whole.name} ({'training part' if train else HELD_OUT_PART})"
+    if not len(part):
+        message = (f"{whole.name}: {'every one' if train else 'none'} of its {len(whole)} image"
+                   f"{'s' * (len(whole) > 1)} was drawn for "
+                   f"the held-out part (about {val_fraction:.0%} are, by a hash of each file's name); give "
+                   "evaluation data of its own (--eval-data)")
+        raise ValueError(message) if train else MissingSplit(message)
+    if train and not whole.multi_label:
+        unseen = sorted(set(whole.targets) - set(part.targets))
+        if unseen:
+            log.warning("%s: every image of class %s was drawn for the held-out part: it is not trained on "
+                        "(add images to it, or give evaluation data of its own: --eval-data)", whole.name,
+                        ", ".join(repr(whole.classes[c]) for c in unseen[:10]) + (" ..." if len(unseen) > 10 else ""))
+    return part
 
 
 _SPLIT_DIRS = {
@@ -786,7 +806,7 @@ def open_dataset(
     """Turn a command-line dataset spec into a source; see ``_SPEC_HELP`` for the forms.
 
     A single class-folder tree or CSV manifest has no held-out part, so one is carved out deterministically
-    (``split_seed``, `_held_out_items`): about ``val_fraction`` of each class, chosen by a hash of each file's
+    (``split_seed``, `_held_out_items`): about ``val_fraction`` of the images, each chosen by a hash of its file's
     name, is "val"/"test"/"eval", the rest "train". With ``hold_out=False`` (the held-out data comes from
     elsewhere) every split of it is all of it. Shards cannot be carved: they are all of it, or refused as
     held-out data.
