@@ -66,6 +66,22 @@ def test_few_shot_sampler():
         sample_per_class([(0, 1), (1, 2), (0, 2)] * 2, 1, seed=0)  # an (N, 2) array, some past the 6 items
     with pytest.raises(ValueError, match="the few-shot seed must be >= 0, got -1"):
         sample_per_class(targets, 3, seed=-1)
+    mixed = np.random.default_rng(0).permutation(targets * 4).tolist()  # the draws, by their definition: per
+    for seed in range(5):  # class in label order, `k` of its items in index order, one generator for all
+        rng = np.random.default_rng(seed)
+        expected = [i for c in range(3) for i in rng.choice(np.flatnonzero(np.asarray(mixed) == c), 3, replace=False)]
+        assert sample_per_class(mixed, 3, seed) == sorted(expected)
+
+
+def test_step_sampler_walks_each_epochs_permutation_in_order():
+    from bigtransfer.data.loader import StepSampler
+
+    for n, batch in ((10, 4), (7, 7), (13, 5), (64, 16)):
+        sampler = StepSampler(n, batch, seed=3)
+        walk = [int(i) for epoch in range(6) for i in sampler._permutation(epoch)]
+        steps = 5 * n // batch  # batches that span the end of an epoch included
+        assert [i for step in range(steps) for i in sampler.global_items(step)] == walk[:steps * batch]
+        assert all(sorted(walk[e * n:(e + 1) * n]) == list(range(n)) for e in range(6))  # each item once an epoch
 
 
 def test_plan_checks_the_resolution_it_will_use():

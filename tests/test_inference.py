@@ -254,7 +254,8 @@ def test_a_given_resolution_replaces_the_fallback_without_a_warning(trained, cap
     assert load_model(tmp_path / "BiT-X.npz")[2] == 224 and "records no input side" in caplog.text
 
 
-def test_evaluate_against_the_models_own_predictions_with_and_without_the_matrix(trained, tmp_path, caplog):
+def test_evaluate_against_the_models_own_predictions_with_and_without_the_matrix(trained, tmp_path, caplog,
+                                                                                 monkeypatch):
     """Top-1 and the confusion matrix against argmax(model(x)) image by image, computed here; per_class=False
     (upstream's 21k classes) gives the same top-1 without the matrix; an unreadable image is left out, counted
     and logged in both."""
@@ -286,3 +287,5 @@ def test_evaluate_against_the_models_own_predictions_with_and_without_the_matrix
     assert full["top1"] == brief["top1"] == expected.trace().item() / 24 and expected[2, 1] == 3
     assert full["bad_images"] == brief["bad_images"] == 1 and "confusion_matrix" not in brief
     assert caplog.text.count("bad image skipped in evaluation: ") == 2 and "broken.png" in caplog.text
+    monkeypatch.setattr("bigtransfer.evaluate.PER_CLASS_LIMIT", 2)  # by default, none past the limit (21k classes)
+    assert evaluate(model, eval_loader(source, transform, 5), 3, cpu) == brief

@@ -59,11 +59,16 @@ def model_outputs(fn: Callable[[torch.Tensor], torch.Tensor], source: LabelledIm
     return torch.cat(rows), errors
 
 
+PER_CLASS_LIMIT = 1000  # classes up to which `evaluate` reports per-class accuracy and the confusion matrix
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, runtime: Runtime,
-             precision: str = "fp32", channels_last: bool = False, per_class: bool = True) -> dict:
+             precision: str = "fp32", channels_last: bool = False, per_class: bool | None = None) -> dict:
     """Classification metrics of `model` over `loader` (batches of uint8 images, labels, bad-image reports).
-    `per_class=False` skips the per-class accuracy and the K x K confusion matrix (21k upstream classes)."""
+    `per_class=False` skips the per-class accuracy and the K x K confusion matrix; None: only up to
+    `PER_CLASS_LIMIT` classes (ImageNet-21k's would be 3.8 GB, and its eval.json about 4 GB of text)."""
+    per_class = num_classes <= PER_CLASS_LIMIT if per_class is None else per_class
     size = num_classes if per_class else 2
     confusion = torch.zeros(size, size, dtype=torch.int64, device=runtime.device)
     top5 = torch.zeros((), dtype=torch.int64, device=runtime.device)

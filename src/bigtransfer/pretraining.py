@@ -349,8 +349,7 @@ def _evaluator(eval_source: LabelledImages | None, probe_data: str | None, probe
                 metrics["mAP"] = mean_average_precision(net, loader, runtime, plan.precision)
             else:
                 loader = eval_loader(eval_source, tf, batch_size, workers, runtime.rank, runtime.world_size)
-                metrics |= evaluate(net, loader, plan.num_classes, runtime, plan.precision, plan.channels_last,
-                                    per_class=plan.num_classes <= 1000)
+                metrics |= evaluate(net, loader, plan.num_classes, runtime, plan.precision, plan.channels_last)
         if probe is not None and runtime.is_main:
             rows = linear_probe(net, *probe, resolution=plan.crop, runtime=runtime, shots=(probe_shots,),
                                 batch_size=batch_size, precision=plan.precision, workers=workers)

@@ -53,8 +53,12 @@ class StepSampler:
         if self.n < self.batch_size:
             g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + step)
             return torch.randint(self.n, (self.batch_size,), generator=g).tolist()
-        first = step * self.batch_size
-        return [int(self._permutation(p // self.n)[p % self.n]) for p in range(first, first + self.batch_size)]
+        first, end = step * self.batch_size, (step + 1) * self.batch_size  # positions in the epochs' walk
+        items: list[int] = []
+        for epoch in range(first // self.n, (end - 1) // self.n + 1):  # a batch may span the end of an epoch
+            start = epoch * self.n
+            items += self._permutation(epoch)[max(first, start) - start:min(end, start + self.n) - start].tolist()
+        return items
 
     def batch(self, step: int) -> list[tuple[int, int]]:
         """This process's (item, augmentation seed) pairs for `step`."""
