@@ -21,15 +21,23 @@ def test_exact_on_a_separable_problem():
 
 
 @pytest.mark.parametrize("n,c,l2", [(200, 16, 1024.0), (12, 64, 1024.0), (50, 30, 0.5)])
-def test_matches_scikit_learn_ridge(n, c, l2):
-    """Both the primal (n >= c) and the dual (n < c) solve equal Ridge(fit_intercept=True) on +-1 targets."""
+def test_matches_scikit_learn_ridge(n, c, l2, monkeypatch):
+    """Both the primal (n >= c) and the dual (n < c) solve equal Ridge(fit_intercept=True) on +-1 targets; the
+    primal's sums over blocks of rows too (a class absent from a block, a short last block), from float32."""
     rng = np.random.default_rng(1)
-    x, y = rng.normal(size=(n, c)) * rng.uniform(0.1, 3, c), rng.integers(0, 4, n)
+    x, y = rng.normal(size=(n, c)) * rng.uniform(0.1, 3, c) + 2.0, rng.integers(0, 4, n)
     y[:4] = np.arange(4)
-    weights, intercept = ridge_fit(x, y, 4, l2)
     ref = Ridge(alpha=l2, fit_intercept=True).fit(x, 2.0 * np.eye(4)[y] - 1.0)
-    np.testing.assert_allclose(weights, ref.coef_.T, rtol=1e-7, atol=1e-10)
-    np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-7, atol=1e-10)
+    for rows in (16384, 7):
+        monkeypatch.setattr("bigtransfer.probe._ROWS", rows)
+        weights, intercept = ridge_fit(x, y, 4, l2)
+        np.testing.assert_allclose(weights, ref.coef_.T, rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-7, atol=1e-10)
+    single = x.astype(np.float32)
+    ref32 = Ridge(alpha=l2, fit_intercept=True).fit(single.astype(np.float64), 2.0 * np.eye(4)[y] - 1.0)
+    weights, intercept = ridge_fit(single, y, 4, l2)
+    np.testing.assert_allclose(weights, ref32.coef_.T, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(intercept, ref32.intercept_, rtol=1e-7, atol=1e-10)
     # and its predictions, on features far from the origin (where a dropped intercept shows)
     shifted = x + 50.0
     test_x, test_y = shifted[::-1] + rng.normal(size=x.shape), y[::-1]

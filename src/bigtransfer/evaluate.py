@@ -41,22 +41,21 @@ def model_outputs(fn: Callable[[torch.Tensor], torch.Tensor], source: LabelledIm
 
     loader = eval_loader(source, HyperRuleTransform(resolution, resolution, train=False), batch_size, workers,
                          pin_memory=device.type == "cuda")
-    rows: list[torch.Tensor] = []
+    rows = torch.empty(len(source), width)  # filled in place: a list of batches to concatenate took twice this
     errors: dict[int, str] = {}
     done = 0
     with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task("images", total=len(source))
         for x, _, reports in loader:
             good = torch.tensor([not r for r in reports])
-            out = torch.full((len(reports), width), math.nan)
+            out = rows[done:done + len(reports)].fill_(math.nan)
             if good.any():
                 with torch.inference_mode(), autocast(device, precision):
                     out[good] = fn(to_model_input(x[good].to(device, non_blocking=True))).float().cpu()
             errors.update({done + i: r for i, r in enumerate(reports) if r})
-            rows.append(out)
             done += len(reports)
             bar.advance(task, len(reports))
-    return torch.cat(rows), errors
+    return rows, errors
 
 
 PER_CLASS_LIMIT = 1000  # classes up to which `evaluate` reports per-class accuracy and the confusion matrix
