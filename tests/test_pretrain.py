@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import tarfile
@@ -247,6 +248,34 @@ def test_multi_label_pretraining_reports_map_and_starts_from_bias_minus_ten(tmp_
                  pretrained=tmp_path / "upstream.safetensors", epochs=2, batch_size=6, crop=32, progress=False)
     assert 0 < r["eval"]["mAP"] <= 1
     assert (load_file(str(tmp_path / "run2" / "model.safetensors"))["head.bias"] < -9).all()
+
+
+def test_average_precision_equals_scikit_learns_with_ties_and_in_blocks(monkeypatch):
+    from sklearn.metrics import average_precision_score
+
+    from bigtransfer.pretraining import average_precision
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        n, k = 40 + 17 * trial, 3 + trial
+        scores = torch.randint(0, 5 if trial % 2 else 10**6, (n, k), generator=g).float()  # many ties, or few
+        targets = torch.rand(n, k, generator=g) < 0.2
+        targets[:, 0] = False  # a class without a positive is left out, as in mAP
+        present = targets.sum(0) > 0
+        expected = average_precision_score(targets[:, present].numpy(), scores[:, present].numpy(), average="macro")
+        for cells in (2**24, 2 * n):  # all classes at once, or two at a time
+            monkeypatch.setattr("bigtransfer.pretraining._AP_CELLS", cells)
+            assert average_precision(scores, targets, torch.device("cpu")) == pytest.approx(expected, abs=1e-12)
+
+
+def test_held_out_map_that_cannot_fit_in_memory_is_refused_before_training():
+    from bigtransfer.pretraining import _check_map_fits
+
+    _check_map_fits(1000, 21843)  # 100 MiB
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    images = memory // (5 * 21843) + 1  # twice half of it
+    with pytest.raises(ValueError, match=f"held-out mAP over {images:,} images x 21,843 classes needs"):
+        _check_map_fits(images, 21843)
 
 
 def test_mean_average_precision_by_hand():
