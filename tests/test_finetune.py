@@ -66,6 +66,7 @@ def test_few_shot_sampler():
         sample_per_class([(0, 1), (1, 2), (0, 2)] * 2, 1, seed=0)  # an (N, 2) array, some past the 6 items
     with pytest.raises(ValueError, match="the few-shot seed must be >= 0, got -1"):
         sample_per_class(targets, 3, seed=-1)
+    assert sample_per_class(np.array([255, 3, 255], dtype=np.uint8), 1, seed=0) in ([0, 1], [1, 2])  # dtype's top
     mixed = np.random.default_rng(0).permutation(targets * 4).tolist()  # the draws, by their definition: per
     for seed in range(5):  # class in label order, `k` of its items in index order, one generator for all
         rng = np.random.default_rng(seed)
@@ -865,7 +866,7 @@ def test_device_data_finetune(tmp_path):
     assert r["eval"]["top1"] > 0.5
 
 
-def test_other_labels_under_the_same_name_and_size_start_a_new_run(tmp_path):
+def test_other_labels_under_the_same_name_and_size_start_a_new_run(tmp_path, monkeypatch):
     """A Python Dataset is named by its type, a folder by its path: a second Dataset of the same type and size
     got the first one's results back, and a folder whose images moved between classes resumed on other labels."""
     images = (torch.rand(12, 3, 16, 16) * 255).to(torch.uint8)
@@ -880,7 +881,9 @@ def test_other_labels_under_the_same_name_and_size_start_a_new_run(tmp_path):
         (tmp_path / "folder" / f"class{c}").mkdir(parents=True)
         for k in range(3):
             Image.new("RGB", (16, 16), (40 * k, 90 * c, 0)).save(tmp_path / "folder" / f"class{c}" / f"{c}{k}.png")
-    finetune(TINY, str(tmp_path / "folder"), out=tmp_path / "folder_run", steps=2, batch_size=4, **FAST)
+    done = finetune(TINY, str(tmp_path / "folder"), out=tmp_path / "folder_run", steps=2, batch_size=4, **FAST)
+    monkeypatch.chdir(tmp_path)  # the same folder spelled relative to here: the same data
+    assert finetune(TINY, "folder", out=tmp_path / "folder_run", steps=2, batch_size=4, **FAST) == done
     shutil.move(tmp_path / "folder" / "class0" / "00.png", tmp_path / "folder" / "class1" / "00.png")
     shutil.move(tmp_path / "folder" / "class1" / "10.png", tmp_path / "folder" / "class0" / "10.png")
     with pytest.raises(ValueError, match=r"other settings \(labels: "):  # swapped: every count is the same

@@ -273,7 +273,7 @@ def test_held_out_map_that_cannot_fit_in_memory_is_refused_before_training():
 
     _check_map_fits(1000, 21843)  # 100 MiB
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    images = memory // (5 * 21843) + 1  # twice half of it
+    images = memory // (10 * 21843) + 1  # scores and labels, twice while the batches are joined
     with pytest.raises(ValueError, match=f"held-out mAP over {images:,} images x 21,843 classes needs"):
         _check_map_fits(images, 21843)
 
@@ -288,7 +288,10 @@ def test_mean_average_precision_by_hand():
     hot[[0, 3, 5, 8], 0] = hot[[1, 2, 5, 9], 1] = hot[[4, 7], 2] = 1  # class 3 has no positive
     reports = ["", "", "", "bad.png: truncated", "", "", "", "", "", ""]  # a positive of class 0, left out
     loader = [(images[:6], hot[:6], reports[:6]), (images[6:], hot[6:], reports[6:])]
+    graphs = []  # the scores keep no autograd graph (each would hold its batch's activations until the end)
+    net.register_forward_hook(lambda module, inputs, output: graphs.append(output.requires_grad))
     got = mean_average_precision(net, loader, Runtime(torch.device("cpu")), "fp32")
+    assert graphs == [False, False]
     kept = [i for i, r in enumerate(reports) if not r]
     with torch.no_grad():
         scores, y = net(images[kept].float() / 127.5 - 1), hot[kept]

@@ -180,7 +180,8 @@ def same_data(train_data: object, eval_data: object) -> bool:
 def open_sources(train_data: LabelledImages | Dataset | str, eval_data: LabelledImages | Dataset | str | None,
                  download: bool = False) -> tuple[LabelledImages, LabelledImages | None]:
     """The training source and the held-out one (or None), labelled alike (`match_classes`). A folder of
-    class folders gives up about a fifth of each class as held-out data only where it is the held-out data too."""
+    class folders (or a CSV) gives up about a fifth of its images as held-out data only where it is the held-out
+    data too (`open_dataset`)."""
     same = same_data(train_data, eval_data)
     train = as_source(train_data, "train", download, hold_out=same)
     if eval_data is None:

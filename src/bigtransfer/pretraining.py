@@ -361,7 +361,6 @@ def _evaluator(eval_source: LabelledImages | None, probe_data: str | None, probe
     return evaluator
 
 
-@torch.no_grad()
 def _check_map_fits(images: int, classes: int) -> None:
     """Held-out mAP keeps every (image, class) score and label in memory: refused before training, not by the
     out-of-memory killer at the first evaluation, hours in (a fifth of a 14M-image manifest carved out as
@@ -370,13 +369,15 @@ def _check_map_fits(images: int, classes: int) -> None:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # no such query here (not Linux): nothing to check against
         return
-    need = images * classes * 5  # float32 scores and a byte per label
-    if need > memory // 2:
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine each hold it
+    need = images * classes * 10 * processes  # float32 scores and a byte per label, twice while joined
+    if need > memory:
         raise ValueError(f"held-out mAP over {images:,} images x {classes:,} classes needs {need / 2**30:,.0f} GiB of "
-                         f"scores, more than half of this machine's {memory / 2**30:,.0f} GiB: give smaller evaluation "
-                         "data (--eval-data)")
+                         f"scores{f' in {processes} processes' if processes > 1 else ''}, more than this machine's "
+                         f"{memory / 2**30:,.0f} GiB: give smaller evaluation data (--eval-data)")
 
 
+@torch.no_grad()
 def mean_average_precision(net: nn.Module, loader: DataLoader, runtime: Runtime, precision: str) -> float:
     """Mean over classes (with at least one positive) of the average precision of the sigmoid scores."""
     scores, targets = [], []

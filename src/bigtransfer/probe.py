@@ -54,7 +54,7 @@ def ridge_fit(features: np.ndarray, labels: np.ndarray, num_classes: int,
     With more images than features (the primal form), the sums it needs are taken a block of rows at a time:
     a probe of all of ImageNet (1.28M x 2,048 float32 features, 10 GB) makes no float64 copy of them, no
     centred copy, and no N x K target matrix (the targets enter as per-class sums of the centred features)."""
-    labels = np.asarray(labels)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)  # as index_add_ takes them
     n, c = features.shape
     y_mean = 2.0 * np.bincount(labels, minlength=num_classes) / n - 1.0
     if n < c:  # the dual form solves an n x n system: few-shot sets are far smaller than the feature size

@@ -4,7 +4,7 @@
     metrics.jsonl      one JSON line per logged step and per evaluation
     checkpoint.pt      resume state (model, optimiser, step), written atomically
     model.safetensors  final weights
-    eval.json          final evaluation (top-1, top-5, per-class accuracy, confusion matrix)
+    eval.json          final evaluation (top-1, top-5; per-class accuracy and confusion matrix up to 1,000 classes)
     curves.png         loss / learning rate / accuracy against steps
     summary.json/.md   the outcome in short
     log.txt            the log
@@ -66,8 +66,10 @@ def labels_fingerprint(*sources: LabelledImages | None) -> str:
     digest = hashlib.sha256()
     for source in (s for s in sources if s is not None):
         digest.update(json.dumps([str(c) for c in source.classes]).encode())
-        items = "\n".join(f"{source.describe(i)}\t{t}" for i, t in enumerate(source.targets))
-        digest.update(items.encode("utf-8", "surrogateescape"))  # file names that are not UTF-8 as their bytes
+        for lo in range(0, len(source), 65536):  # a block at a time: one string of 14M items would take 2 GB
+            block = range(lo, min(lo + 65536, len(source)))
+            items = "".join(f"{source.describe(i)}\t{source.targets[i]}\n" for i in block)
+            digest.update(items.encode("utf-8", "surrogateescape"))  # file names that are not UTF-8 as their bytes
         digest.update(b"|")
     return digest.hexdigest()[:16]
 

@@ -349,8 +349,8 @@ class ImageFolderImages(_FileImages):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
-        self.root = root
-        self.name = f"folder:{os.path.abspath(root)}"  # resolved: a run folder compares it on a re-run
+        root = self.root = os.path.abspath(root)  # its files too: a run folder compares them on a re-run
+        self.name = f"folder:{root}"
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
         if not self.classes:
             raise FileNotFoundError(f"{root}: no class folders (expected {root}/<class>/<images>)")
