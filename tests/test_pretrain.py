@@ -191,6 +191,21 @@ def test_torchrun_two_processes_over_shards(shards, tmp_path):
         assert len(keys) == 64 and len(set(keys)) == 64, f"epoch {epoch}"
 
 
+def test_a_resume_cuts_the_sample_log_before_the_steps_it_logs_again(tmp_path):
+    from bigtransfer.pretraining import _rewind_sample_log
+
+    lines = [json.dumps({"step": step, "keys": [f"s{step}a", f"s{step}b"]}) + "\n" for step in range(12)]
+    lines[3] = json.dumps({"keys": ["odd"], "step": 3}) + "\n"  # another key order is parsed in full
+    log = tmp_path / "samples.rank0.jsonl"
+    log.write_text("".join(lines) + '{"step": 12, "keys": ["s1')  # the last line cut short by a crash
+    _rewind_sample_log(log, 12)
+    assert log.read_text() == "".join(lines)
+    _rewind_sample_log(log, 7)
+    assert log.read_text() == "".join(lines[:7])
+    _rewind_sample_log(tmp_path / "none.jsonl", 3)  # no log yet: nothing to cut
+    assert not (tmp_path / "none.jsonl").exists()
+
+
 def test_killed_pretraining_resumes_to_the_same_weights(shards, tmp_path):
     args = ["pretrain", "--model", TINY, "--data", shards / "shards", "--epochs", "10", "--batch", "16",
             "--resolution", "48", "--lr", "0.05", "--checkpoint-every", "3", "--workers", "2", "--no-progress"]

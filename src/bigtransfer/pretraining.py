@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoints.formats import atomic_path
 from .data import (
     HyperRuleTransform,
     InceptionCropTransform,
@@ -44,7 +44,7 @@ from .finetuning import as_source, open_sources, same_data
 from .hyperrule import MOMENTUM, Schedule
 from .models import ResNetV2, create_model
 from .probe import linear_probe
-from .runs import RunDir, as_recorded, held_out_data, labels_fingerprint, read_jsonl, starting_weights
+from .runs import RunDir, as_recorded, held_out_data, labels_fingerprint, starting_weights
 from .runtime import PRECISIONS, Runtime, autocast, setup
 
 log = logging.getLogger("bigtransfer")
@@ -329,10 +329,20 @@ def _batch_source(shards: Path | None, source: LabelledImages | None, transform,
 
 
 def _rewind_sample_log(path: Path, start: int) -> None:
-    if path.exists():
-        kept = [r for r in read_jsonl(path) if r["step"] < start]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    """Cut the log before its first line of step `start` or later (logged again on resume), or a line cut short by a
+    crash. Lines are appended in step order, so it is read a line at a time up to there and cut in place: a long
+    run's log is gigabytes (6.5 KiB a step and process at 512 images per process), which parsing whole took
+    minutes and many times its size in memory."""
+    if not path.exists():
+        return
+    keep = 0
+    with open(path, "rb") as f:
+        for line in f:
+            step = re.match(rb'\{"step": (\d+),', line)  # as `batches` writes them; anything else parsed in full
+            if not line.endswith(b"\n") or (int(step[1]) if step else json.loads(line)["step"]) >= start:
+                break
+            keep += len(line)
+    os.truncate(path, keep)
 
 
 def _evaluator(eval_source: LabelledImages | None, probe_data: str | None, probe_shots: int, plan: PretrainPlan,
