@@ -28,8 +28,8 @@ def test_matches_scikit_learn_ridge(n, c, l2, monkeypatch):
     x, y = rng.normal(size=(n, c)) * rng.uniform(0.1, 3, c) + 2.0, rng.integers(0, 4, n)
     y[:4] = np.arange(4)
     ref = Ridge(alpha=l2, fit_intercept=True).fit(x, 2.0 * np.eye(4)[y] - 1.0)
-    for rows in (16384, 7):
-        monkeypatch.setattr("bigtransfer.probe._ROWS", rows)
+    for rows in (n, 7):
+        monkeypatch.setattr("bigtransfer.probe._BLOCK_CELLS", rows * c)
         weights, intercept = ridge_fit(x, y, 4, l2)
         np.testing.assert_allclose(weights, ref.coef_.T, rtol=1e-7, atol=1e-10)
         np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-7, atol=1e-10)

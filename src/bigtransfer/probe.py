@@ -63,7 +63,8 @@ def ridge_fit(features: np.ndarray, labels: np.ndarray, num_classes: int,
         xc, yc = x - x_mean, 2.0 * np.eye(num_classes)[labels] - 1.0 - y_mean
         weights = xc.T @ np.linalg.solve(xc @ xc.T + l2 * np.eye(n), yc)
         return weights, y_mean - x_mean @ weights
-    blocks = [slice(lo, lo + _ROWS) for lo in range(0, n, _ROWS)]
+    rows = max(1, _BLOCK_CELLS // c)
+    blocks = [slice(lo, lo + rows) for lo in range(0, n, rows)]
     x_mean = sum(np.asarray(features[b], dtype=np.float64).sum(0) for b in blocks) / n
     gram, class_sums = np.zeros((c, c)), torch.zeros(num_classes, c, dtype=torch.float64)
     for b in blocks:
@@ -76,7 +77,7 @@ def ridge_fit(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return weights, y_mean - x_mean @ weights
 
 
-_ROWS = 16384  # rows of features per block in ridge_fit's sums (128 MiB of float64 at 1,024 features)
+_BLOCK_CELLS = 2**24  # features per block of rows in ridge_fit's sums: 128 MiB of float64
 
 
 def ridge_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], num_classes: int,

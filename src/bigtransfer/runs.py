@@ -61,8 +61,9 @@ def held_out_data(*sources: LabelledImages | str | None) -> str:
 def labels_fingerprint(*sources: LabelledImages | None) -> str:
     """A digest of the sources' class names and of every item with its label (a file by its path), which a run
     folder compares on a re-run (config.json's "labels"): other data under the same name and size -- a Dataset
-    passed in from Python, which is named by its type, or a folder whose images moved between classes -- starts
-    a new run instead of getting the old one's results back or resuming it on other labels."""
+    passed in from Python, which is named by its type, or a folder whose images moved between classes -- is
+    refused there, naming the difference, instead of getting the old run's results back or resuming it on other
+    labels."""
     digest = hashlib.sha256()
     for source in (s for s in sources if s is not None):
         digest.update(json.dumps([str(c) for c in source.classes]).encode())
