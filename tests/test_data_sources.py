@@ -359,6 +359,19 @@ def test_a_single_tree_gives_up_a_held_out_part_that_added_images_never_change(t
         open_dataset(str(solo), "eval", split_seed=empty)
 
 
+def test_a_folder_reached_through_a_link_and_dot_dot_is_the_one_the_system_reaches(tmp_path, monkeypatch):
+    """``link/..`` is the parent of the link's target, not the folder beside the link (abspath's reading)."""
+    _tree(tmp_path / "real" / "data", {"cat": 1, "dog": 1})
+    (tmp_path / "real" / "inner").mkdir()
+    _tree(tmp_path / "cwd" / "data", {"other": 1})
+    (tmp_path / "cwd" / "link").symlink_to(tmp_path / "real" / "inner")
+    monkeypatch.chdir(tmp_path / "cwd")
+    ds = ImageFolderImages("link/../data")
+    assert ds.classes == ["cat", "dog"]
+    assert os.path.samefile(ds.describe(0), tmp_path / "real" / "data" / "cat" / "0.png")
+    assert ImageFolderImages("./data/").describe(0) == str(tmp_path / "cwd" / "data" / "other" / "0.png")
+
+
 def test_held_out_folder_is_labelled_by_class_name_and_read_whole(tmp_path):
     """A test folder that lacks a training class must not shift the labels after it (folders number their
     classes alone), and held-out data from another folder takes none of the training folder's images."""

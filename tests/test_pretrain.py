@@ -196,12 +196,16 @@ def test_a_resume_cuts_the_sample_log_before_the_steps_it_logs_again(tmp_path):
 
     lines = [json.dumps({"step": step, "keys": [f"s{step}a", f"s{step}b"]}) + "\n" for step in range(12)]
     lines[3] = json.dumps({"keys": ["odd"], "step": 3}) + "\n"  # another key order is parsed in full
+    lines[5] += "\n"  # a blank line is passed over
     log = tmp_path / "samples.rank0.jsonl"
     log.write_text("".join(lines) + '{"step": 12, "keys": ["s1')  # the last line cut short by a crash
     _rewind_sample_log(log, 12)
     assert log.read_text() == "".join(lines)
     _rewind_sample_log(log, 7)
     assert log.read_text() == "".join(lines[:7])
+    log.write_text(lines[0] + "not json\n" + lines[1])
+    with pytest.raises(ValueError, match=r"samples.rank0.jsonl, line 2: not a record of this log"):
+        _rewind_sample_log(log, 1)
     _rewind_sample_log(tmp_path / "none.jsonl", 3)  # no log yet: nothing to cut
     assert not (tmp_path / "none.jsonl").exists()
 

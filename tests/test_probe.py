@@ -35,6 +35,8 @@ def test_matches_scikit_learn_ridge(n, c, l2, monkeypatch):
         np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-7, atol=1e-10)
     for labels in (y.astype(np.uint8), y[::-1].copy()[::-1], y.astype(">i8")):  # any integer array, any layout
         np.testing.assert_allclose(ridge_fit(x, labels, 4, l2)[0], ref.coef_.T, rtol=1e-7, atol=1e-10)
+    with pytest.raises(TypeError, match="labels must be class indices"):  # not truncated to some class
+        ridge_fit(x, y + 0.7, 4, l2)
     single = x.astype(np.float32)
     ref32 = Ridge(alpha=l2, fit_intercept=True).fit(single.astype(np.float64), 2.0 * np.eye(4)[y] - 1.0)
     weights, intercept = ridge_fit(single, y, 4, l2)

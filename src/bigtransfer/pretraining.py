@@ -337,10 +337,17 @@ def _rewind_sample_log(path: Path, start: int) -> None:
         return
     keep = 0
     with open(path, "rb") as f:
-        for line in f:
-            step = re.match(rb'\{"step": (\d+),', line)  # as `batches` writes them; anything else parsed in full
-            if not line.endswith(b"\n") or (int(step[1]) if step else json.loads(line)["step"]) >= start:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
                 break
+            if line.strip():
+                step = re.match(rb'\{"step": (\d+),', line)  # as `batches` writes them; else parsed in full
+                try:
+                    step = int(step[1]) if step else json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}, line {number}: not a record of this log ({e!r})") from e
+                if step >= start:
+                    break
             keep += len(line)
     os.truncate(path, keep)
 

@@ -54,6 +54,9 @@ def ridge_fit(features: np.ndarray, labels: np.ndarray, num_classes: int,
     With more images than features (the primal form), the sums it needs are taken a block of rows at a time:
     a probe of all of ImageNet (1.28M x 2,048 float32 features, 10 GB) makes no float64 copy of them, no
     centred copy, and no N x K target matrix (the targets enter as per-class sums of the centred features)."""
+    labels = np.asarray(labels)
+    if labels.size and labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be class indices (integers), got {labels.dtype}")
     labels = np.ascontiguousarray(labels, dtype=np.int64)  # as index_add_ takes them
     n, c = features.shape
     y_mean = 2.0 * np.bincount(labels, minlength=num_classes) / n - 1.0
@@ -63,7 +66,7 @@ def ridge_fit(features: np.ndarray, labels: np.ndarray, num_classes: int,
         xc, yc = x - x_mean, 2.0 * np.eye(num_classes)[labels] - 1.0 - y_mean
         weights = xc.T @ np.linalg.solve(xc @ xc.T + l2 * np.eye(n), yc)
         return weights, y_mean - x_mean @ weights
-    rows = max(1, _BLOCK_CELLS // c)
+    rows = max(1, _BLOCK_CELLS // max(c, 1))
     blocks = [slice(lo, lo + rows) for lo in range(0, n, rows)]
     x_mean = sum(np.asarray(features[b], dtype=np.float64).sum(0) for b in blocks) / n
     gram, class_sums = np.zeros((c, c)), torch.zeros(num_classes, c, dtype=torch.float64)

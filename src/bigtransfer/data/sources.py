@@ -349,7 +349,9 @@ class ImageFolderImages(_FileImages):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
-        root = self.root = os.path.abspath(root)  # its files too: a run folder compares them on a re-run
+        # absolute, its files too (a run folder compares them on a re-run); ".." resolved where the system resolves
+        # it, after a link, not by text, which led elsewhere
+        root = self.root = os.path.realpath(root) if ".." in Path(root).parts else os.path.abspath(root)
         self.name = f"folder:{root}"
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
         if not self.classes:
