@@ -1,9 +1,11 @@
 """Data sources on real files written here: decoding every colour mode, broken files, layouts, splits, adapters."""
 
+import gc
 import io
 import os
 import pickle
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,10 @@ import pytest
 import torch
 import torchvision.datasets
 import torchvision.datasets.cifar
+import torchvision.datasets.flowers102
 from PIL import Image
 
+from bigtransfer.data.packed import PackedStrings
 from bigtransfer.data.sources import (
     BadImageError,
     CsvImages,
@@ -264,8 +268,65 @@ def test_image_folder(tmp_path):
     assert sub.describe(0) == str(root / "emu" / "0.png") and sub[1][1] == 1
     subsub = sub.subset([1])
     assert subsub.targets == [1] and subsub.describe(0) == ds.describe(2)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=f"index 6 out of range for folder:{root} with 6 items"):
         ds.subset([6])
+    assert ds.subset(np.array([-1, 0])).targets == [2, 0] and ds.subset([]).targets == []
+    for not_indices in ([True, False, True, False, True, False], [0.0, 1.5], [[0, 1]]):  # a mask, floats, 2-D
+        with pytest.raises(TypeError, match="must be a list of integers"):
+            ds.subset(not_indices)
+
+
+def test_packed_strings_give_back_every_name():
+    names = ["cat/0.png", "", "ünïcødé/çat.jpg", os.fsdecode(b"latin1-\xe9t\xe9.jpg"), "x" * 5000]
+    packed = PackedStrings(names)
+    assert list(packed) == names and [packed[i] for i in range(-5, 5)] == names + names
+    assert packed[1:4] == names[1:4] and packed[::-2] == names[::-2] and len(packed) == 5
+    assert os.fsencode(packed[3]) == b"latin1-\xe9t\xe9.jpg"  # the name's bytes, as on disk
+    assert packed == names and packed != names[:4] and packed != "".join(names)
+    assert pickle.loads(pickle.dumps(packed)) == packed and PackedStrings([]) == []
+    with pytest.raises(IndexError, match="index 5 out of range for 5 strings"):
+        packed[5]
+
+
+def _objects_held(*roots) -> int:
+    """How many distinct Python objects are reachable from `roots`, classes, modules and functions left out. One
+    per item is what each forked DataLoader worker copies as it reads them (packed.py)."""
+    seen, todo = set(), list(roots)
+    while todo:
+        obj = todo.pop()
+        if id(obj) not in seen and not isinstance(obj, type | types.ModuleType | types.FunctionType):
+            seen.add(id(obj))
+            todo += gc.get_referents(obj)
+    return len(seen)
+
+
+def test_file_sources_hold_no_python_object_per_item(tmp_path):
+    """The whole folder, its carved training part, a subset of that, a CSV, loose files and shards hold as many
+    Python objects for 40 images as for 4 (a list of paths held one string per image, a subset one int)."""
+    from bigtransfer.data.shards import ShardImages, write_shards
+
+    held = []
+    for n in (2, 20):
+        root = _tree(tmp_path / str(n) / "tree", {"cat": n, "dog": n}, size=(3, 3))
+        (root.parent / "list.csv").write_text("path,label\n" + "".join(
+            f"tree/{c}/{k}.png,{300 + (c == 'dog')}\n" for c in ("cat", "dog") for k in range(n)))
+        part = open_dataset(str(root), "train", val_fraction=0.5)
+        write_shards(ImageFolderImages(root), root.parent / "shards", shard_size=n, progress=False)  # 2 shards
+        sources = [ImageFolderImages(root), part, part.subset([0, -1]), CsvImages(root.parent / "list.csv"),
+                   ImageFiles([root]), ShardImages(root.parent / "shards")]
+        held.append([_objects_held(source) for source in sources])
+        assert sources[3].targets == [0] * n + [1] * n and len(sources[-1]) == 2 * n
+    assert held[0] == held[1]
+
+
+def test_labels_above_256_are_one_object_per_class():
+    """Python shares only the ints -5..256; labels from a tensor were one object each, copied into every worker."""
+
+    class TensorTargets(_Tensors):
+        targets = torch.arange(40) % 2 + 300
+
+    targets = TorchDatasetImages(TensorTargets([None] * 40)).targets
+    assert targets == [300, 301] * 20 and _objects_held(targets) == 3  # the list and two ints
 
 
 def test_a_folder_scan_skips_hidden_names_and_enters_each_folder_once(tmp_path, caplog):
@@ -572,6 +633,34 @@ def test_cifar10_through_torchvision(tmp_path, monkeypatch):
     tv = torchvision.datasets.CIFAR10(str(tmp_path), train=True)
     assert np.array_equal(np.asarray(img), np.asarray(tv[1][0]))
     assert train.size_of(0) == (32, 32) and train.describe(2) == "cifar10[2]"
+
+
+def _fake_flowers102(root: Path, images: int) -> None:
+    from scipy.io import savemat
+
+    base = root / "flowers-102"
+    for k in range(1, images + 1):
+        _png(base / "jpg" / f"image_{k:05d}.jpg", (5 + k, 4), (k, 2 * k, 3))
+    savemat(base / "imagelabels.mat", {"labels": np.arange(images) % 3 + 1})
+    ids = np.arange(1, images + 1)
+    savemat(base / "setid.mat", {"trnid": ids[::2], "valid": ids[1::4], "tstid": ids[3::4]})
+
+
+def test_flowers102_files_through_torchvision_as_packed_paths(tmp_path, monkeypatch):
+    """Files of a torchvision dataset are read once into packed paths (its own per-image lists are let go);
+    items, labels and names are torchvision's."""
+    monkeypatch.setattr(torchvision.datasets.flowers102, "check_integrity", lambda *a, **k: True)  # md5 only
+    held = []
+    for images in (8, 40):
+        _fake_flowers102(tmp_path / str(images), images)
+        ours = open_dataset(f"flowers102:{tmp_path / str(images)}", "train")
+        theirs = torchvision.datasets.Flowers102(str(tmp_path / str(images)), split="train")
+        assert len(ours) == len(theirs) == images // 2 and ours.targets == theirs._labels
+        assert [ours.describe(i) for i in range(len(ours))] == list(map(str, theirs._image_files))
+        assert all(np.array_equal(np.asarray(ours[i][0]), np.asarray(theirs[i][0])) for i in (0, -1))
+        assert ours.size_of(1) == (4, 8) and ours[1][1] == 2  # image 3: label 3 of 1..3
+        held.append(_objects_held(ours))
+    assert held[0] == held[1]
 
 
 @pytest.mark.parametrize("kind", ["cifar10", "cifar100", "pets", "flowers102"])

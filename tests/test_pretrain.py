@@ -284,10 +284,51 @@ def test_average_precision_equals_scikit_learns_with_ties_and_in_blocks(monkeypa
         expected = average_precision_score(targets[:, present].numpy(), scores[:, present].numpy(), average="macro")
         for cells in (2**24, 2 * n):  # all classes at once, or two at a time
             monkeypatch.setattr("bigtransfer.pretraining._AP_CELLS", cells)
-            assert average_precision(scores, targets, torch.device("cpu")) == pytest.approx(expected, abs=1e-12)
+            assert average_precision(scores, targets, Runtime(torch.device("cpu"))) == pytest.approx(expected,
+                                                                                                     abs=1e-12)
 
 
-def test_held_out_map_that_cannot_fit_in_memory_is_refused_before_training():
+_SHARED_MAP = """
+import json, sys, torch, torch.distributed as dist
+import bigtransfer.pretraining as pretraining
+from bigtransfer.runtime import Runtime
+from sklearn.metrics import average_precision_score
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+runtime = Runtime(torch.device("cpu"), rank, world)
+g = torch.Generator().manual_seed(0)
+scores = torch.randint(0, 6, (23, 9), generator=g).float()  # many ties
+targets = torch.rand(23, 9, generator=g) < 0.3
+targets[:, 4] = False  # no positive: not counted
+present = targets.sum(0) > 0
+expected = average_precision_score(targets[:, present].numpy(), scores[:, present].numpy(), average="macro")
+got = {}
+for cells in (2**24, 2 * 23):  # all classes in one block, or blocks of 2 dealt out between the processes
+    pretraining._AP_CELLS = cells
+    shares = {"by turns": torch.arange(rank, 23, world), "all on rank 0": torch.arange(23 if rank == 0 else 0)}
+    for name, mine in shares.items():
+        got[f"{name}, {cells} cells"] = pretraining.average_precision(scores[mine], targets[mine], runtime)
+with open(sys.argv[1] + f".{rank}", "w") as f:
+    json.dump({"expected": expected, "got": got}, f)
+"""
+
+
+def test_held_out_map_over_two_processes_equals_scikit_learns(tmp_path):
+    """Real torchrun, gloo: each process holds its share of the scores; the mAP is scikit-learn's over all of them,
+    with ties, classes dealt out in blocks, and a process with no images."""
+    (tmp_path / "shared_map.py").write_text(_SHARED_MAP)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "shared_map.py"), str(tmp_path / "result")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=bit_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert len(result["got"]) == 4 and 0 < result["expected"] < 1
+        assert result["got"] == pytest.approx({k: result["expected"] for k in result["got"]}, abs=1e-12)
+
+
+def test_held_out_map_that_cannot_fit_in_memory_is_refused_before_training(monkeypatch):
     from bigtransfer.pretraining import _check_map_fits
 
     _check_map_fits(1000, 21843)  # 100 MiB
@@ -295,6 +336,11 @@ def test_held_out_map_that_cannot_fit_in_memory_is_refused_before_training():
     images = memory // (10 * 21843) + 1  # scores and labels, twice while the batches are joined
     with pytest.raises(ValueError, match=f"held-out mAP over {images:,} images x 21,843 classes needs"):
         _check_map_fits(images, 21843)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # each of torchrun's processes holds its share: 2 of 4 here hold half
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    _check_map_fits(images, 21843)
+    with pytest.raises(ValueError, match=r"needs .* GiB of scores on this machine \(2 of 4 processes\)"):
+        _check_map_fits(2 * images, 21843)
 
 
 def test_mean_average_precision_by_hand():
@@ -309,7 +355,8 @@ def test_mean_average_precision_by_hand():
     loader = [(images[:6], hot[:6], reports[:6]), (images[6:], hot[6:], reports[6:])]
     graphs = []  # the scores keep no autograd graph (each would hold its batch's activations until the end)
     net.register_forward_hook(lambda module, inputs, output: graphs.append(output.requires_grad))
-    got = mean_average_precision(net, loader, Runtime(torch.device("cpu")), "fp32")
+    got = mean_average_precision(net, loader, Runtime(torch.device("cpu")), "fp32", num_classes=4)
+    assert mean_average_precision(net, [], Runtime(torch.device("cpu")), "fp32", num_classes=4) == 0.0  # no images
     assert graphs == [False, False]
     kept = [i for i, r in enumerate(reports) if not r]
     with torch.no_grad():

@@ -100,7 +100,7 @@ def embed(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLik
     with evaluating(model):
         features, errors = model_outputs(model.forward_features, images, model.num_features, resolution,
                                          batch_size, dev, workers, progress=progress)
-    return features.numpy(), images.paths, {images.paths[i]: why for i, why in errors.items()}
+    return features.numpy(), list(images.paths), {images.paths[i]: why for i, why in errors.items()}
 
 
 def _prepared(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike, resolution: int | None,

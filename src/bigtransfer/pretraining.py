@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
@@ -45,7 +47,7 @@ from .hyperrule import MOMENTUM, Schedule
 from .models import ResNetV2, create_model
 from .probe import linear_probe
 from .runs import RunDir, as_recorded, held_out_data, labels_fingerprint, starting_weights
-from .runtime import PRECISIONS, Runtime, autocast, setup
+from .runtime import PRECISIONS, Runtime, all_reduce_sum, autocast, setup
 
 log = logging.getLogger("bigtransfer")
 
@@ -363,11 +365,10 @@ def _evaluator(eval_source: LabelledImages | None, probe_data: str | None, probe
         metrics = {}
         if eval_source is not None:
             tf = HyperRuleTransform(plan.crop, plan.crop, train=False)
-            if plan.multi_label:  # every process scores all of it: average precision needs every score
-                loader = eval_loader(eval_source, tf, batch_size, workers)
-                metrics["mAP"] = mean_average_precision(net, loader, runtime, plan.precision)
+            loader = eval_loader(eval_source, tf, batch_size, workers, runtime.rank, runtime.world_size)
+            if plan.multi_label:
+                metrics["mAP"] = mean_average_precision(net, loader, runtime, plan.precision, plan.num_classes)
             else:
-                loader = eval_loader(eval_source, tf, batch_size, workers, runtime.rank, runtime.world_size)
                 metrics |= evaluate(net, loader, plan.num_classes, runtime, plan.precision, plan.channels_last)
         if probe is not None and runtime.is_main:
             rows = linear_probe(net, *probe, resolution=plan.crop, runtime=runtime, shots=(probe_shots,),
@@ -379,58 +380,85 @@ def _evaluator(eval_source: LabelledImages | None, probe_data: str | None, probe
 
 
 def _check_map_fits(images: int, classes: int) -> None:
-    """Held-out mAP keeps every (image, class) score and label in memory: refused before training, not by the
-    out-of-memory killer at the first evaluation, hours in (a fifth of a 14M-image manifest carved out as
-    held-out data would need 300 GB for ImageNet-21k's classes)."""
+    """Held-out mAP keeps every (image, class) score and label in memory, each process those of its share of the
+    images: refused before training, not by the out-of-memory killer at the first evaluation, hours in (a fifth
+    of a 14M-image manifest carved out as held-out data would need 300 GB for ImageNet-21k's classes)."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # no such query here (not Linux): nothing to check against
         return
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine each hold it
-    need = images * classes * 10 * processes  # float32 scores and a byte per label, twice while joined
+    here, world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("WORLD_SIZE", "1"))
+    need = images * classes * 10 * here // world  # float32 scores, a byte per label; twice while batches are joined
     if need > memory:
         raise ValueError(f"held-out mAP over {images:,} images x {classes:,} classes needs {need / 2**30:,.0f} GiB of "
-                         f"scores{f' in {processes} processes' if processes > 1 else ''}, more than this machine's "
+                         f"scores on this machine ({here} of {world} processes), more than its "
                          f"{memory / 2**30:,.0f} GiB: give smaller evaluation data (--eval-data)")
 
 
 @torch.no_grad()
-def mean_average_precision(net: nn.Module, loader: DataLoader, runtime: Runtime, precision: str) -> float:
-    """Mean over classes (with at least one positive) of the average precision of the sigmoid scores."""
-    scores, targets = [], []
+def mean_average_precision(net: nn.Module, loader: DataLoader, runtime: Runtime, precision: str,
+                           num_classes: int) -> float:
+    """Mean over classes (with at least one positive) of the average precision of the sigmoid scores. With several
+    processes, each scores its share of the images (`eval_loader`'s rank, rank + world_size, ...)."""
+    scores, targets = [torch.zeros(0, num_classes)], [torch.zeros(0, num_classes, dtype=torch.bool)]
     with evaluating(net):
         for images, hot, reports in loader:
             keep = torch.tensor([not r for r in reports])
             with autocast(runtime.device, precision):
                 scores.append(net(to_model_input(images[keep].to(runtime.device))).float().cpu())
             targets.append(hot[keep].bool())  # a byte per (image, class): 21,843 classes make it large
-    return average_precision(torch.cat(scores), torch.cat(targets), runtime.device)
+    return average_precision(torch.cat(scores), torch.cat(targets), runtime)
 
 
 _AP_CELLS = 2**24  # (image, class) cells that `average_precision` sorts at once: 128 MB per float64 tensor
 
 
-def average_precision(scores: torch.Tensor, targets: torch.Tensor, device: torch.device) -> float:
+def average_precision(scores: torch.Tensor, targets: torch.Tensor, runtime: Runtime) -> float:
     """scikit-learn's macro `average_precision_score` over the classes with a positive, ties included: per class,
-    the sum over score thresholds of (recall gained) x (precision there).
+    the sum over score thresholds of (recall gained) x (precision there). `scores`, `targets`: this process's
+    images (rows) of every class; all processes call it together.
 
     Why not scikit-learn's: it loops over classes in Python on the CPU, about 250 s per evaluation for 50,000
-    images of ImageNet-21k's 21,843 classes; here blocks of classes are sorted at once, on `device`."""
-    n, k = scores.shape
-    total, counted = 0.0, 0
-    block = max(1, _AP_CELLS // max(n, 1))  # classes at a time
-    rank = torch.arange(1, n + 1, device=device, dtype=torch.float64)[:, None]
-    for lo in range(0, k, block):
-        s, order = scores[:, lo:lo + block].to(device).sort(dim=0, descending=True, stable=True)
-        hits = targets[:, lo:lo + block].to(device).gather(0, order).double()
+    images of ImageNet-21k's 21,843 classes; here blocks of classes are sorted at once, on the device."""
+    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # sum of the classes' APs, classes counted
+    for block_scores, hits in _class_blocks(scores, targets, runtime):
+        n = len(block_scores)
+        s, order = block_scores.sort(dim=0, descending=True, stable=True)
+        hits = hits.gather(0, order).double()
         positives = hits.sum(0)
-        precision = hits.cumsum(0) / rank
+        precision = hits.cumsum(0) / torch.arange(1, n + 1, device=s.device, dtype=torch.float64)[:, None]
         # tied scores are one threshold: each hit gets the precision at the last row of its run of ties
         last = torch.ones_like(s, dtype=torch.bool)
         last[:-1] = s[1:] != s[:-1]
-        rows = torch.arange(n, device=device)[:, None].expand_as(s)
+        rows = torch.arange(n, device=s.device)[:, None].expand_as(s)
         end = torch.where(last, rows, n).flip(0).cummin(0).values.flip(0)
         per_class = (hits * precision.gather(0, end)).sum(0) / positives
-        total += float(per_class[positives > 0].sum())
-        counted += int((positives > 0).sum())
+        sums += torch.stack([per_class[positives > 0].sum(), (positives > 0).sum().double()])
+    total, counted = all_reduce_sum(sums, runtime).tolist()
     return total / counted if counted else 0.0
+
+
+def _class_blocks(scores: torch.Tensor, targets: torch.Tensor, runtime: Runtime
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(scores, bool labels) of every image for blocks of `_AP_CELLS` cells' classes, on the device. Across
+    processes the blocks are dealt out in turn: each is gathered from every process's rows into one process, so
+    that no process holds every score (nor sorts every class)."""
+    rows = torch.tensor([len(scores)], device=runtime.device)
+    counts = [rows] if not runtime.distributed else [torch.zeros_like(rows) for _ in range(runtime.world_size)]
+    if runtime.distributed:
+        dist.all_gather(counts, rows)
+    counts = [int(c) for c in counts]
+    block = max(1, _AP_CELLS // max(sum(counts), 1))  # classes at a time
+    for b, lo in enumerate(range(0, scores.shape[1], block)):
+        part_scores, part_hits = scores[:, lo:lo + block], targets[:, lo:lo + block]
+        if not runtime.distributed:
+            yield part_scores.to(runtime.device), part_hits.to(runtime.device)
+            continue
+        owner, width = b % runtime.world_size, part_scores.shape[1]
+        part = F.pad(torch.cat([part_scores, part_hits.float()], 1), (0, 0, 0, max(counts) - len(part_scores)))
+        part = part.to(runtime.device)  # padded to the longest share: a gather takes tensors of one shape
+        parts = [torch.empty_like(part) for _ in counts] if runtime.rank == owner else None
+        dist.gather(part, parts, dst=owner)
+        if parts is not None:
+            joined = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+            yield joined[:, :width], joined[:, width:] > 0.5

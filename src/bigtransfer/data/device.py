@@ -27,7 +27,7 @@ class DeviceImages:
         parent = getattr(source, "parent", None)  # a few-shot subset of an in-memory set
         if isinstance(parent, InMemoryImages):
             array = parent.images[source.indices]
-            bad = {j: parent.bad[i] for j, i in enumerate(source.indices) if i in parent.bad}
+            bad = {j: parent.bad[i] for j, i in enumerate(source.indices.tolist()) if i in parent.bad}
         else:
             memory = source if isinstance(source, InMemoryImages) else InMemoryImages(source)
             array, bad = memory.images, memory.bad

@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..checkpoints.download import sha256_of
 from ..checkpoints.formats import atomic_path, remove_stale_temporaries
 from .loader import SEED_STRIDE, target_tensor
+from .packed import PackedStrings, shared_labels
 from .parallel import map_with_progress
 from .sources import BadImageError, LabelledImages, decode_image
 
@@ -212,17 +213,19 @@ class ShardImages(LabelledImages):
         self.name = f"shards:{os.path.abspath(root)}"
         self.classes, self.multi_label = manifest["classes"], manifest["multi_label"]
         self.flip = manifest.get("flip", True)  # the source's rule, as `write_shards` recorded it
-        self.locations: list[tuple[str, int, int, str]] = []  # shard, data offset, size, key
+        self.shard_names = [shard["name"] for shard in manifest["shards"]]
+        locations: list[tuple[int, int, int]] = []  # shard, data offset, size
+        keys: list[str] = []
         self.targets = []
         member = "json" if self.multi_label else "cls"  # the label; other members (metadata) are not read
-        for shard in manifest["shards"]:
+        for number, shard in enumerate(manifest["shards"]):
             path, labels, images = self.root / shard["name"], {}, []
             try:
                 with tarfile.open(path) as tar:
                     for info in tar.getmembers():
                         key, _, ext = info.name.partition(".")
                         if ext == "jpg":
-                            images.append((shard["name"], info.offset_data, info.size, key))
+                            images.append((number, info.offset_data, info.size, key))
                         elif ext == member:
                             labels[key] = _target({ext: tar.extractfile(info).read()}, self.multi_label,
                                                   len(self.classes), f"{path}:{key}")
@@ -234,20 +237,24 @@ class ShardImages(LabelledImages):
             if unlabelled:
                 raise _unreadable(path, f"sample {unlabelled[0]} has no label (.{member}, as the manifest's "
                                         f"{'multi' if self.multi_label else 'single'}-label samples hold)")
-            self.locations += images
+            locations += [location for *location, _ in images]
+            keys += [key for *_, key in images]
             self.targets += [labels[key] for *_, key in images]
+        # arrays, not lists of tuples: forked loader workers would copy those (packed.py)
+        self.locations, self.keys = np.array(locations, np.int64).reshape(-1, 3), PackedStrings(keys)
+        self.targets = self.targets if self.multi_label else shared_labels(self.targets)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int | tuple[int, ...]]:
         i = self._check_index(i)
-        shard, offset, size, key = self.locations[i]
-        with open(self.root / shard, "rb") as f:
+        shard, offset, size = self.locations[i].tolist()
+        with open(self.root / self.shard_names[shard], "rb") as f:
             f.seek(offset)
             data = f.read(size)
-        return decode_image(data, describe=f"{self.root / shard}:{key}"), self.targets[i]
+        return decode_image(data, describe=self.describe(i)), self.targets[i]
 
     def describe(self, i: int) -> str:
-        shard, _, _, key = self.locations[self._check_index(i)]
-        return f"{self.root / shard}:{key}"
+        i = self._check_index(i)
+        return f"{self.root / self.shard_names[int(self.locations[i, 0])]}:{self.keys[i]}"
 
 
 class ShardStream(IterableDataset):

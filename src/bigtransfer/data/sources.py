@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .packed import PackedStrings, index_array, shared_labels
+
 log = logging.getLogger("bigtransfer")
 
 __all__ = [
@@ -247,10 +249,10 @@ class LabelledImages(torch.utils.data.Dataset):
 class _Subset(LabelledImages):
     """Items of a parent by index; nested subsets collapse onto the root so lookups stay one level deep."""
 
-    def __init__(self, parent: LabelledImages, indices: Sequence[int]) -> None:
-        idx = [parent._check_index(int(i)) for i in indices]
+    def __init__(self, parent: LabelledImages, indices: Sequence[int] | np.ndarray) -> None:
+        idx = index_array(indices, len(parent), parent.name)  # an array: forked loader workers share it (packed.py)
         if isinstance(parent, _Subset):
-            idx = [parent.indices[i] for i in idx]
+            idx = parent.indices[idx]
             parent = parent.parent
         self.parent = parent
         self.indices = idx
@@ -258,16 +260,19 @@ class _Subset(LabelledImages):
         self.classes = list(parent.classes)
         self.flip = parent.flip
         self.multi_label = parent.multi_label
-        self.targets = [parent.targets[i] for i in idx]
+        self.targets = [parent.targets[i] for i in idx.tolist()]
+
+    def _parent_index(self, i: int) -> int:
+        return int(self.indices[self._check_index(i)])
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return self.parent[self.indices[self._check_index(i)]]
+        return self.parent[self._parent_index(i)]
 
     def describe(self, i: int) -> str:
-        return self.parent.describe(self.indices[self._check_index(i)])
+        return self.parent.describe(self._parent_index(i))
 
     def size_of(self, i: int) -> tuple[int, int]:
-        return self.parent.size_of(self.indices[self._check_index(i)])
+        return self.parent.size_of(self._parent_index(i))
 
 
 class _Relabelled(LabelledImages):
@@ -318,7 +323,7 @@ def match_classes(classes: Sequence[Any], held_out: LabelledImages, multi_label:
 class _FileImages(LabelledImages):
     """Shared behaviour of sources whose items are image files: decode on access, header-only sizes."""
 
-    paths: list[str]
+    paths: PackedStrings  # not a list: forked loader workers would copy it (packed.py)
     root: str  # a held-out part carved from the source hashes its paths relative to this (`_held_out_items`)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
@@ -357,7 +362,7 @@ class ImageFolderImages(_FileImages):
         if not self.classes:
             raise FileNotFoundError(f"{root}: no class folders (expected {root}/<class>/<images>)")
         tops = {_folder_id(root)} | {_folder_id(os.path.join(root, c)) for c in self.classes}
-        self.paths, self.targets = [], []
+        paths, self.targets = [], []
         skipped: collections.Counter[str] = collections.Counter()
         for target, name in enumerate(self.classes):
             found = []
@@ -370,8 +375,9 @@ class ImageFolderImages(_FileImages):
             if not found:
                 raise ValueError(f"{root}: class folder {name!r} holds no image files "
                                  f"(looked for {', '.join(IMG_EXTENSIONS)})")
-            self.paths += found
+            paths += found
             self.targets += [target] * len(found)
+        self.paths = PackedStrings(paths)
         if skipped:
             log.warning("%s: %s left out: image folders read %s, as torchvision's ImageFolder does (convert them)",
                         root, ", ".join(f"{n} {s} file{'s' * (n > 1)}" for s, n in sorted(skipped.items())),
@@ -386,21 +392,21 @@ class ImageFiles(_FileImages):
     def __init__(self, names: Sequence[str | os.PathLike]) -> None:
         from torchvision.datasets.folder import IMG_EXTENSIONS
 
-        self.name, self.classes, self.paths = "images", [], []
+        self.name, self.classes, paths = "images", [], []
         for name in map(os.fspath, names):
             if os.path.isdir(name):
                 found = sorted(os.path.join(d, f) for d, files in _walk_once(name) for f in files
                                if f.lower().endswith(IMG_EXTENSIONS))
                 if not found:
                     raise ValueError(f"{name}: no image files in this folder (looked for {', '.join(IMG_EXTENSIONS)})")
-                self.paths += found
+                paths += found
             elif os.path.exists(name):
-                self.paths.append(name)
+                paths.append(name)
             else:
                 raise FileNotFoundError(f"{name}: no such image file or folder")
-        if not self.paths:
+        if not paths:
             raise ValueError("no image files given")
-        self.targets = [0] * len(self.paths)
+        self.paths, self.targets = PackedStrings(paths), [0] * len(paths)
 
 
 _UNREAD_IMAGE_SUFFIXES = (".gif", ".jfif", ".avif", ".heic", ".heif", ".jp2", ".jxl", ".ico", ".tga")
@@ -449,7 +455,7 @@ class CsvImages(_FileImages):
         paths, labels = _manifest_rows(csv_path)
         if not paths:
             raise ValueError(f"{csv_path}: the manifest lists no images")
-        self.paths = paths
+        self.paths = PackedStrings(paths)
         if any(";" in x for x in labels):
             self.multi_label = True
             parts = [tuple(sorted({p.strip() for p in x.split(";") if p.strip()})) for x in labels]
@@ -559,7 +565,7 @@ class TorchDatasetImages(LabelledImages):
         targets = getattr(dataset, "targets", None)
         if targets is None:
             targets = [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
-        self.targets = [int(t) for t in targets]
+        self.targets = shared_labels(targets)
         if classes is None:
             classes = getattr(dataset, "classes", None)
         if classes is None:
@@ -590,6 +596,7 @@ class _TorchvisionSpec:
     sample: Callable[[Any, int], Any]  # a file path (decoded by decode_image) or an HWC uint8 array
     classes: Callable[[Any], Sequence[Any]] = lambda ds: ds.classes
     downloadable: bool = True
+    files: bool = True  # samples are file paths, read once into `PackedStrings`
 
 
 def _train_or(split: str, held_out: str) -> str:
@@ -602,7 +609,7 @@ def _cifar(cls_name: str) -> _TorchvisionSpec:
 
         return getattr(tvd, cls_name)(root, train=split == "train", download=download)
 
-    return _TorchvisionSpec(factory, lambda ds: ds.targets, lambda ds, i: ds.data[i])
+    return _TorchvisionSpec(factory, lambda ds: ds.targets, lambda ds, i: ds.data[i], files=False)
 
 
 def _pets(root: str, split: str, download: bool) -> Any:
@@ -668,16 +675,19 @@ class TorchvisionImages(LabelledImages):
             raise FileNotFoundError(
                 f"{kind} not found (or corrupt) under {os.path.abspath(root)}: {why}. To fetch it, {hint}."
             ) from e
-        self.dataset = ds
-        self._sample = spec.sample
         self.name = kind
         self.split = split
         self.root = root
         self.classes = [str(c) for c in spec.classes(ds)]
-        self.targets = [int(t) for t in spec.targets(ds)]
+        self.targets = shared_labels(spec.targets(ds))
+        # file paths are packed and the dataset's own lists (ImageNet's 1.28M (path, label) tuples) let go:
+        # forked loader workers would copy them (packed.py); array data is read from the dataset
+        self.paths = PackedStrings(os.fspath(spec.sample(ds, i)) for i in range(len(self))) if spec.files else None
+        self.dataset, self._sample = (None, None) if spec.files else (ds, spec.sample)
 
     def _raw(self, i: int) -> Any:
-        return self._sample(self.dataset, self._check_index(i))
+        i = self._check_index(i)
+        return self.paths[i] if self.paths is not None else self._sample(self.dataset, i)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         raw = self._raw(i)

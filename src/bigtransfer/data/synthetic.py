@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from .packed import shared_labels
 from .sources import LabelledImages
 
 GLYPHS_VERSION = 1  # bump when rendering changes: shipped weights record the version they were trained on
@@ -98,7 +99,7 @@ class GlyphImages(LabelledImages):
             raise ValueError(f"glyphs split must be 'train' or 'test', got {split!r}")
         self.seed = seed
         self.name = f"glyphs:v{GLYPHS_VERSION}:{len(self.chars)}x{per_class}:{split}:seed{seed}"
-        self.targets = [i // per_class for i in range(len(self.chars) * per_class)]
+        self.targets = shared_labels(i // per_class for i in range(len(self.chars) * per_class))
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         i = self._check_index(i)
@@ -147,7 +148,7 @@ class FractalImages(LabelledImages):
         self.systems = [_random_ifs(np.random.default_rng([FRACTALS_VERSION, seed, c])) for c in range(classes)]
         self.classes = [f"ifs{c:04d}" for c in range(classes)]
         self.name = f"fractals:v{FRACTALS_VERSION}:{classes}x{per_class}:{split}:seed{seed}"
-        self.targets = [i // per_class for i in range(classes * per_class)]
+        self.targets = shared_labels(i // per_class for i in range(classes * per_class))
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         i = self._check_index(i)

@@ -1,0 +1,76 @@
+"""Per-item lists stored so that forked DataLoader workers share them with their parent instead of copying them.
+
+A worker forked from the training process shares its pages until it writes to one, and in Python reading an
+object writes to it (its reference count), as do the garbage collector's passes over lists and tuples. A list
+of one Python string per image is therefore copied, page by page, into every worker that reads it: hundreds
+of MiB per worker at ImageNet's 1.28M images (``benchmarks/bench_loader_memory.py``). Bytes in one buffer
+and offsets in a NumPy array are two objects, whatever the number of items, and reading them writes nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+
+class PackedStrings(Sequence[str]):
+    """An immutable sequence of strings held as one UTF-8 buffer and the items' end offsets. Names that are not
+    UTF-8 (the surrogates `os.fsdecode` leaves) come back as they went in."""
+
+    def __init__(self, strings: Iterable[str]) -> None:
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
+        self._ends = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        self._blob = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):  # an int gives a str, a slice a list of them
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n, i = len(self), operator.index(i)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} strings")
+        i %= n
+        start = int(self._ends[i - 1]) if i else 0
+        return self._blob[start:int(self._ends[i])].decode("utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        start = 0
+        for end in self._ends.tolist():
+            yield self._blob[start:end].decode("utf-8", "surrogateescape")
+            start = end
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedStrings):
+            return np.array_equal(self._ends, other._ends) and self._blob == other._blob
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a list, which has none
+
+    def __repr__(self) -> str:
+        shown = ", ".join(map(repr, self[:3])) + (", ..." if len(self) > 3 else "")
+        return f"PackedStrings([{shown}], {len(self)} items)"
+
+
+def shared_labels(targets: Iterable[int]) -> list[int]:
+    """Integer labels as a list in which equal labels are one object: reading one writes to (the reference count
+    of) one of as many objects as there are classes, not one per item (Python keeps only -5..256 shared)."""
+    pool: dict[int, int] = {}
+    return [pool.setdefault(t, t) for t in map(int, targets)]
+
+
+def index_array(indices: Sequence[int] | np.ndarray, n: int, name: str) -> np.ndarray:
+    """`indices` into `n` items as an int64 array, negative ones counted from the end; anything but integers
+    (a boolean mask would pick items by position in error) or an index out of range is refused, naming `name`."""
+    idx = np.asarray(indices)
+    if idx.size == 0:
+        return np.zeros(0, np.int64)
+    if idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise TypeError(f"indices into {name} must be a list of integers, got {idx.dtype} of shape {idx.shape}")
+    out = (idx < -n) | (idx >= n)
+    if out.any():
+        raise IndexError(f"index {idx[out][0]} out of range for {name} with {n} items")
+    return idx.astype(np.int64) % max(n, 1)
