@@ -10,6 +10,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -110,6 +111,58 @@ def test_shards_manifest_checksums_and_webdataset_interop(shards):
     assert len(samples) == 16 and {"jpg", "cls"} <= set(samples[0])
     with pytest.raises(ValueError, match="single split"):
         open_dataset(str(shards / "shards"), "test")
+
+
+def test_shard_index_files_give_what_the_tar_headers_give_and_only_for_the_shard_they_index(tmp_path, caplog):
+    """`write_shards` indexes each shard into a file beside it; `ShardImages` reads the same places, keys and
+    labels from it as from the tar headers (single- and multi-label), and reads the headers instead where the
+    index is not of the shard as it is now: written again, cut short, or the index itself damaged."""
+    make_image_folder(tmp_path / "img", classes=3, per_class=5)
+    rows = [f"img/class{c}/{i:03d}.png,{f'c{c};both' if i % 2 else f'c{c}'}" for c in range(3) for i in range(5)]
+    (tmp_path / "labels.csv").write_text("\n".join(["path,label", *rows]) + "\n")
+    for name, source in (("single", open_dataset(str(tmp_path / "img"), "all")),
+                         ("multi", open_dataset(str(tmp_path / "labels.csv"), "all"))):
+        folder = tmp_path / name
+        manifest = write_shards(source, folder, shard_size=4, progress=False)
+        assert [s["index"] for s in manifest["shards"]] == [f"shard-{k:06d}.index.npz" for k in range(4)]
+        fast = ShardImages(folder)
+        for s in manifest["shards"]:
+            (folder / s["index"]).rename(folder / f"{s['index']}.away")
+        with caplog.at_level("WARNING", logger="bigtransfer"):
+            slow = ShardImages(folder)
+        assert "4 of 4 shards have no index file that matches them" in caplog.text
+        assert np.array_equal(fast.locations, slow.locations) and fast.keys == slow.keys
+        assert fast.targets == slow.targets and sorted(fast.targets) == sorted(source.targets)
+        assert [fast[i][0].tobytes() for i in (0, 14)] == [slow[i][0].tobytes() for i in (0, 14)]
+        for s in manifest["shards"]:
+            (folder / f"{s['index']}.away").rename(folder / s["index"])
+    folder = tmp_path / "single"
+    old_index = (folder / "shard-000001.index.npz").read_bytes()
+    write_shards(open_dataset(str(tmp_path / "labels.csv"), "all").subset(range(15)[::-1]), folder, shard_size=4,
+                 progress=False)  # the folder written again (other images in each shard), one index put back
+    (folder / "shard-000001.index.npz").write_bytes(old_index)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bigtransfer"):
+        again = ShardImages(folder)
+    assert "1 of 4 shards have no index file that matches them (written before shards had one, or changed since; " \
+           "first: shard-000001.tar)" in caplog.text
+    shard = folder / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        assert again.targets[4:8] == [tuple(json.load(tar.extractfile(f"{k}.json"))["labels"])
+                                      for k in again.keys[4:8]]
+    listed = json.loads((folder / "manifest.json").read_text())
+    listed["shards"][3]["sha256"] = "0" * 64  # the manifest of a shard written again at the same size
+    (folder / "manifest.json").write_text(json.dumps(listed))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bigtransfer"):
+        assert ShardImages(folder).targets == again.targets and "2 of 4 shards" in caplog.text
+    (folder / "shard-000002.index.npz").write_bytes(b"PK\x03\x04 not a zip")  # a damaged index: warned, headers
+    with caplog.at_level("WARNING", logger="bigtransfer"):
+        assert ShardImages(folder).targets == again.targets and "shard-000002.index.npz: unreadable shard index" \
+            in caplog.text
+    shard.write_bytes(shard.read_bytes()[:3000])  # cut short: its index is not used, its headers are found cut
+    with pytest.raises(ValueError, match="shard-000001.tar: unreadable shard"):
+        ShardImages(folder)
 
 
 def test_shards_of_a_standard_dataset_hold_its_training_split_and_keep_its_flip_rule(tmp_path):
@@ -459,9 +512,11 @@ def _rewrite_shard(path: Path, keep, replace: dict[str, bytes] | None = None) ->
 def test_damaged_shards_and_manifests_are_named_never_read_with_wrong_labels(tmp_path):
     """One sample without its label and another without its image leave the counts equal: images are paired
     with labels by key (by position, every image after the gap took its neighbour's label). A label that is
-    not a class of the manifest, and a manifest that is cut short or lacks an entry, are errors naming them."""
+    not a class of the manifest, and a manifest that is cut short or lacks an entry, are errors naming them.
+    (Shards read through their tar headers, as without index files: an index holds the shard as it was written.)"""
     make_image_folder(tmp_path / "images", classes=3, per_class=2)
     write_shards(open_dataset(str(tmp_path / "images"), "all"), tmp_path / "shards", shard_size=6, progress=False)
+    (tmp_path / "shards" / "shard-000000.index.npz").unlink()
     shard, manifest = tmp_path / "shards" / "shard-000000.tar", tmp_path / "shards" / "manifest.json"
     assert Counter(ShardImages(tmp_path / "shards").targets) == {0: 2, 1: 2, 2: 2}
     original = shard.read_bytes()
