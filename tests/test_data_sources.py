@@ -271,6 +271,10 @@ def test_image_folder(tmp_path):
     with pytest.raises(IndexError, match=f"index 6 out of range for folder:{root} with 6 items"):
         ds.subset([6])
     assert ds.subset(np.array([-1, 0])).targets == [2, 0] and ds.subset([]).targets == []
+    for indices in ((i for i in (5, 2)), torch.tensor([5, 2]), [np.uint64(5), 2], np.array([5, 2], dtype=object)):
+        assert ds.subset(indices).targets == [2, 1]  # any iterable of integers, as before the indices were an array
+    with pytest.raises(IndexError, match="index 18446744073709551615 out of range"):  # not wrapped round to -1
+        ds.subset(np.array([2**64 - 1], np.uint64))
     for not_indices in ([True, False, True, False, True, False], [0.0, 1.5], [[0, 1]]):  # a mask, floats, 2-D
         with pytest.raises(TypeError, match="must be a list of integers"):
             ds.subset(not_indices)
@@ -280,6 +284,8 @@ def test_packed_strings_give_back_every_name():
     names = ["cat/0.png", "", "ünïcødé/çat.jpg", os.fsdecode(b"latin1-\xe9t\xe9.jpg"), "x" * 5000]
     packed = PackedStrings(names)
     assert list(packed) == names and [packed[i] for i in range(-5, 5)] == names + names
+    odd = ["\udcc3\udca9.jpg", "\ud800.png"]  # escaped bytes that would make UTF-8 ("é"), a lone surrogate (Windows)
+    assert list(PackedStrings(odd)) == odd and PackedStrings(odd)[0] == odd[0]
     assert packed[1:4] == names[1:4] and packed[::-2] == names[::-2] and len(packed) == 5
     assert os.fsencode(packed[3]) == b"latin1-\xe9t\xe9.jpg"  # the name's bytes, as on disk
     assert packed == names and packed != names[:4] and packed != "".join(names)

@@ -442,23 +442,28 @@ def _class_blocks(scores: torch.Tensor, targets: torch.Tensor, runtime: Runtime
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(scores, bool labels) of every image for blocks of `_AP_CELLS` cells' classes, on the device. Across
     processes the blocks are dealt out in turn: each is gathered from every process's rows into one process, so
-    that no process holds every score (nor sorts every class)."""
+    that no process holds every score (nor sorts every class). All gathers are started before any block is
+    sorted: one at a time, each process's next gather waited for the sorting of the process it sends to."""
     rows = torch.tensor([len(scores)], device=runtime.device)
     counts = [rows] if not runtime.distributed else [torch.zeros_like(rows) for _ in range(runtime.world_size)]
     if runtime.distributed:
         dist.all_gather(counts, rows)
     counts = [int(c) for c in counts]
     block = max(1, _AP_CELLS // max(sum(counts), 1))  # classes at a time
+    pending = []
     for b, lo in enumerate(range(0, scores.shape[1], block)):
         part_scores, part_hits = scores[:, lo:lo + block], targets[:, lo:lo + block]
         if not runtime.distributed:
             yield part_scores.to(runtime.device), part_hits.to(runtime.device)
             continue
-        owner, width = b % runtime.world_size, part_scores.shape[1]
+        owner = b % runtime.world_size
         part = F.pad(torch.cat([part_scores, part_hits.float()], 1), (0, 0, 0, max(counts) - len(part_scores)))
         part = part.to(runtime.device)  # padded to the longest share: a gather takes tensors of one shape
         parts = [torch.empty_like(part) for _ in counts] if runtime.rank == owner else None
-        dist.gather(part, parts, dst=owner)
+        pending.append((dist.gather(part, parts, dst=owner, async_op=True), part, parts))
+    for work, part, parts in pending:  # `part` is kept until its gather is done
+        work.wait()
         if parts is not None:
+            width = part.shape[1] // 2
             joined = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
             yield joined[:, :width], joined[:, width:] > 0.5

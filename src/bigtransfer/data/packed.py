@@ -16,11 +16,12 @@ import numpy as np
 
 
 class PackedStrings(Sequence[str]):
-    """An immutable sequence of strings held as one UTF-8 buffer and the items' end offsets. Names that are not
-    UTF-8 (the surrogates `os.fsdecode` leaves) come back as they went in."""
+    """An immutable sequence of strings held as one UTF-8 buffer and the items' end offsets. Every string comes
+    back as it went in, surrogates too (those `os.fsdecode` leaves for names that are not UTF-8, and the lone
+    ones of Windows names): they are stored as their code points, not turned back into bytes."""
 
     def __init__(self, strings: Iterable[str]) -> None:
-        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
+        encoded = [s.encode("utf-8", "surrogatepass") for s in strings]
         self._ends = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
         self._blob = b"".join(encoded)
 
@@ -35,12 +36,12 @@ class PackedStrings(Sequence[str]):
             raise IndexError(f"index {i} out of range for {n} strings")
         i %= n
         start = int(self._ends[i - 1]) if i else 0
-        return self._blob[start:int(self._ends[i])].decode("utf-8", "surrogateescape")
+        return self._blob[start:int(self._ends[i])].decode("utf-8", "surrogatepass")
 
     def __iter__(self) -> Iterator[str]:
         start = 0
         for end in self._ends.tolist():
-            yield self._blob[start:end].decode("utf-8", "surrogateescape")
+            yield self._blob[start:end].decode("utf-8", "surrogatepass")
             start = end
 
     def __eq__(self, other: object) -> bool:
@@ -62,15 +63,31 @@ def shared_labels(targets: Iterable[int]) -> list[int]:
     return [pool.setdefault(t, t) for t in map(int, targets)]
 
 
-def index_array(indices: Sequence[int] | np.ndarray, n: int, name: str) -> np.ndarray:
-    """`indices` into `n` items as an int64 array, negative ones counted from the end; anything but integers
-    (a boolean mask would pick items by position in error) or an index out of range is refused, naming `name`."""
-    idx = np.asarray(indices)
-    if idx.size == 0:
-        return np.zeros(0, np.int64)
-    if idx.ndim != 1 or idx.dtype.kind not in "iu":
-        raise TypeError(f"indices into {name} must be a list of integers, got {idx.dtype} of shape {idx.shape}")
-    out = (idx < -n) | (idx >= n)
+def index_array(indices: Iterable[int] | np.ndarray, n: int, name: str) -> np.ndarray:
+    """`indices` (any iterable of integers: a list, range, generator, NumPy array, tensor) into `n` items as an
+    int64 array, negative ones counted from the end; anything but integers (a boolean mask would pick items by
+    position in error, a float would be cut) or an index out of range is refused, naming `name`."""
+    if hasattr(indices, "cpu") and hasattr(indices, "numpy"):  # a tensor, on any device
+        indices = indices.cpu().numpy()
+    if isinstance(indices, np.ndarray) and indices.dtype != object:
+        idx = indices if indices.size else indices.astype(np.int64)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise TypeError(f"indices into {name} must be a list of integers, got {idx.dtype} of shape {idx.shape}")
+    else:
+        try:
+            idx = np.fromiter(map(_integer, indices), np.int64)
+        except TypeError as e:
+            raise TypeError(f"indices into {name} must be a list of integers: {e}") from None
+    out = (idx < -n) | (idx >= n)  # before the cast: a uint64 beyond int64 would wrap round to a negative index
     if out.any():
         raise IndexError(f"index {idx[out][0]} out of range for {name} with {n} items")
     return idx.astype(np.int64) % max(n, 1)
+
+
+def _integer(i: object) -> int:
+    if isinstance(i, bool | np.bool_):
+        raise TypeError(f"got {i!r} (a boolean mask? np.flatnonzero gives its items)")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise TypeError(f"got {i!r}") from None
