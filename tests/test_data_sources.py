@@ -491,10 +491,28 @@ def test_open_dataset_csv(tmp_path):
     assert os.path.samefile(ds.describe(0), tmp_path / "imgs" / "1.png")
 
 
-def test_a_csv_that_is_also_the_evaluation_data_gives_up_a_held_out_part(tmp_path):
-    """As a single folder tree does: the same manifest as --data and --eval-data scored the training images."""
+def test_a_csv_that_is_also_the_evaluation_data_gives_up_a_held_out_part(tmp_path, monkeypatch):
+    """As a single folder tree does: the same manifest as --data and --eval-data scored the training images.
+    Both parts come from one reading of the manifest (or of the folder tree), and are what the parts opened
+    one by one are."""
+    import bigtransfer.data.sources as sources
+
     rows = [f"{_png(tmp_path / f'{k}.png', color=(k, 0, 0)).name},{'ab'[k % 2]}" for k in range(10)]
     (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    _tree(tmp_path / "tree", {"a": 6, "b": 6})
+    for spec, reader in ((tmp_path / "m.csv", "_manifest_rows"), (tmp_path / "tree", "_walk_once")):
+        reads = []
+        real = getattr(sources, reader)
+        monkeypatch.setattr(sources, reader, lambda *a, real=real, reads=reads, **k: reads.append(a) or real(*a, **k))
+        train, held_out = open_sources(str(spec), str(spec))
+        assert len(reads) == (1 if reader == "_manifest_rows" else 2)  # the CSV once, or each class folder once
+        monkeypatch.undo()
+        for part, split in ((train, "train"), (held_out, "eval")):
+            alone = open_dataset(str(spec), split)
+            assert (part.name, part.targets) == (alone.name, alone.targets)
+            assert [part.describe(i) for i in range(len(part))] == [alone.describe(i) for i in range(len(alone))]
+    seen, scored = ({d.describe(i) for i in range(len(d))} for d in (train, held_out))
+    assert len(seen | scored) == 12 and not seen & scored and sorted(set(held_out.targets)) == [0, 1]
     train, held_out = open_sources(str(tmp_path / "m.csv"), str(tmp_path / "m.csv"))
     seen, scored = ({d.describe(i) for i in range(len(d))} for d in (train, held_out))
     assert len(seen | scored) == 10 and not seen & scored and sorted(set(held_out.targets)) == [0, 1]

@@ -38,7 +38,7 @@ from .data import (
 )
 from .data.device import DeviceImages, device_batches
 from .data.memory import InMemoryImages
-from .data.sources import HELD_OUT_PART
+from .data.sources import HELD_OUT_PART, held_out_rest
 from .engine import EngineConfig, momentum_sgd, train
 from .evaluate import evaluate
 from .models import ResNetV2, create_model
@@ -186,7 +186,9 @@ def open_sources(train_data: LabelledImages | Dataset | str, eval_data: Labelled
     train = as_source(train_data, "train", download, hold_out=same)
     if eval_data is None:
         return train, None
-    held_out = as_source(eval_data, "eval", download, hold_out=same)
+    held_out = held_out_rest(train) if same else None  # a carved training part: its rest, not read again
+    if held_out is None:
+        held_out = as_source(eval_data, "eval", download, hold_out=same)
     return train, match_classes(train.classes, held_out, multi_label=train.multi_label)
 
 

@@ -732,17 +732,17 @@ def measure_image_size(data: LabelledImages, sample: int = 256, seed: int = 0) -
     return int(np.rint(h)), int(np.rint(w))
 
 
-def _held_out_items(whole: _FileImages, val_fraction: float, seed: int) -> set[int]:
-    """The items of a folder tree or CSV manifest that are held out: those whose path (relative to the tree or
-    the manifest's folder) hashes, with the seed, below ``val_fraction``.
+def _held_out_items(whole: _FileImages, val_fraction: float, seed: int) -> np.ndarray:
+    """Which items of a folder tree or CSV manifest are held out (a bool per item): those whose path (relative to
+    the tree or the manifest's folder) hashes, with the seed, below ``val_fraction``.
 
     Why a hash of each name alone, and not a shuffled list or a rule per class: an image's part depends on
     nothing else, so images added to the data later (or removed) never move an earlier one between the parts,
     and a model trained before is never scored on its own training images after. The price: a small class may
     have no image in one of the parts (`_held_out_part` says so)."""
     prefix = os.path.join(whole.root, "")  # what a folder's paths start with (os.path.relpath takes 3x longer)
-    return {i for i, path in enumerate(whole.paths)
-            if _unit_hash(f"{seed}/{_relative_name(path, whole.root, prefix)}") < val_fraction}
+    return np.fromiter((_unit_hash(f"{seed}/{_relative_name(path, whole.root, prefix)}") < val_fraction
+                        for path in whole.paths), bool, len(whole))
 
 
 def _relative_name(path: str, root: str, prefix: str) -> str:
@@ -769,10 +769,25 @@ def _held_out_part(whole: _FileImages, split: str, val_fraction: float, seed: in
     """The "train" part of a source with no splits of its own, or the held-out rest for any other split. Its
     name says which part it is: a run folder that recorded the whole data, or a part carved otherwise (before
     `_held_out_items`), is not the same data."""
-    held = _held_out_items(whole, val_fraction, seed)
-    train = split == "train"
-    part = whole.subset([i for i in range(len(whole)) if (i in held) != train])
+    return _carved_part(whole, split == "train", _held_out_items(whole, val_fraction, seed), val_fraction)
+
+
+def held_out_rest(training_part: LabelledImages) -> LabelledImages | None:
+    """The held-out part of the data a training part was carved from by `open_dataset` (None for any other
+    source): the same as ``open_dataset(spec, "eval")``, without reading the folder or manifest again and
+    hashing every name again (both parts of a 300,000-row CSV: 1.8 s, where opening each part took 3.7)."""
+    carving = getattr(training_part, "_carving", None)
+    if carving is None:
+        return None
+    held, val_fraction = carving
+    return _carved_part(training_part.parent, False, held, val_fraction)
+
+
+def _carved_part(whole: _FileImages, train: bool, held: np.ndarray, val_fraction: float) -> LabelledImages:
+    part = whole.subset(np.flatnonzero(held != train))
     part.name = f"{whole.name} ({'training part' if train else HELD_OUT_PART})"
+    if train:
+        part._carving = (held, val_fraction)  # for `held_out_rest`
     if not len(part):
         message = (f"{whole.name}: {'every one' if train else 'none'} of its {len(whole)} image"
                    f"{'s' * (len(whole) > 1)} was drawn for "
