@@ -275,6 +275,10 @@ def test_image_folder(tmp_path):
         assert ds.subset(indices).targets == [2, 1]  # any iterable of integers, as before the indices were an array
     with pytest.raises(IndexError, match="index 18446744073709551615 out of range"):  # not wrapped round to -1
         ds.subset(np.array([2**64 - 1], np.uint64))
+    with pytest.raises(IndexError, match="beyond int64, out of range for folder:"):
+        ds.subset([2**63])
+    with pytest.raises(TypeError, match="a boolean mask"):  # a mask's items, taken one by one
+        ds.subset(list(torch.tensor([True, False, True, False, True, False])))
     for not_indices in ([True, False, True, False, True, False], [0.0, 1.5], [[0, 1]]):  # a mask, floats, 2-D
         with pytest.raises(TypeError, match="must be a list of integers"):
             ds.subset(not_indices)

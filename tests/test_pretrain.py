@@ -156,13 +156,45 @@ def test_shard_index_files_give_what_the_tar_headers_give_and_only_for_the_shard
     caplog.clear()
     with caplog.at_level("WARNING", logger="bigtransfer"):
         assert ShardImages(folder).targets == again.targets and "2 of 4 shards" in caplog.text
-    (folder / "shard-000002.index.npz").write_bytes(b"PK\x03\x04 not a zip")  # a damaged index: warned, headers
-    with caplog.at_level("WARNING", logger="bigtransfer"):
-        assert ShardImages(folder).targets == again.targets and "shard-000002.index.npz: unreadable shard index" \
-            in caplog.text
+    for damaged in (b"PK\x03\x04 not a zip", b""):  # a damaged index (or one left empty by a power cut): warned
+        (folder / "shard-000002.index.npz").write_bytes(damaged)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bigtransfer"):
+            assert ShardImages(folder).targets == again.targets and "shard-000002.index.npz: unreadable shard " \
+                "index" in caplog.text
     shard.write_bytes(shard.read_bytes()[:3000])  # cut short: its index is not used, its headers are found cut
     with pytest.raises(ValueError, match="shard-000001.tar: unreadable shard"):
         ShardImages(folder)
+
+
+@pytest.mark.parametrize("dies", ["before", "after"])
+def test_a_rewrite_of_shards_killed_while_indexing_leaves_no_index_of_another_shard(tmp_path, monkeypatch, dies):
+    """`bit shards` over a folder of shards, killed as it indexes a shard (before or after its index is
+    written): what `ShardImages` reads is what each tar holds, never the labels of the other writing (the same
+    images relabelled give tars of the same size, and the old manifest's checksums are still there)."""
+    import bigtransfer.data.shards as shards
+
+    make_image_folder(tmp_path / "img", classes=3, per_class=4)
+    rows = [f"img/class{c}/{i:03d}.png" for c in range(3) for i in range(4)]
+    for name, labels in (("a.csv", "abc"), ("b.csv", "cba")):
+        (tmp_path / name).write_text("path,label\n" + "".join(f"{r},{labels[int(r[9])]}\n" for r in rows))
+    write_shards(open_dataset(str(tmp_path / "a.csv"), "all"), tmp_path / "sh", shard_size=6, progress=False)
+    real = shards._write_index
+
+    def killed(*args, **kwargs):
+        if any(getattr(a, "name", a) == "shard-000001.tar" for a in args):
+            if dies == "after":
+                real(*args, **kwargs)
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "_write_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(open_dataset(str(tmp_path / "b.csv"), "all"), tmp_path / "sh", shard_size=6, progress=False)
+    monkeypatch.undo()
+    in_tars = [t for k in range(2) for t in shards._index_shard(tmp_path / "sh" / f"shard-00000{k}.tar", 6, False,
+                                                                   3)[2]]
+    assert ShardImages(tmp_path / "sh").targets == in_tars
 
 
 def test_shards_of_a_standard_dataset_hold_its_training_split_and_keep_its_flip_rule(tmp_path):

@@ -442,28 +442,39 @@ def _class_blocks(scores: torch.Tensor, targets: torch.Tensor, runtime: Runtime
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(scores, bool labels) of every image for blocks of `_AP_CELLS` cells' classes, on the device. Across
     processes the blocks are dealt out in turn: each is gathered from every process's rows into one process, so
-    that no process holds every score (nor sorts every class). All gathers are started before any block is
-    sorted: one at a time, each process's next gather waited for the sorting of the process it sends to."""
+    that no process holds every score (nor sorts every class). They move in rounds of one block per process, the
+    next round's gathers started before this round's blocks are sorted: one gather at a time, each process waited
+    for the sorting of the one it sends to; all at once, every score was on the device together."""
     rows = torch.tensor([len(scores)], device=runtime.device)
     counts = [rows] if not runtime.distributed else [torch.zeros_like(rows) for _ in range(runtime.world_size)]
     if runtime.distributed:
         dist.all_gather(counts, rows)
     counts = [int(c) for c in counts]
     block = max(1, _AP_CELLS // max(sum(counts), 1))  # classes at a time
-    pending = []
-    for b, lo in enumerate(range(0, scores.shape[1], block)):
-        part_scores, part_hits = scores[:, lo:lo + block], targets[:, lo:lo + block]
-        if not runtime.distributed:
-            yield part_scores.to(runtime.device), part_hits.to(runtime.device)
-            continue
-        owner = b % runtime.world_size
-        part = F.pad(torch.cat([part_scores, part_hits.float()], 1), (0, 0, 0, max(counts) - len(part_scores)))
-        part = part.to(runtime.device)  # padded to the longest share: a gather takes tensors of one shape
-        parts = [torch.empty_like(part) for _ in counts] if runtime.rank == owner else None
-        pending.append((dist.gather(part, parts, dst=owner, async_op=True), part, parts))
-    for work, part, parts in pending:  # `part` is kept until its gather is done
-        work.wait()
-        if parts is not None:
-            width = part.shape[1] // 2
-            joined = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
-            yield joined[:, :width], joined[:, width:] > 0.5
+    starts = range(0, scores.shape[1], block)
+    if not runtime.distributed:
+        for lo in starts:
+            yield scores[:, lo:lo + block].to(runtime.device), targets[:, lo:lo + block].to(runtime.device)
+        return
+
+    def start_round(first: int) -> list:
+        """Gathers of blocks first .. first + world_size - 1 (block b into process b % world_size), started."""
+        started = []
+        for b in range(first, min(first + runtime.world_size, len(starts))):
+            lo = starts[b]
+            part = torch.cat([scores[:, lo:lo + block], targets[:, lo:lo + block].float()], 1)
+            part = F.pad(part, (0, 0, 0, max(counts) - len(scores))).to(runtime.device)  # one shape for a gather
+            parts = [torch.empty_like(part) for _ in counts] if runtime.rank == b % runtime.world_size else None
+            started.append((dist.gather(part, parts, dst=b % runtime.world_size, async_op=True), part, parts))
+        return started  # each `part` kept until its gather is done
+
+    pending = start_round(0)
+    for first in range(0, len(starts), runtime.world_size):
+        following = start_round(first + runtime.world_size)
+        for work, part, parts in pending:
+            work.wait()
+            if parts is not None:
+                width = part.shape[1] // 2
+                joined = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+                yield joined[:, :width], joined[:, width:] > 0.5
+        pending = following

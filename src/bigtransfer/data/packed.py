@@ -78,6 +78,8 @@ def index_array(indices: Iterable[int] | np.ndarray, n: int, name: str) -> np.nd
             idx = np.fromiter(map(_integer, indices), np.int64)
         except TypeError as e:
             raise TypeError(f"indices into {name} must be a list of integers: {e}") from None
+        except OverflowError:
+            raise IndexError(f"an index beyond int64, out of range for {name} with {n} items") from None
     out = (idx < -n) | (idx >= n)  # before the cast: a uint64 beyond int64 would wrap round to a negative index
     if out.any():
         raise IndexError(f"index {idx[out][0]} out of range for {name} with {n} items")
@@ -85,7 +87,7 @@ def index_array(indices: Iterable[int] | np.ndarray, n: int, name: str) -> np.nd
 
 
 def _integer(i: object) -> int:
-    if isinstance(i, bool | np.bool_):
+    if isinstance(i, bool | np.bool_) or str(getattr(i, "dtype", "")) in ("bool", "torch.bool"):  # a mask's items
         raise TypeError(f"got {i!r} (a boolean mask? np.flatnonzero gives its items)")
     try:
         return operator.index(i)

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import tarfile
-import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -82,29 +81,31 @@ def write_shards(source: LabelledImages, out_dir: str | os.PathLike, shard_size:
 
 def _write_shard(source: LabelledImages, indices: Sequence[int], path: Path, max_side: int, quality: int) -> dict:
     count, bad = 0, []
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i in indices:
-            try:
-                image, target = source[i]
-            except BadImageError as e:
-                bad.append(str(e))
-                continue
-            if max(image.size) > max_side:
-                image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-            buf = io.BytesIO()
-            image.save(buf, format="JPEG", quality=quality)
-            key = f"{i:09d}"
-            label = (f"{key}.json", json.dumps({"labels": list(target)}).encode()) if source.multi_label else (
-                f"{key}.cls", str(target).encode())
-            for name, data in ((f"{key}.jpg", buf.getvalue()), label):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            count += 1
-    sha256 = sha256_of(path)
-    index = _write_index(path, sha256, source.multi_label, len(source.classes), count)
-    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256, "index": index,
-            "bad": bad}
+    with atomic_path(path) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in indices:
+                try:
+                    image, target = source[i]
+                except BadImageError as e:
+                    bad.append(str(e))
+                    continue
+                if max(image.size) > max_side:
+                    image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG", quality=quality)
+                key = f"{i:09d}"
+                label = (f"{key}.json", json.dumps({"labels": list(target)}).encode()) if source.multi_label else (
+                    f"{key}.cls", str(target).encode())
+                for name, data in ((f"{key}.jpg", buf.getvalue()), label):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+        # indexed before the shard takes its place: a run killed between the two leaves the old shard with an
+        # index of the new one (another checksum than the manifest's: not used), never the new with the old's
+        sha256, size = sha256_of(tmp), tmp.stat().st_size
+        index = _write_index(tmp, path.name, sha256, source.multi_label, len(source.classes), count)
+    return {"name": path.name, "count": count, "bytes": size, "sha256": sha256, "index": index, "bad": bad}
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -240,10 +241,10 @@ def _index_name(shard_name: str) -> str:
     return shard_name.removesuffix(".tar") + ".index.npz"
 
 
-def _write_index(path: Path, sha256: str, multi_label: bool, num_classes: int, count: int) -> str:
-    """Index shard `path` (`_index_shard`) into a file beside it, with the shard's checksum and size: a shard
-    written again, cut short or changed is never read through the index of the one before. Returns the index
-    file's name."""
+def _write_index(path: Path, name: str, sha256: str, multi_label: bool, num_classes: int, count: int) -> str:
+    """Index the shard at `path`, to be named `name` (`_index_shard`), into a file beside it, with the shard's
+    checksum and size: a shard written again or cut short is never read through the index of the one before.
+    Returns the index file's name."""
     places, keys, labels = _index_shard(path, count, multi_label, num_classes)
     arrays = {"sha256": np.array(sha256), "bytes": np.array(path.stat().st_size), "places": places,
               "keys": np.array(keys, dtype=str)}
@@ -252,17 +253,18 @@ def _write_index(path: Path, sha256: str, multi_label: bool, num_classes: int, c
                    "label_ends": np.cumsum([len(t) for t in labels], dtype=np.int64)}
     else:
         arrays["labels"] = np.array(labels, np.int64)
-    name = _index_name(path.name)
-    with atomic_path(path.parent / name) as tmp, open(tmp, "wb") as f:
+    index = _index_name(name)
+    with atomic_path(path.parent / index) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    return name
+    return index
 
 
 def _read_index(root: Path, shard: dict, multi_label: bool, num_classes: int
                 ) -> tuple[np.ndarray, list[str], list[int | tuple[int, ...]]] | None:
     """What `_index_shard` gives, from the shard's index file; None where there is none, where it is not of this
     shard (the manifest's checksum, or the shard's size, is another: written again, cut short, changed) or where
-    it is not readable. The size is what is checked of the shard: its checksum would read all of it."""
+    it is not readable. The size is what is checked of the shard, as its checksum would read all of it: a shard
+    changed by hand to the same size is read through its old index (`verify_shards` finds it changed)."""
     path = root / _index_name(shard["name"])
     if "index" not in shard or not path.is_file():
         return None
@@ -272,7 +274,7 @@ def _read_index(root: Path, shard: dict, multi_label: bool, num_classes: int
                 return None
             places, keys, labels = index["places"], index["keys"].tolist(), index["labels"]
             ends = index["label_ends"] if multi_label else None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except Exception as e:  # anything unreadable (cut short, not a zip, not ours): the tar headers are always right
         log.warning("%s: unreadable shard index (%s); reading the shard's tar headers instead", path, e)
         return None
     count = shard["count"]
