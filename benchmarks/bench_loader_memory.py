@@ -6,7 +6,8 @@ Python string per image (torchvision's ImageFolder keeps a (path, label) tuple) 
 each worker that reads it: at ImageNet's 1.28M images, a few hundred MiB per worker, times 8 workers per GPU.
 
 Makes a tree of empty files (`--images` in `--classes` folders, ImageNet's names), then, for torchvision's
-ImageFolder and for ours (the whole folder, and the training part carved from it), forks `--workers` loader
+ImageFolder and for ours (the whole folder, the training part carved from it, a multi-label CSV listing the
+files), forks `--workers` loader
 workers that each read the path and label of every `--workers`-th item of a random order (what an epoch does,
 without decoding) and report how much of their memory became private.
 
@@ -61,11 +62,15 @@ def copied_per_worker(read, n: int, workers: int) -> float:
 
 
 def make_tree(root: Path, images: int, classes: int) -> None:
-    for c in range(classes):
-        folder = root / f"n{1440764 + c * 7919:08d}"
-        folder.mkdir(parents=True)
-        for k in range(c, images, classes):
-            (folder / f"{folder.name}_{k + 10000}.JPEG").touch()
+    """The files, and ``tags.csv`` beside the tree listing each with its class and one of 50 tags (multi-label)."""
+    with open(root.parent / "tags.csv", "w") as csv:
+        csv.write("path,label\n")
+        for c in range(classes):
+            folder = root / f"n{1440764 + c * 7919:08d}"
+            folder.mkdir(parents=True)
+            for k in range(c, images, classes):
+                (folder / f"{folder.name}_{k + 10000}.JPEG").touch()
+                csv.write(f"{root.name}/{folder.name}/{folder.name}_{k + 10000}.JPEG,{folder.name};tag{k % 50}\n")
 
 
 SOURCES = {  # name: (build(root) -> source, read(source, i))
@@ -73,6 +78,8 @@ SOURCES = {  # name: (build(root) -> source, read(source, i))
     "torchvision ImageFolder": (lambda root: _torchvision(root), lambda s, i: s.samples[i]),
     "ours, the whole folder": (lambda root: _ours(root, "all"), lambda s, i: (s.describe(i), s.targets[i])),
     "ours, its training part": (lambda root: _ours(root, "train"), lambda s, i: (s.describe(i), s.targets[i])),
+    "ours, a multi-label CSV of the same files": (lambda root: _ours(str(Path(root).parent / "tags.csv"), "all"),
+                                                  lambda s, i: (s.describe(i), s.targets[i])),
 }
 N_CONTROL = 200_000
 
@@ -114,6 +121,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "imagenet" / "train"
+        root.mkdir(parents=True)
         t0 = time.perf_counter()
         make_tree(root, args.images, args.classes)
         print(f"{args.images} empty files in {args.classes} folders under {root}: {time.perf_counter() - t0:.0f} s")

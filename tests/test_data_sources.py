@@ -16,7 +16,7 @@ import torchvision.datasets.cifar
 import torchvision.datasets.flowers102
 from PIL import Image
 
-from bigtransfer.data.packed import PackedStrings
+from bigtransfer.data.packed import PackedLabels, PackedStrings
 from bigtransfer.data.sources import (
     BadImageError,
     CsvImages,
@@ -298,6 +298,21 @@ def test_packed_strings_give_back_every_name():
         packed[5]
 
 
+def test_packed_labels_are_the_tuples_they_hold_taken_and_relabelled():
+    rng = np.random.default_rng(0)
+    tuples = [tuple(rng.choice(9, size=rng.integers(0, 4), replace=False).tolist()) for _ in range(50)]
+    packed = PackedLabels(tuples)
+    assert list(packed) == tuples and [packed[i] for i in range(-50, 50)] == tuples * 2 and packed[3:9] == tuples[3:9]
+    for indices in (rng.integers(0, 50, 80), np.array([], np.int64), np.array([7])):  # repeats, none, one
+        assert list(packed.take(indices)) == [tuples[i] for i in indices]
+    index = rng.permutation(9)
+    assert list(packed.relabel(index)) == [tuple(int(index[c]) for c in t) for t in tuples]
+    assert all(type(c) is int for t in packed for c in t) and str(packed[0]) == str(tuples[0])  # as runs.py records
+    assert pickle.loads(pickle.dumps(packed)) == tuples and PackedLabels([]) == []
+    with pytest.raises(IndexError, match="index 50 out of range for 50 label tuples"):
+        packed[50]
+
+
 def _objects_held(*roots) -> int:
     """How many distinct Python objects are reachable from `roots`, classes, modules and functions left out. One
     per item is what each forked DataLoader worker copies as it reads them (packed.py)."""
@@ -311,8 +326,9 @@ def _objects_held(*roots) -> int:
 
 
 def test_file_sources_hold_no_python_object_per_item(tmp_path):
-    """The whole folder, its carved training part, a subset of that, a CSV, loose files and shards hold as many
-    Python objects for 40 images as for 4 (a list of paths held one string per image, a subset one int)."""
+    """The whole folder, its carved training part, a subset of that, a CSV, loose files and shards, single- and
+    multi-label, hold as many Python objects for 40 images as for 4 (a list of paths held one string per image,
+    a subset one int, multi-label data one tuple)."""
     from bigtransfer.data.shards import ShardImages, write_shards
 
     held = []
@@ -320,12 +336,25 @@ def test_file_sources_hold_no_python_object_per_item(tmp_path):
         root = _tree(tmp_path / str(n) / "tree", {"cat": n, "dog": n}, size=(3, 3))
         (root.parent / "list.csv").write_text("path,label\n" + "".join(
             f"tree/{c}/{k}.png,{300 + (c == 'dog')}\n" for c in ("cat", "dog") for k in range(n)))
+        (root.parent / "tags.csv").write_text("path,label\n" + "".join(
+            f"tree/{c}/{k}.png,{c};{'odd' if k % 2 else 'even'}\n" for c in ("cat", "dog") for k in range(n)))
         part = open_dataset(str(root), "train", val_fraction=0.5)
+        tags_part = open_dataset(str(root.parent / "tags.csv"), "train", val_fraction=0.5)
         write_shards(ImageFolderImages(root), root.parent / "shards", shard_size=n, progress=False)  # 2 shards
+        write_shards(CsvImages(root.parent / "tags.csv"), root.parent / "tag_shards", shard_size=n, progress=False)
         sources = [ImageFolderImages(root), part, part.subset([0, -1]), CsvImages(root.parent / "list.csv"),
-                   ImageFiles([root]), ShardImages(root.parent / "shards")]
+                   ImageFiles([root]), ShardImages(root.parent / "shards"), CsvImages(root.parent / "tags.csv"),
+                   tags_part, tags_part.subset([-1, 0]), ShardImages(root.parent / "tag_shards"),
+                   match_classes(["x", "even", "odd", "cat", "dog"], tags_part, multi_label=True),
+                   match_classes(["x", "cat", "dog"], part, multi_label=True)]
         held.append([_objects_held(source) for source in sources])
-        assert sources[3].targets == [0] * n + [1] * n and len(sources[-1]) == 2 * n
+        assert sources[3].targets == [0] * n + [1] * n and len(sources[5]) == 2 * n
+        assert sources[6].classes == ["cat", "dog", "even", "odd"]
+        assert list(sources[6].targets) == [(c, 2 + k % 2) for c in (0, 1) for k in range(n)]
+        assert list(sources[8].targets) == [tags_part.targets[-1], tags_part.targets[0]]
+        assert list(sources[10].targets) == [tuple([3, 4, 1, 2][c] for c in t) for t in tags_part.targets]
+        assert list(sources[11].targets) == [(t + 1,) for t in part.targets]
+        assert sorted(sources[9].targets) == sorted(sources[6].targets)
     assert held[0] == held[1]
 
 

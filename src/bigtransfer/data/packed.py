@@ -56,6 +56,65 @@ class PackedStrings(Sequence[str]):
         return f"PackedStrings([{shown}], {len(self)} items)"
 
 
+class PackedLabels(Sequence[tuple[int, ...]]):
+    """The label tuples of multi-label data (ImageNet-21k: 14M of them, about 1 GB of tuples per loader worker
+    copied as an epoch reads them), held as one array of class indices and the items' end offsets. Items read
+    as tuples of ints, as a list of tuples would give them."""
+
+    def __init__(self, labels: Iterable[Sequence[int]] = ()) -> None:
+        labels = [tuple(map(int, t)) for t in labels]
+        self._flat = np.fromiter((c for t in labels for c in t), np.int64)
+        self._ends = np.cumsum(np.fromiter(map(len, labels), np.int64, len(labels)))
+
+    @classmethod
+    def from_arrays(cls, flat: np.ndarray, ends: np.ndarray) -> PackedLabels:
+        """Item i is ``flat[ends[i - 1]:ends[i]]`` (from 0 for the first)."""
+        packed = cls()
+        packed._flat, packed._ends = np.asarray(flat, np.int64), np.asarray(ends, np.int64)
+        return packed
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):  # an int gives a tuple, a slice a list of them
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n, i = len(self), operator.index(i)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} label tuples")
+        i %= n
+        return tuple(self._flat[int(self._ends[i - 1]) if i else 0:int(self._ends[i])].tolist())
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        flat, start = self._flat.tolist(), 0
+        for end in self._ends.tolist():
+            yield tuple(flat[start:end])
+            start = end
+
+    def take(self, indices: np.ndarray) -> PackedLabels:
+        """Items `indices` (an int array, as `index_array` gives), packed again without a tuple per item."""
+        starts = np.concatenate([[0], self._ends[:-1]])[indices]
+        lengths = self._ends[indices] - starts
+        ends = np.cumsum(lengths)
+        within = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - lengths, lengths)
+        return PackedLabels.from_arrays(self._flat[np.repeat(starts, lengths) + within], ends)
+
+    def relabel(self, index: np.ndarray) -> PackedLabels:
+        """Every class c as ``index[c]`` (`match_classes`)."""
+        return PackedLabels.from_arrays(np.asarray(index, np.int64)[self._flat], self._ends)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedLabels):
+            return np.array_equal(self._ends, other._ends) and np.array_equal(self._flat, other._flat)
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(map(repr, self[:3])) + (", ..." if len(self) > 3 else "")
+        return f"PackedLabels([{shown}], {len(self)} items)"
+
+
 def shared_labels(targets: Iterable[int]) -> list[int]:
     """Integer labels as a list in which equal labels are one object: reading one writes to (the reference count
     of) one of as many objects as there are classes, not one per item (Python keeps only -5..256 shared)."""

@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..checkpoints.download import sha256_of
 from ..checkpoints.formats import atomic_path, remove_stale_temporaries
 from .loader import SEED_STRIDE, target_tensor
-from .packed import PackedStrings, shared_labels
+from .packed import PackedLabels, PackedStrings, shared_labels
 from .parallel import map_with_progress
 from .sources import BadImageError, LabelledImages, decode_image
 
@@ -320,7 +320,7 @@ class ShardImages(LabelledImages):
         # arrays, not lists of tuples: forked loader workers would copy those (packed.py)
         self.locations = np.concatenate(locations) if locations else np.zeros((0, 3), np.int64)  # shard, offset, size
         self.keys = PackedStrings(keys)
-        self.targets = targets if self.multi_label else shared_labels(targets)
+        self.targets = PackedLabels(targets) if self.multi_label else shared_labels(targets)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int | tuple[int, ...]]:
         i = self._check_index(i)

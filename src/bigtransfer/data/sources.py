@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .packed import PackedStrings, index_array, shared_labels
+from .packed import PackedLabels, PackedStrings, index_array, shared_labels
 
 log = logging.getLogger("bigtransfer")
 
@@ -260,7 +260,8 @@ class _Subset(LabelledImages):
         self.classes = list(parent.classes)
         self.flip = parent.flip
         self.multi_label = parent.multi_label
-        self.targets = [parent.targets[i] for i in idx.tolist()]
+        targets = parent.targets  # packed multi-label tuples stay packed (packed.py)
+        self.targets = targets.take(idx) if isinstance(targets, PackedLabels) else [targets[i] for i in idx.tolist()]
 
     def _parent_index(self, i: int) -> int:
         return int(self.indices[self._check_index(i)])
@@ -284,7 +285,14 @@ class _Relabelled(LabelledImages):
         self.parent, self.index = parent, list(index)
         self.name, self.classes = parent.name, list(classes)
         self.flip, self.multi_label = parent.flip, multi_label
-        self.targets = [self._relabel(t) for t in parent.targets]
+        if isinstance(parent.targets, PackedLabels):
+            self.targets = parent.targets.relabel(np.asarray(self.index))
+        elif multi_label and not parent.multi_label:  # one-label tuples, packed
+            n = len(parent.targets)
+            self.targets = PackedLabels.from_arrays(np.asarray(self.index)[np.asarray(parent.targets, np.int64)],
+                                                    np.arange(1, n + 1))
+        else:
+            self.targets = [self._relabel(t) for t in parent.targets]
 
     def _relabel(self, target: int | tuple[int, ...]) -> int | tuple[int, ...]:
         if self.parent.multi_label:
@@ -461,7 +469,7 @@ class CsvImages(_FileImages):
             parts = [tuple(sorted({p.strip() for p in x.split(";") if p.strip()})) for x in labels]
             self.classes = sorted({c for p in parts for c in p})
             index = {c: k for k, c in enumerate(self.classes)}
-            self.targets = [tuple(index[c] for c in p) for p in parts]
+            self.targets = PackedLabels(tuple(index[c] for c in p) for p in parts)
             return
         if not all(re.fullmatch(r"[+-]?[0-9]+", x) for x in labels):
             self.classes = sorted(set(labels))
