@@ -170,8 +170,9 @@ def test_shard_index_files_give_what_the_tar_headers_give_and_only_for_the_shard
 @pytest.mark.parametrize("dies", ["before", "after"])
 def test_a_rewrite_of_shards_killed_while_indexing_leaves_no_index_of_another_shard(tmp_path, monkeypatch, dies):
     """`bit shards` over a folder of shards, killed as it indexes a shard (before or after its index is
-    written): what `ShardImages` reads is what each tar holds, never the labels of the other writing (the same
-    images relabelled give tars of the same size, and the old manifest's checksums are still there)."""
+    written): the folder has no manifest until a writing completes, so it is refused, not read as a mix of the
+    two writings (the same images relabelled give tars of the same size: an index could pass for the other's);
+    what a complete writing then reads is what each tar holds."""
     import bigtransfer.data.shards as shards
 
     make_image_folder(tmp_path / "img", classes=3, per_class=4)
@@ -192,6 +193,11 @@ def test_a_rewrite_of_shards_killed_while_indexing_leaves_no_index_of_another_sh
     with pytest.raises(KeyboardInterrupt):
         write_shards(open_dataset(str(tmp_path / "b.csv"), "all"), tmp_path / "sh", shard_size=6, progress=False)
     monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="no manifest.json; write shards with `bit shards"):
+        ShardImages(tmp_path / "sh")
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        ShardStream(tmp_path / "sh", HyperRuleTransform(16, 16), 6)
+    write_shards(open_dataset(str(tmp_path / "a.csv"), "all"), tmp_path / "sh", shard_size=6, progress=False)
     in_tars = [t for k in range(2) for t in shards._index_shard(tmp_path / "sh" / f"shard-00000{k}.tar", 6, False,
                                                                    3)[2]]
     assert ShardImages(tmp_path / "sh").targets == in_tars

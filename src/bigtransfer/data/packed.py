@@ -86,10 +86,14 @@ class PackedLabels(Sequence[tuple[int, ...]]):
         return tuple(self._flat[int(self._ends[i - 1]) if i else 0:int(self._ends[i])].tolist())
 
     def __iter__(self) -> Iterator[tuple[int, ...]]:
-        flat, start = self._flat.tolist(), 0
-        for end in self._ends.tolist():
-            yield tuple(flat[start:end])
-            start = end
+        for first in range(0, len(self), 65536):  # in blocks: a list of all 14M labels at once is 1 GB
+            ends = self._ends[first:first + 65536]
+            start = int(self._ends[first - 1]) if first else 0
+            flat = self._flat[start:int(ends[-1])].tolist()
+            offset = start
+            for end in ends.tolist():
+                yield tuple(flat[start - offset:end - offset])
+                start = end
 
     def take(self, indices: np.ndarray) -> PackedLabels:
         """Items `indices` (an int array, as `index_array` gives), packed again without a tuple per item."""

@@ -61,6 +61,9 @@ def write_shards(source: LabelledImages, out_dir: str | os.PathLike, shard_size:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
+    # no manifest while shards are replaced: a rewrite stopped part-way leaves no folder that reads as whole
+    # (the old manifest listed a mix of old and new shards, an old run resumed on it, an index could match it)
+    (out / MANIFEST).unlink(missing_ok=True)
     order = np.random.default_rng(0).permutation(len(source)).tolist()  # classes mixed in every shard
     groups = [order[i:i + shard_size] for i in range(0, len(source), shard_size)]
     jobs = [(idx, out / f"shard-{k:06d}.tar", max_side, quality) for k, idx in enumerate(groups)]
