@@ -284,7 +284,8 @@ def test_evaluate_against_the_models_own_predictions_with_and_without_the_matrix
     full = evaluate(model, eval_loader(source, transform, 5), 3, cpu)
     brief = evaluate(model, eval_loader(source, transform, 5), 3, cpu, per_class=False)
     assert full["confusion_matrix"] == expected.tolist() and full["examples"] == len(source) - 1 == 24
-    assert full["top1"] == brief["top1"] == expected.trace().item() / 24 and expected[2, 1] == 3
+    # hits and misses both (which class the 20-step model gets wrong is up to a CPU's rounding: not asserted)
+    assert full["top1"] == brief["top1"] == expected.trace().item() / 24 and 0 < expected.trace() < 24
     assert full["bad_images"] == brief["bad_images"] == 1 and "confusion_matrix" not in brief
     assert caplog.text.count("bad image skipped in evaluation: ") == 2 and "broken.png" in caplog.text
     monkeypatch.setattr("bigtransfer.evaluate.PER_CLASS_LIMIT", 2)  # by default, none past the limit (21k classes)
