@@ -22,9 +22,11 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import os
+import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +102,16 @@ def count_flops(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Ten
             F.cross_entropy(out, y[:1]).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() * x.shape[0]
+
+
+def cpu_name() -> str:
+    """The CPU's model and widest vector unit: the development machines vary between sessions (Intel and AMD
+    so far), and the ratios move with them."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    vector = next((isa for isa in ("avx512f", "avx2") if f" {isa} " in info), "")
+    return f"{model}, {vector}" if vector else model
 
 
 def matmul_rate(device: torch.device, precision: str) -> float:
@@ -189,7 +201,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     ceiling = matmul_rate(device, args.precision)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'}), "
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {args.threads} threads"
+    print(f"device {device} ({where}), "
           f"torch {torch.__version__}, precision {args.precision}, batch {args.batch}; "
           f"matrix-multiply ceiling {ceiling / 1e9:.0f} GFLOP/s")
     print(f"{'model':8} {'mode':6} {'res':>4} {'impl':12} {'img/s':>9} {'vs timm':>8} {'quartiles':>11} {'GFLOP/s':>9} "
