@@ -69,6 +69,35 @@ def test_embed_matches_forward_features(trained, capsys, tmp_path):
         np.testing.assert_allclose(model.forward_features(to_model_input(x)).numpy(), features, rtol=1e-5, atol=1e-6)
 
 
+def test_predict_and_embed_in_bf16(trained, capsys, tmp_path):
+    """`--precision bf16` runs the model under bf16 autocast: the outputs are those of the model called by hand under
+    torch.autocast (probabilities from the logits in fp32), within bf16's rounding of fp32's, not equal to them."""
+    from bigtransfer.data import HyperRuleTransform, decode_image, to_model_input
+    from bigtransfer.inference import embed, predict
+
+    files = sorted((trained / "shapes" / "class2").glob("*.png"))[:4]
+    ckpt = trained / "run" / "model.safetensors"
+    run_cli(capsys, "embed", *files, "--model", ckpt, "--out", tmp_path / "f.npy", "--precision", "bf16")
+    top = json.loads(run_cli(capsys, "predict", *files, "--model", ckpt, "--top-k", "3", "--precision", "bf16"))
+    model, classes, _ = load_model(ckpt)
+    x = to_model_input(torch.stack([HyperRuleTransform(32, 32, train=False)(decode_image(f), 0) for f in files]))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        by_hand, logits = model.forward_features(x).float(), model(x).float()
+    with torch.no_grad():
+        exact = model.forward_features(x)
+    features = np.load(tmp_path / "f.npy", allow_pickle=False)
+    np.testing.assert_allclose(features, by_hand.numpy(), rtol=1e-5, atol=1e-6)
+    assert 1e-4 < float((by_hand - exact).norm() / exact.norm()) < 5e-2  # bf16 rounding, not fp32
+    probs, ix = logits.softmax(-1).topk(3)
+    for r, p, i in zip(top, probs.tolist(), ix.tolist(), strict=True):
+        assert [e["index"] for e in r["top"]] == i
+        assert [e["probability"] for e in r["top"]] == pytest.approx(p, rel=1e-5)
+    assert np.array_equal(embed(model, files, 32, precision="bf16")[0], features)
+    assert predict(model, files, classes, 3, 32, precision="bf16") == top
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        embed(model, files, 32, precision="fp8")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_unreadable_image_is_reported_and_the_rest_still_done(trained, capsys, tmp_path, workers):
     """One corrupt file among many gets an error entry (predict) or a NaN row (embed) and exit status 1; the

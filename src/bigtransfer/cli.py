@@ -303,7 +303,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model, classes, resolution = load_model(args.model, args.resolution)
     results = predict(model, args.images, classes, args.top_k, resolution, args.batch,
-                      args.device or "cpu", args.workers, progress=not args.quiet)
+                      args.device or "cpu", args.workers, not args.quiet, args.precision)
     print(json.dumps(results, indent=1))
     return _unreadable("predict", [r["error"] for r in results if "error" in r], len(results))
 
@@ -314,7 +314,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     embeddings_path(args.out)
     model, _, resolution = load_model(args.model, args.resolution)
     features, files, errors = embed(model, args.images, resolution, args.batch,
-                                    args.device or "cpu", args.workers, progress=not args.quiet)
+                                    args.device or "cpu", args.workers, not args.quiet, args.precision)
     out = save_embeddings(features, files, args.out)
     console.print(f"{features.shape[0]} x {features.shape[1]} features -> {out}")
     return _unreadable("embed", [errors[f] for f in files if f in errors], len(files), "their rows are NaN")
@@ -560,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch", type=COUNT, default=32, help="batch size (default 32)")
             p.add_argument("--device", help="cpu (default), cuda")
             p.add_argument("--workers", type=INDEX, default=0, help="decoding worker processes (default 0)")
+            p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                           help="autocast precision (default fp32; bf16 is faster on GPUs and on CPUs with "
+                                "AVX512-BF16 or AMX; about 1%% relative error)")
             p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
             if name == "predict":
                 p.add_argument("--top-k", type=COUNT, default=5, help="classes per image (default 5)")

@@ -65,11 +65,13 @@ def _resolution(metadata: dict[str, str], path: Path) -> int:
 
 def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike,
             classes: Sequence[str] | None = None, top_k: int = 5, resolution: int | None = None, batch_size: int = 32,
-            device: str | None = None, workers: int = 0, progress: bool = False) -> list[dict]:
+            device: str | None = None, workers: int = 0, progress: bool = False, precision: str = "fp32"
+            ) -> list[dict]:
     """Top-k classes with probabilities (softmax; each class's sigmoid where `model.multi_label`) for every
     image file (folders are read recursively), in order; an image that does not decode gets ``{"file",
     "error"}`` instead of ``"top"``. `resolution`: the side the model was trained at (`load_model` returns it).
-    `device`: by default the model's own; the model is left in the mode (train/eval) it came in."""
+    `device`: by default the model's own; the model is left in the mode (train/eval) it came in. `precision`:
+    autocast's (see `embed`)."""
     _require_head(model)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -78,8 +80,8 @@ def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathL
     model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
     with evaluating(model):
         score = torch.sigmoid if getattr(model, "multi_label", False) else lambda logits: logits.softmax(-1)
-        probs, errors = model_outputs(lambda x: score(model(x)), images, model.num_classes, resolution,
-                                      batch_size, dev, workers, progress=progress)
+        probs, errors = model_outputs(lambda x: score(model(x).float()), images, model.num_classes, resolution,
+                                      batch_size, dev, workers, precision, progress)
     errors = {images.paths[i]: why for i, why in errors.items()}
     values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
     names = list(classes) if classes is not None else [str(i) for i in range(probs.shape[1])]
@@ -90,16 +92,19 @@ def predict(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathL
 
 
 def embed(model: ResNetV2, files: Sequence[str | os.PathLike] | str | os.PathLike, resolution: int | None = None,
-          batch_size: int = 32, device: str | None = None, workers: int = 0, progress: bool = False
-          ) -> tuple[np.ndarray, list[str], dict[str, str]]:
+          batch_size: int = 32, device: str | None = None, workers: int = 0, progress: bool = False,
+          precision: str = "fp32") -> tuple[np.ndarray, list[str], dict[str, str]]:
     """(pre-logit features (N, C), the N files they are of, {file: why} for those that do not decode): folders
     are read recursively, and an unreadable image gets a row of NaN, so that row i is always file i.
     `resolution`: the side the model was trained at (`load_model` returns it). `device`: by default the
-    model's own; the model is left in the mode (train/eval) it came in."""
+    model's own; the model is left in the mode (train/eval) it came in. `precision`: "fp32" (default, exact),
+    "bf16" or "fp16" autocast, for speed where the hardware has it (GPUs; CPUs with AVX512-BF16 or AMX: R50x1 at
+    224 px, the model alone, ran 1.5x faster in bf16 on an AMD EPYC), at about 1% relative error in a trained
+    model's outputs."""
     model, images, resolution, dev = _prepared(model, files, resolution, batch_size, device)
     with evaluating(model):
         features, errors = model_outputs(model.forward_features, images, model.num_features, resolution,
-                                         batch_size, dev, workers, progress=progress)
+                                         batch_size, dev, workers, precision, progress)
     return features.numpy(), list(images.paths), {images.paths[i]: why for i, why in errors.items()}
 
 
