@@ -105,8 +105,8 @@ def count_flops(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Ten
 
 
 def cpu_name() -> str:
-    """The CPU's model and widest vector unit: the development machines vary between sessions (Intel and AMD
-    so far), and the ratios move with them."""
+    """The CPU's model and widest vector unit: the development machine has differed between sessions, and the
+    ratios move with it."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                  platform.processor() or "unknown CPU")
