@@ -147,6 +147,8 @@ FALLBACK = textwrap.dedent("""
     expected = F.relu(F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps))
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     print("usable", fused_norm_cpu.usable(x))
+    from bigtransfer.models import winograd_cpu
+    print("winograd", winograd_cpu.library() is not None)
     try:  # the OpenMP runtimes in the process
         print("openmp", sorted({line.split()[-1] for line in open("/proc/self/maps") if "gomp" in line}))
     except OSError:
@@ -164,20 +166,23 @@ def test_compiled_once_into_the_cache_and_torch_ops_without_a_compiler(tmp_path)
     assert without_compiler.returncode == 0, without_compiler.stderr
     assert "usable False" in without_compiler.stdout
     assert "fused CPU GroupNorm unavailable" in without_compiler.stderr and "no-such-cc" in without_compiler.stderr
+    assert "winograd False" in without_compiler.stdout
+    assert "Winograd CPU convolution unavailable" in without_compiler.stderr
 
     broken_compiler = _run({"BIT_HOME": str(tmp_path / "broken"), "CC": "false"})
     assert "usable False" in broken_compiler.stdout and "false -O3" in broken_compiler.stderr
 
     built = _run({"BIT_HOME": str(tmp_path / "home")})
-    assert "usable True" in built.stdout, built.stderr
+    assert "usable True" in built.stdout and "winograd True" in built.stdout, built.stderr
     if "openmp" in built.stdout:  # built with -fopenmp, the kernels bind to the runtime torch loaded (same
         # soname) and run in torch's own thread pool, not in a second one that would fight it for the cores
         runtimes = ast.literal_eval(built.stdout.split("openmp", 1)[1].strip())
         assert len(runtimes) == 1, runtimes
-    (library,) = (tmp_path / "home" / "kernels").glob("fused_norm_cpu-*.so")
-    assert not [p for p in library.parent.iterdir() if p != library]  # no half-built leftovers
+    kernels = tmp_path / "home" / "kernels"
+    libraries = [next(kernels.glob(f"{name}-*.so")) for name in ("fused_norm_cpu", "winograd_cpu")]
+    assert sorted(kernels.iterdir()) == sorted(libraries)  # no half-built leftovers
     cached = _run({"BIT_HOME": str(tmp_path / "home"), "CC": str(tmp_path / "no-such-cc")})
-    assert "usable True" in cached.stdout, cached.stderr  # the cached build needs no compiler
+    assert "usable True" in cached.stdout and "winograd True" in cached.stdout, cached.stderr  # needs no compiler
 
 
 

@@ -9,46 +9,30 @@ shapes: forward 1.7x, backward 1.9-2.2x faster than torch's; the model's inferen
 The tasks run in torch's own OpenMP pool (see `run` in the C file). A backward with ``create_graph=True``
 runs through torch's differentiable ops instead.
 
-The C source ships with the package and is compiled on first use with the system's C compiler (``$CC``,
-else ``cc``; about half a second) into the cache's ``kernels/`` (`checkpoints.cache_dir`), keyed on the
-source, the flags and the CPU, and loaded through ctypes: no build step at install time, and no torch
-headers. Where no compiler works, the plain torch ops run instead (one warning says why). ``BIGTRANSFER_FUSED_NORM=0``
-turns it off.
+The C source ships with the package and is compiled on first use (`native`). Where no compiler works, the
+plain torch ops run instead (one warning says why). ``BIGTRANSFER_FUSED_NORM=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
 import pathlib
-import platform
-import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
 
 import torch
 
 from .fused_norm import differentiable_backward, plain_eager
-
-logger = logging.getLogger(__name__)
+from .native import NativeLibrary
 
 SOURCE = pathlib.Path(__file__).with_name("fused_norm_cpu.c")
 ENABLED = os.environ.get("BIGTRANSFER_FUSED_NORM", "1") != "0" and sys.platform != "win32"
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])  # the second: compilers without -march
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_failed = False
 
 
 def usable(x: torch.Tensor) -> bool:
     """Whether `x` (the norm's input) can go through the C kernels: an fp32 channels_last CPU tensor, in
     plain eager mode (`fused_norm.plain_eager`)."""
-    return (ENABLED and not _failed and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    return (ENABLED and not _LIBRARY.failed and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and type(x) is torch.Tensor and plain_eager() and x.numel() > 0  # numel after: a tracer records it
             and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
 
@@ -64,61 +48,16 @@ def group_norm_relu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: to
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built into the cache on first use; None (after one warning) where that fails."""
-    global _library, _failed
-    if _library is None and not _failed:
-        with _lock:
-            if _library is None and not _failed:
-                try:
-                    _library = _load(_compile())
-                except (OSError, subprocess.SubprocessError, RuntimeError) as error:
-                    _failed = True
-                    logger.warning("fused CPU GroupNorm unavailable, using torch's ops (%s)", error)
-    return _library
+    return _LIBRARY.get()
 
 
-def _compile() -> pathlib.Path:
-    from ..checkpoints.download import cache_dir
-
-    compiler = os.environ.get("CC") or "cc"
-    command = shlex.split(compiler)
-    source = SOURCE.read_bytes()
-    builds = [(flags, cache_dir() / "kernels" / f"fused_norm_cpu-{_key(source, flags)}.so") for flags in _FLAG_SETS]
-    for _, target in builds:
-        if target.exists():  # any compiler's build will do
-            return target
-    if not command or shutil.which(command[0]) is None:
-        raise RuntimeError(f"no C compiler {compiler!r} on PATH (set $CC)")
-    errors = []
-    for flags, target in builds:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built aside, then moved in atomically
-            built = pathlib.Path(scratch) / target.name
-            result = subprocess.run([*command, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(built)],
-                                    capture_output=True, text=True, timeout=120)
-            if result.returncode == 0:
-                os.replace(built, target)
-                return target
-            errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
-    raise RuntimeError("; ".join(errors))
-
-
-def _key(source: bytes, flags: list[str]) -> str:
-    """The source, the flags and what -march=native depends on: the CPU's model and feature flags (a shared
-    cache may serve other CPUs)."""
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
-    except OSError:
-        cpu = f"{platform.machine()} {platform.processor()}"
-    return hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cpu.encode()])).hexdigest()[:16]
-
-
-def _load(path: pathlib.Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+def _declare(lib: ctypes.CDLL) -> None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.bit_group_norm_relu_forward.argtypes = [pointer] * 6 + [size] * 4 + [ctypes.c_double, ctypes.c_int]
     lib.bit_group_norm_relu_backward.argtypes = [pointer] * 9 + [size] * 4 + [ctypes.c_int]
-    return lib
+
+
+_LIBRARY = NativeLibrary(SOURCE, _declare, "fused CPU GroupNorm")
 
 
 def _check(status: int, what: str) -> None:
