@@ -5,6 +5,7 @@ medians; the error of each against torch in float64 (largest difference / larges
 
     python benchmarks/bench_winograd_cpu.py                  # batch 16 at 224 px, then the grid and the model
     python benchmarks/bench_winograd_cpu.py --batch 1 --res 128 --skip-model
+    python benchmarks/bench_winograd_cpu.py --shapes 1x512x14 8x512x7 --repeats 41   # only these (batch x C x size)
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ def measure(batch: int, channels: int, size: int, repeats: int) -> dict[str, flo
     return {**{name: statistics.median(t) for name, t in times.items()}, **{f"err {k}": v for k, v in errors.items()}}
 
 
-def _row(batch: int, channels: int, size: int, repeats: int, layers: int | None = None) -> tuple[float, float]:
+def _row(batch: int, channels: int, size: int, repeats: int, count: int | None = None) -> tuple[float, float]:
     ms = measure(batch, channels, size, repeats)
     gflop = 2 * batch * size * size * channels * channels * 9 / 1e9
     picked = "yes" if winograd_cpu.worthwhile((batch, channels, size, size), channels) else "no"
-    print(f"{batch:5} {channels:5} {size:>3}x{size:<3} {'' if layers is None else layers:>6} | {ms['onednn']:8.2f} "
+    print(f"{batch:5} {channels:5} {size:>3}x{size:<3} {'' if count is None else count:>6} | {ms['onednn']:8.2f} "
           f"{gflop / ms['onednn'] * 1e3:7.0f} {ms['err onednn']:8.1e} | {ms['winograd']:8.2f} "
           f"{gflop / ms['winograd'] * 1e3:7.0f} {ms['err winograd']:8.1e} | {ms['onednn'] / ms['winograd']:7.2f}x "
           f"{picked:>6}")
@@ -95,6 +96,14 @@ def whole_model(batch: int, res: int, repeats: int) -> None:
           f"{quartiles[0]:.3f}-{quartiles[2]:.3f}, {repeats} rounds); logits differ by {error:.1e} of the largest")
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        batch, channels, size = (int(part) for part in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected batch x channels x size, e.g. 16x64x14") from None
+    return batch, channels, size
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
@@ -104,12 +113,19 @@ def main() -> None:
     p.add_argument("--model-repeats", type=int, default=11)
     p.add_argument("--skip-grid", action="store_true")
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--shapes", nargs="+", metavar="BxCxS", type=_shape,
+                   help="measure only these shapes (batch x channels x size), e.g. the ones near the rule's edges")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if winograd_cpu.library() is None or os.environ.get("BIGTRANSFER_WINOGRAD") == "0":
         raise SystemExit("the Winograd kernels are unavailable here (see the warning above)")
     print(f"torch {torch.__version__}, {args.threads} threads, channels_last fp32; ms, medians of {args.repeats}; "
           "GFLOP/s counts a direct convolution's FLOPs")
+    if args.shapes:
+        _header("tiles")
+        for batch, channels, size in args.shapes:
+            _row(batch, channels, size, args.repeats, winograd_cpu.tiles((batch, channels, size, size)))
+        return
     print(f"R50x1's stride-1 3x3 convolutions, batch {args.batch}, {args.res} px")
     _header("layers")
     totals = [0.0, 0.0]

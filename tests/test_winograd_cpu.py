@@ -72,7 +72,7 @@ def test_a_call_it_cannot_compute_is_refused():
 
 def _winograd_layers(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules()
-            if isinstance(module, StdConv2d) and module._cache is not None and module._cache[1][-1] == "winograd"]
+            if isinstance(module, StdConv2d) and module._cache is not None and "winograd" in module._cache[2]]
 
 
 def test_model_inference_against_the_training_path():
@@ -92,25 +92,55 @@ def test_model_inference_against_the_training_path():
 
 
 def test_a_weight_edit_reaches_the_transformed_kernel():
-    """The transformed kernel is cached like oneDNN's packed one: an optimiser step, an edit through .data and
-    an input too small for Winograd (another form) each give what a fresh copy of the model computes."""
+    """The transformed kernel is cached like oneDNN's packed one: an edit through .data and an optimiser step
+    taken in eval mode (no train()/eval() switch clears anything) each give what a fresh copy computes."""
     torch.manual_seed(1)
+    model = bt.create_model("BiT-R26x0.5", num_classes=4, zero_head=False).eval()
+    x = torch.randn(32, 3, 64, 64)
+    conv = model.stages[3][1].conv2
+    with torch.no_grad():
+        first = model(x)
+        kernel = conv._cache[2]["winograd"]
+        assert torch.equal(model(x), first) and conv._cache[2]["winograd"] is kernel  # reused
+        conv.weight.data.mul_(-1.0).add_(0.01)  # no version bump
+        edited = model(x)
+        assert conv._cache[2]["winograd"] is not kernel
+        torch.testing.assert_close(edited, copy.deepcopy(model)(x), rtol=0, atol=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().mean().backward()  # gradients on: the autograd path, the cache untouched
+    optimizer.step()
+    with torch.no_grad():
+        stepped = model(x)
+        assert not torch.equal(stepped, edited)
+        torch.testing.assert_close(stepped, copy.deepcopy(model)(x), rtol=0, atol=0)
+
+
+def test_batch_sizes_on_both_sides_of_the_threshold_keep_both_kernels():
+    """A batch too small for Winograd runs oneDNN's packed kernel; alternating the two prepares neither again."""
+    torch.manual_seed(2)
     model = bt.create_model("BiT-R26x0.5", num_classes=4, zero_head=False).eval()
     x, small = torch.randn(32, 3, 64, 64), torch.randn(1, 3, 64, 64)
     conv = model.stages[3][1].conv2
     with torch.no_grad():
-        first = model(x)
-        assert conv._cache[1][-1] == "winograd"
-        kernel = conv._cache[2]
-        assert torch.equal(model(x), first) and conv._cache[2] is kernel  # reused
-        conv.weight.data.mul_(-1.0).add_(0.01)  # no version bump
-        torch.testing.assert_close(model(x), copy.deepcopy(model)(x), rtol=0, atol=0)
+        model(x)
+        model(small)
+        kernels = dict(conv._cache[2])
+        assert set(kernels) == {"winograd", "onednn"}
         torch.testing.assert_close(model(small), copy.deepcopy(model)(small), rtol=0, atol=0)
-        assert conv._cache[1][-1] == "onednn"
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(x).sum().backward()
-    optimizer.step()
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), copy.deepcopy(model)(x), rtol=0, atol=0)
-        assert conv._cache[1][-1] == "winograd"
+        model(x)
+        assert all(conv._cache[2][form] is kernel for form, kernel in kernels.items())
+
+
+def test_the_default_dtype_does_not_reach_the_buffers():
+    """`torch.set_default_dtype(torch.float64)` (common in numerical code) must not change what the fp32 buffers
+    of `conv3x3` are."""
+    x = torch.randn(4, 64, 12, 12).contiguous(memory_format=torch.channels_last)
+    kernel = winograd_cpu.transform_kernel(torch.randn(64, 64, 3, 3))
+    expected = winograd_cpu.conv3x3(x, kernel)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = winograd_cpu.conv3x3(x, kernel)
+    finally:
+        torch.set_default_dtype(previous)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)

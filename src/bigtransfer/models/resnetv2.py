@@ -105,17 +105,17 @@ class StdConv2d(nn.Conv2d):
     a CPU fuses into the convolution. Where no gradient flows to the weight on a CPU, the standardised kernel
     is computed once and kept in the form the convolution wants, so no call standardises or reorders it again:
     Winograd's transform for the 3x3 layers where that is faster (`winograd_cpu`), else oneDNN's blocked
-    layout (measured: convolutions 4-15% faster than standardising each call). It is recomputed when the form
-    changes, the weight is another tensor, its version counter moved (an optimiser step, a load, any in-place
-    edit) or a weighted sum over a sample of it changed (an edit through ``.data``), and after every
-    `train()`/`eval()` switch."""
+    layout (measured: convolutions 4-15% faster than standardising each call). Each form is made on first use
+    and kept; all are dropped when the weight is another tensor, its version counter moved (an optimiser step,
+    a load, any in-place edit) or a weighted sum over a sample of it changed (an edit through ``.data``), and
+    after every `train()`/`eval()` switch."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  eps: float = WS_EPS) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=kernel_size // 2, bias=False)
         self.eps = eps
-        self._cache: tuple[weakref.ref, tuple, torch.Tensor] | None = None  # (the weight, its key, the kernel)
+        self._cache: tuple[weakref.ref, tuple, dict[str, torch.Tensor]] | None = None  # (weight, key, kernels)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the cached kernel behind (oneDNN's packed tensors have no storage)."""
@@ -134,10 +134,16 @@ class StdConv2d(nn.Conv2d):
 
     def _cached_kernel(self, form: str, x_shape: torch.Size | None) -> torch.Tensor:
         """The standardised kernel in `form`: "standardized" (as is), "onednn" (packed for `x_shape`, which only
-        guides oneDNN's choice of layout) or "winograd" (`winograd_cpu.transform_kernel`). One form is kept."""
+        guides oneDNN's choice of layout) or "winograd" (`winograd_cpu.transform_kernel`). Each form asked for
+        is kept until the weight changes, so inputs that alternate between forms (batch sizes on both sides of
+        `winograd_cpu.worthwhile`) prepare nothing again."""
         w = self.weight
-        key = (w._version, _fingerprint(w), w.dtype, w.shape, w.stride(), form)
-        if self._cache is None or self._cache[0]() is not w or self._cache[1] != key:
+        key = (w._version, _fingerprint(w), w.dtype, w.shape, w.stride())
+        cache = self._cache
+        if cache is None or cache[0]() is not w or cache[1] != key:
+            cache = self._cache = (weakref.ref(w), key, {})
+        kernel = cache[2].get(form)
+        if kernel is None:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
                 kernel = standardize(w, self.eps)
                 if form == "onednn":
@@ -145,8 +151,8 @@ class StdConv2d(nn.Conv2d):
                         kernel, list(self.padding), list(self.stride), list(self.dilation), 1, list(x_shape))
                 elif form == "winograd":
                     kernel = winograd_cpu.transform_kernel(kernel)
-                self._cache = (weakref.ref(w), key, kernel)
-        return self._cache[2]
+            cache[2][form] = kernel
+        return kernel
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if _cpu_inference(x, self.weight):

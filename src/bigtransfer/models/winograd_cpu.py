@@ -30,7 +30,7 @@ ENABLED = os.environ.get("BIGTRANSFER_WINOGRAD", "1") != "0" and sys.platform !=
 CHANNEL_BLOCK = 16  # channels per vector in the C transforms: channel counts must be multiples of it
 TILE = 4  # outputs per tile side; each tile reads (TILE + 2) x (TILE + 2) inputs
 POSITIONS = (TILE + 2) ** 2
-CHUNK_BYTES = 32 << 20  # the transformed inputs of at most this many bytes at a time (peak memory)
+CHUNK_BYTES = 32 << 20  # bytes per buffer of transformed inputs/products, at least one sample (peak memory)
 
 # G of F(4x4, 3x3) (Lavin & Gray 2015): the kernel's transform, applied once per kernel.
 _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
@@ -57,10 +57,11 @@ def tiles(x_shape: torch.Size | tuple[int, ...]) -> int:
 
 
 def worthwhile(x_shape: torch.Size | tuple[int, ...], out_channels: int) -> bool:
-    """The layers where Winograd was faster than oneDNN (2 cores, `benchmarks/bench_winograd_cpu.py`): 64
-    channels or more in and out (with 16 it took 2-3x oneDNN's time, with 32 0.7-1.2x), and 32 tiles or more.
-    Under that the transformed kernel, 4x the kernel's size, costs more to read than the products save (one
-    14x14 image with 512 channels, 16 tiles: 0.88x; 8 images of 7x7, 32 tiles: 1.10x)."""
+    """The layers where Winograd was reliably faster than oneDNN on 2 cores (`bench_winograd_cpu.py`;
+    results/cpu_amd_epyc_2026-11-28_winograd_*, RESULTS.md says how reliably): 64 channels or more in and out,
+    and 32 tiles or more (1.1-2.2x near the rule's edges). Below either line the outcome swung from run to run --
+    16 or 32 channels: 0.4-1.7x; under 32 tiles, where the transformed kernel (4x the kernel's size) is read
+    for few products: 0.3-1.5x -- so those layers stay direct."""
     return min(x_shape[1], out_channels) >= 64 and tiles(x_shape) >= 32
 
 
@@ -79,7 +80,7 @@ def usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
 def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
     """G g G^T of each (out, in) 3x3 kernel g, as (36, in, out) fp32: the right-hand sides of the 36 matrix
     products. Its own rounding (about 3e-8 of the largest value) is negligible beside the inputs' transform."""
-    g = torch.tensor(_G, dtype=torch.float32)
+    g = torch.tensor(_G, dtype=torch.float32, device=weight.device)
     u = g @ weight.float() @ g.T  # (out, in, 6, 6)
     return u.permute(2, 3, 1, 0).reshape(POSITIONS, weight.shape[1], weight.shape[0]).contiguous()
 
@@ -99,9 +100,9 @@ def conv3x3(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     lib = library()
     per_sample = tiles((1, c, h, w))
     step = max(1, min(n, CHUNK_BYTES // (POSITIONS * per_sample * max(c, k) * 4)))
-    y = torch.empty((n, k, h, w), memory_format=torch.channels_last)
-    v = torch.empty(POSITIONS * step * per_sample * c)
-    m = torch.empty(POSITIONS * step * per_sample * k)
+    y = torch.empty((n, k, h, w), dtype=torch.float32, device="cpu", memory_format=torch.channels_last)
+    v = torch.empty(POSITIONS * step * per_sample * c, dtype=torch.float32, device="cpu")
+    m = torch.empty(POSITIONS * step * per_sample * k, dtype=torch.float32, device="cpu")
     threads = torch.get_num_threads()
     for first in range(0, n, step):
         count = min(step, n - first)
