@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import bigtransfer as bt  # also the allocator setting a user of ours gets
 from bigtransfer.models import winograd_cpu
+from bigtransfer.models.resnetv2 import StdConv2d
 
 # (channels, stride of the map relative to the input, layers in R50x1): its stride-1 3x3 convolutions
 R50_SHAPES = [(64, 4, 3), (128, 8, 3), (256, 16, 5), (512, 32, 2)]
@@ -94,6 +95,13 @@ def whole_model(batch: int, res: int, repeats: int) -> None:
     print(f"R50x1 forward, batch {batch}, {res} px: direct {statistics.median(times['direct']):.0f} ms, Winograd "
           f"{statistics.median(times['winograd']):.0f} ms; speed-up {statistics.median(ratios):.3f}x (quartiles "
           f"{quartiles[0]:.3f}-{quartiles[2]:.3f}, {repeats} rounds); logits differ by {error:.1e} of the largest")
+    layers = [m for m in models["winograd"].modules() if isinstance(m, StdConv2d) and "winograd" in m._cache[2]]
+    for _ in range(5):
+        for layer in layers:
+            layer._cache = None
+        _time(lambda: [layer._cached_kernel("winograd", None) for layer in layers], times, "prepare")
+    print(f"the first forward prepares the {len(layers)} Winograd kernels (standardise and transform): "
+          f"{statistics.median(times['prepare']):.0f} ms, median of 5")
 
 
 def _shape(text: str) -> tuple[int, int, int]:
