@@ -56,11 +56,12 @@ def measure(batch: int, channels: int, size: int, repeats: int) -> dict[str, flo
     return {**{name: statistics.median(t) for name, t in times.items()}, **{f"err {k}": v for k, v in errors.items()}}
 
 
-def _row(batch: int, channels: int, size: int, repeats: int, count: int | None = None) -> tuple[float, float]:
+def _row(batch: int, channels: int, size: int, repeats: int, last_column: int | None = None) -> tuple[float, float]:
     ms = measure(batch, channels, size, repeats)
     gflop = 2 * batch * size * size * channels * channels * 9 / 1e9
     picked = "yes" if winograd_cpu.worthwhile((batch, channels, size, size), channels) else "no"
-    print(f"{batch:5} {channels:5} {size:>3}x{size:<3} {'' if count is None else count:>6} | {ms['onednn']:8.2f} "
+    last = "" if last_column is None else last_column
+    print(f"{batch:5} {channels:5} {size:>3}x{size:<3} {last:>6} | {ms['onednn']:8.2f} "
           f"{gflop / ms['onednn'] * 1e3:7.0f} {ms['err onednn']:8.1e} | {ms['winograd']:8.2f} "
           f"{gflop / ms['winograd'] * 1e3:7.0f} {ms['err winograd']:8.1e} | {ms['onednn'] / ms['winograd']:7.2f}x "
           f"{picked:>6}")
@@ -95,13 +96,35 @@ def whole_model(batch: int, res: int, repeats: int) -> None:
     print(f"R50x1 forward, batch {batch}, {res} px: direct {statistics.median(times['direct']):.0f} ms, Winograd "
           f"{statistics.median(times['winograd']):.0f} ms; speed-up {statistics.median(ratios):.3f}x (quartiles "
           f"{quartiles[0]:.3f}-{quartiles[2]:.3f}, {repeats} rounds); logits differ by {error:.1e} of the largest")
-    layers = [m for m in models["winograd"].modules() if isinstance(m, StdConv2d) and "winograd" in m._cache[2]]
-    for _ in range(5):
+    preparation(models["winograd"])
+
+
+def _transform_in_place(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel transform as it was first written (G g G^T per kernel, then permuted), to compare speeds."""
+    g = torch.tensor(winograd_cpu._G, dtype=torch.float32)
+    u = g @ weight.float() @ g.T  # (out, in, 6, 6)
+    return u.permute(2, 3, 1, 0).reshape(winograd_cpu.POSITIONS, weight.shape[1], weight.shape[0]).contiguous()
+
+
+def preparation(model: torch.nn.Module, repeats: int = 5) -> None:
+    """What the first forward adds: standardising and transforming the Winograd layers' kernels, by
+    `transform_kernel` (one matrix product) and by the first way of writing it."""
+    layers = [m for m in model.modules() if isinstance(m, StdConv2d) and "winograd" in m._cache.kernels]
+    with torch.no_grad():
+        standardized = [layer.standardized_weight() for layer in layers]
+    for kernel in standardized:
+        torch.testing.assert_close(_transform_in_place(kernel), winograd_cpu.transform_kernel(kernel))
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
         for layer in layers:
             layer._cache = None
         _time(lambda: [layer._cached_kernel("winograd", None) for layer in layers], times, "prepare")
+        _time(lambda: [_transform_in_place(kernel) for kernel in standardized], times, "in place")
+        _time(lambda: [winograd_cpu.transform_kernel(kernel) for kernel in standardized], times, "product")
+    median = {name: statistics.median(t) for name, t in times.items()}
     print(f"the first forward prepares the {len(layers)} Winograd kernels (standardise and transform): "
-          f"{statistics.median(times['prepare']):.0f} ms, median of 5")
+          f"{median['prepare']:.0f} ms; the transforms alone {median['product']:.0f} ms (written in place and "
+          f"permuted, as at first: {median['in place']:.0f} ms); medians of {repeats}")
 
 
 def _shape(text: str) -> tuple[int, int, int]:

@@ -186,8 +186,8 @@ def test_standardized_kernels_are_cached_for_inference_and_invalidated_by_update
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         first = model.eval()(x)
-        cached = conv._cache[2]["onednn"]
-        assert torch.equal(model(x), first) and conv._cache[2]["onednn"] is cached  # reused, not recomputed
+        cached = conv._cache.kernels["onednn"]
+        assert torch.equal(model(x), first) and conv._cache.kernels["onednn"] is cached  # reused, not recomputed
     torch.testing.assert_close(dense(cached), standardize_by_hand(conv.weight.detach()))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -196,7 +196,7 @@ def test_standardized_kernels_are_cached_for_inference_and_invalidated_by_update
     with torch.no_grad():
         after = model.eval()(x)
         assert not torch.equal(after, first)
-        torch.testing.assert_close(dense(conv._cache[2]["onednn"]), standardize_by_hand(conv.weight))
+        torch.testing.assert_close(dense(conv._cache.kernels["onednn"]), standardize_by_hand(conv.weight))
         torch.testing.assert_close(after, bt.inference.fold_weight_standardization(model)(x))
     bt.save_weights(bt.create_model("BiT-R14x0.25", num_classes=3, zero_head=False), tmp_path / "w.safetensors")
     bt.load_weights(model, tmp_path / "w.safetensors")  # copy_ into the parameters: the cache must notice

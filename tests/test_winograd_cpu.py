@@ -23,10 +23,11 @@ def _relative_error(result: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("shape", [(2, 16, 8, 8), (3, 32, 5, 7), (1, 16, 1, 1), (2, 48, 6, 9), (4, 16, 13, 4)])
 def test_convolution_against_float64(shape):
     """Tiles that cross the image's edges (sizes not multiples of 4, a 1x1 image) read zeros there and write only
-    the outputs inside; channels in and out differ."""
+    the outputs inside; channels in and out differ; the kernel's transform reads a non-contiguous weight (as an
+    input gradient's flipped, transposed one would be)."""
     torch.manual_seed(0)
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(32, shape[1], 3, 3)
+    weight = torch.randn(shape[1], 32, 3, 3).flip(-1).transpose(0, 1)  # not contiguous: transposed, flipped
     expected = F.conv2d(x.double(), weight.double(), padding=1)
     result = winograd_cpu.conv3x3(x, winograd_cpu.transform_kernel(weight))
     assert result.shape == expected.shape and result.is_contiguous(memory_format=torch.channels_last)
@@ -72,7 +73,7 @@ def test_a_call_it_cannot_compute_is_refused():
 
 def _winograd_layers(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules()
-            if isinstance(module, StdConv2d) and module._cache is not None and "winograd" in module._cache[2]]
+            if isinstance(module, StdConv2d) and module._cache is not None and "winograd" in module._cache.kernels]
 
 
 def test_model_inference_against_the_training_path():
@@ -92,26 +93,27 @@ def test_model_inference_against_the_training_path():
 
 
 def test_a_weight_edit_reaches_the_transformed_kernel():
-    """The transformed kernel is cached like oneDNN's packed one: an edit through .data and an optimiser step
-    taken in eval mode (no train()/eval() switch clears anything) each give what a fresh copy computes."""
+    """The transformed kernel is cached like oneDNN's packed one: an edit through .data (no version bump) and an
+    optimiser step (a version bump), each made while the kernel is cached, give what a fresh copy computes."""
     torch.manual_seed(1)
     model = bt.create_model("BiT-R26x0.5", num_classes=4, zero_head=False).eval()
     x = torch.randn(32, 3, 64, 64)
     conv = model.stages[3][1].conv2
+    optimizer = torch.optim.SGD([conv.weight], lr=0.5)
     with torch.no_grad():
         first = model(x)
-        kernel = conv._cache[2]["winograd"]
-        assert torch.equal(model(x), first) and conv._cache[2]["winograd"] is kernel  # reused
-        conv.weight.data.mul_(-1.0).add_(0.01)  # no version bump
+        kernel = conv._cache.kernels["winograd"]
+        assert torch.equal(model(x), first) and conv._cache.kernels["winograd"] is kernel  # reused
+        conv.weight.data.mul_(-1.0).add_(0.01)
         edited = model(x)
-        assert conv._cache[2]["winograd"] is not kernel
+        assert conv._cache.kernels["winograd"] is not kernel
         torch.testing.assert_close(edited, copy.deepcopy(model)(x), rtol=0, atol=0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(x).square().mean().backward()  # gradients on: the autograd path, the cache untouched
+        kernel = conv._cache.kernels["winograd"]
+    conv.weight.grad = torch.randn_like(conv.weight)  # no forward with gradients: that would drop the cache
     optimizer.step()
     with torch.no_grad():
         stepped = model(x)
-        assert not torch.equal(stepped, edited)
+        assert conv._cache.kernels["winograd"] is not kernel and not torch.equal(stepped, edited)
         torch.testing.assert_close(stepped, copy.deepcopy(model)(x), rtol=0, atol=0)
 
 
@@ -124,11 +126,11 @@ def test_batch_sizes_on_both_sides_of_the_threshold_keep_both_kernels():
     with torch.no_grad():
         model(x)
         model(small)
-        kernels = dict(conv._cache[2])
+        kernels = dict(conv._cache.kernels)
         assert set(kernels) == {"winograd", "onednn"}
         torch.testing.assert_close(model(small), copy.deepcopy(model)(small), rtol=0, atol=0)
         model(x)
-        assert all(conv._cache[2][form] is kernel for form, kernel in kernels.items())
+        assert all(conv._cache.kernels[form] is kernel for form, kernel in kernels.items())
 
 
 def test_the_default_dtype_does_not_reach_the_buffers():

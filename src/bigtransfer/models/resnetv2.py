@@ -19,6 +19,7 @@ import operator
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,14 @@ def _ramp(n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.linspace(1.0, 2.0, n, dtype=dtype)
 
 
+class _KernelCache(NamedTuple):
+    """A StdConv2d's prepared kernels, valid while `weight` is alive and its `key` holds."""
+
+    weight: weakref.ref
+    key: tuple
+    kernels: dict[str, torch.Tensor]  # by form: "standardized", "onednn", "winograd"
+
+
 class StdConv2d(nn.Conv2d):
     """Conv2d whose kernel is weight-standardised on every call (no bias, as in BiT).
 
@@ -115,7 +124,7 @@ class StdConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=kernel_size // 2, bias=False)
         self.eps = eps
-        self._cache: tuple[weakref.ref, tuple, dict[str, torch.Tensor]] | None = None  # (weight, key, kernels)
+        self._cache: _KernelCache | None = None
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the cached kernel behind (oneDNN's packed tensors have no storage)."""
@@ -134,15 +143,15 @@ class StdConv2d(nn.Conv2d):
 
     def _cached_kernel(self, form: str, x_shape: torch.Size | None) -> torch.Tensor:
         """The standardised kernel in `form`: "standardized" (as is), "onednn" (packed for `x_shape`, which only
-        guides oneDNN's choice of layout) or "winograd" (`winograd_cpu.transform_kernel`). Each form asked for
-        is kept until the weight changes, so inputs that alternate between forms (batch sizes on both sides of
-        `winograd_cpu.worthwhile`) prepare nothing again."""
+        guides oneDNN's choice of layout: the first input's shape chooses it for all) or "winograd"
+        (`winograd_cpu.transform_kernel`). Each form asked for is kept until the weight changes, so inputs that
+        alternate between forms (batch sizes on both sides of `winograd_cpu.worthwhile`) prepare nothing again."""
         w = self.weight
         key = (w._version, _fingerprint(w), w.dtype, w.shape, w.stride())
         cache = self._cache
-        if cache is None or cache[0]() is not w or cache[1] != key:
-            cache = self._cache = (weakref.ref(w), key, {})
-        kernel = cache[2].get(form)
+        if cache is None or cache.weight() is not w or cache.key != key:
+            cache = self._cache = _KernelCache(weakref.ref(w), key, {})
+        kernel = cache.kernels.get(form)
         if kernel is None:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
                 kernel = standardize(w, self.eps)
@@ -151,7 +160,7 @@ class StdConv2d(nn.Conv2d):
                         kernel, list(self.padding), list(self.stride), list(self.dilation), 1, list(x_shape))
                 elif form == "winograd":
                     kernel = winograd_cpu.transform_kernel(kernel)
-            cache[2][form] = kernel
+            cache.kernels[form] = kernel
         return kernel
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
