@@ -30,9 +30,14 @@ from bigtransfer.models.resnetv2 import StdConv2d
 CONV = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, output padding, groups
 
 
+def _input_gradient_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The input gradient of a 3x3 convolution is the output gradient convolved with this kernel."""
+    return weight.flip(-1, -2).transpose(0, 1)
+
+
 def _measure(x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median ms of each case; the input gradient is the convolution of dy with the flipped, transposed kernel."""
-    flipped = w.flip(-1, -2).transpose(0, 1)
+    """Median ms of each case."""
+    flipped = _input_gradient_kernel(w)
     transform = winograd_cpu.transform_kernel
     cases = {
         "onednn": lambda: (torch.ops.aten.convolution(x, w, None, *CONV),
@@ -70,7 +75,7 @@ class _WinogradConv(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, weight = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
-        dx = winograd_cpu.conv3x3(dy, _WinogradConv.transform(weight.flip(-1, -2).transpose(0, 1)))
+        dx = winograd_cpu.conv3x3(dy, _WinogradConv.transform(_input_gradient_kernel(weight)))
         dw = torch.ops.aten.convolution_backward(dy, x, weight, None, *CONV, [False, True, False])[1]
         return dx, dw
 
@@ -97,13 +102,13 @@ def layer_accuracy() -> None:
     x = torch.randn(16, 64, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
     weight = (torch.randn(64, 64, 3, 3) / 24).requires_grad_()
     dy = torch.randn(16, 64, 32, 32)
-    _WinogradConv.apply(x, weight).backward(dy)
+    out = _WinogradConv.apply(x, weight)
+    out.backward(dy)
     exact = [t.detach().double().requires_grad_() for t in (x, weight)]
     y = F.conv2d(*exact, padding=1)
     y.backward(dy.double())
     errors = [((ours.double() - reference).abs().max() / reference.abs().max()).item()
-              for ours, reference in ((_WinogradConv.apply(x, weight), y), (x.grad, exact[0].grad),
-                                      (weight.grad, exact[1].grad))]
+              for ours, reference in ((out, y), (x.grad, exact[0].grad), (weight.grad, exact[1].grad))]
     print("one layer against float64 (largest difference over largest value): output {:.1e}, input gradient "
           "{:.1e}, weight gradient {:.1e}".format(*errors))
 
@@ -113,6 +118,7 @@ def whole_step(batch: int, res: int, repeats: int) -> None:
     torch.manual_seed(0)
     ours = bt.create_model("BiT-M-R50x1", num_classes=10, zero_head=False).train()
     winograd = copy.deepcopy(ours)
+    models = {"ours": ours, "winograd": winograd}
     for module in winograd.modules():
         if type(module) is StdConv2d:
             module.__class__ = _TrainingWinogradConv
@@ -121,14 +127,13 @@ def whole_step(batch: int, res: int, repeats: int) -> None:
     exact = copy.deepcopy(ours).double()
     reference = _gradients(exact, x.double(), labels)
     differences = {name: ((_gradients(model, x, labels) - reference).norm() / reference.norm()).item()
-                   for name, model in (("ours", ours), ("winograd", winograd))}
-    optimizers = {name: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-                  for name, model in (("ours", ours), ("winograd", winograd))}
+                   for name, model in models.items()}
+    optimizers = {name: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) for name, model in models.items()}
     times: dict[str, list[float]] = {}
     for round_ in range(repeats + 2):  # two rounds warm up
         if round_ == 2:
             _WinogradConv.transform_seconds = 0.0
-        for name, model in (("ours", ours), ("winograd", winograd)):
+        for name, model in models.items():
             _time(lambda model=model, optimizer=optimizers[name]: _step(model, optimizer, x, labels), times, name)
     ratios = sorted(o / w for o, w in zip(times["ours"][2:], times["winograd"][2:], strict=True))
     quartiles = statistics.quantiles(ratios, n=4)
