@@ -10,7 +10,9 @@ Each implementation runs in its own worker process, so that each gets what its u
 workers take turns, one at a time. `timm+heap` is timm in a process with our allocator setting: it shows
 how much of the difference is the allocator and how much the model code. `ours-unfused` is ours without
 the fused GroupNorm+ReLU kernels (`BIGTRANSFER_FUSED_NORM=0`: Triton on CUDA, C on CPUs), `ours-direct`
-ours without Winograd's 3x3 convolutions in CPU inference (`BIGTRANSFER_WINOGRAD=0`).
+ours without Winograd's 3x3 convolutions in CPU inference (`BIGTRANSFER_WINOGRAD=0`), `ours-bn-ws` ours with
+Weight Standardization as torch's batch norm instead of its kernels (`BIGTRANSFER_FUSED_WS=0`: Triton on
+CUDA, C on CPUs).
 Prints img/s, the ratio to timm (the median of per-round ratios, each against timm's time in the same
 round, with their quartiles: robust to the drift of a noisy machine), achieved GFLOP/s (FLOPs counted by
 torch.utils.flop_counter), the fraction of this machine's measured matrix-multiply rate (the ceiling), and
@@ -173,6 +175,7 @@ def start_worker(ctx, impl: str, *args) -> tuple:
     os.environ["BIGTRANSFER_MALLOC"] = "system" if impl in ("timm", "hf") else "default"
     os.environ["BIGTRANSFER_FUSED_NORM"] = "0" if impl == "ours-unfused" else "1"
     os.environ["BIGTRANSFER_WINOGRAD"] = "0" if impl == "ours-direct" else "1"
+    os.environ["BIGTRANSFER_FUSED_WS"] = "0" if impl == "ours-bn-ws" else "1"
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=worker, args=(child, impl, *args), daemon=True)
     proc.start()
@@ -196,7 +199,7 @@ def main() -> None:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN times its algorithms for every implementation (as `bit finetune`, timm train.py)")
     p.add_argument("--impls", nargs="+", default=["ours", "timm", "timm+heap", "hf"],
-                   choices=("ours", "ours-unfused", "ours-direct", "timm", "timm+heap", "hf"))
+                   choices=("ours", "ours-unfused", "ours-direct", "ours-bn-ws", "timm", "timm+heap", "hf"))
     args = p.parse_args()
     if args.repeats < 2:
         p.error("--repeats must be at least 2: the ratios are quartiles of per-round ratios")

@@ -149,6 +149,8 @@ FALLBACK = textwrap.dedent("""
     print("usable", fused_norm_cpu.usable(x))
     from bigtransfer.models import winograd_cpu
     print("winograd", winograd_cpu.library() is not None)
+    from bigtransfer.models import fused_ws_cpu
+    print("standardization", fused_ws_cpu.usable(torch.randn(8, 4, 3, 3)))
     try:  # the OpenMP runtimes in the process
         print("openmp", sorted({line.split()[-1] for line in open("/proc/self/maps") if "gomp" in line}))
     except OSError:
@@ -168,21 +170,25 @@ def test_compiled_once_into_the_cache_and_torch_ops_without_a_compiler(tmp_path)
     assert "fused CPU GroupNorm unavailable" in without_compiler.stderr and "no-such-cc" in without_compiler.stderr
     assert "winograd False" in without_compiler.stdout
     assert "Winograd CPU convolution unavailable" in without_compiler.stderr
+    assert "standardization False" in without_compiler.stdout
+    assert "CPU Weight Standardization unavailable" in without_compiler.stderr
 
     broken_compiler = _run({"BIT_HOME": str(tmp_path / "broken"), "CC": "false"})
     assert "usable False" in broken_compiler.stdout and "false -O3" in broken_compiler.stderr
 
     built = _run({"BIT_HOME": str(tmp_path / "home")})
     assert "usable True" in built.stdout and "winograd True" in built.stdout, built.stderr
+    assert "standardization True" in built.stdout, built.stderr
     if "openmp" in built.stdout:  # built with -fopenmp, the kernels bind to the runtime torch loaded (same
         # soname) and run in torch's own thread pool, not in a second one that would fight it for the cores
         runtimes = ast.literal_eval(built.stdout.split("openmp", 1)[1].strip())
         assert len(runtimes) == 1, runtimes
     kernels = tmp_path / "home" / "kernels"
-    libraries = [next(kernels.glob(f"{name}-*.so")) for name in ("fused_norm_cpu", "winograd_cpu")]
+    libraries = [next(kernels.glob(f"{name}-*.so")) for name in ("fused_norm_cpu", "winograd_cpu", "fused_ws_cpu")]
     assert sorted(kernels.iterdir()) == sorted(libraries)  # no half-built leftovers
     cached = _run({"BIT_HOME": str(tmp_path / "home"), "CC": str(tmp_path / "no-such-cc")})
     assert "usable True" in cached.stdout and "winograd True" in cached.stdout, cached.stderr  # needs no compiler
+    assert "standardization True" in cached.stdout, cached.stderr
 
 
 

@@ -39,7 +39,7 @@ def standardize(weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _Standardize.apply(weight, eps, dtype)
 
 
-def _reference(weight: torch.Tensor, eps: float) -> torch.Tensor:
+def differentiable_standardize(weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The same in torch's differentiable ops (for ``create_graph=True``)."""
     dims = tuple(range(1, weight.dim()))
     mean = weight.mean(dim=dims, keepdim=True)
@@ -69,7 +69,8 @@ class _Standardize(torch.autograd.Function):
         weight, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: second-order gradients through torch's ops
             with torch.enable_grad():
-                (dw,) = torch.autograd.grad(_reference(weight, ctx.eps).to(grad.dtype), weight, grad, create_graph=True)
+                standardized = differentiable_standardize(weight, ctx.eps).to(grad.dtype)
+                (dw,) = torch.autograd.grad(standardized, weight, grad, create_graph=True)
             return dw, None, None
         w = _dense(weight)
         grad = grad.contiguous(memory_format=_dense_format(w))

@@ -1,5 +1,5 @@
 """C kernels that ship as source with the package and are compiled on first use (`fused_norm_cpu`,
-`winograd_cpu`).
+`fused_ws_cpu`, `winograd_cpu`).
 
 Each source is compiled with the system's C compiler (``$CC``, else ``cc``; about half a second) into the
 cache's ``kernels/`` (`checkpoints.cache_dir`), keyed on the source, the flags and the CPU, and loaded

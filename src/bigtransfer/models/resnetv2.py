@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import fused_norm, fused_norm_cpu, fused_pool, fused_ws, winograd_cpu
+from . import fused_norm, fused_norm_cpu, fused_pool, fused_ws, fused_ws_cpu, winograd_cpu
 
 WS_EPS = 1e-10  # the authors' release; timm / HF transformers use 1e-8
 GN_EPS = 1e-5
@@ -54,10 +54,13 @@ def standardize(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
     Computed as a batch norm over a (1, out, in*kh*kw) view: exactly the same arithmetic as mean/var,
     but one fused kernel forward and one backward instead of five elementwise passes over the weights.
     On CUDA (training and inference), `fused_ws` does it in Triton kernels that also emit autocast's dtype
-    (no cast after).
+    (no cast after); for fp32 on CPUs, `fused_ws_cpu` in C kernels that write the channels_last kernel the
+    convolution wants (no transposing copy after, none of the gradient before).
     """
     if fused_ws.usable(weight):
         return fused_ws.standardize(weight, eps)
+    if fused_ws_cpu.usable(weight):
+        return fused_ws_cpu.standardize(weight, eps)
     flat = weight.reshape(1, weight.shape[0], -1)
     return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=eps).reshape_as(weight)
 
