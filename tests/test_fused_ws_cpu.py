@@ -1,5 +1,5 @@
-"""Weight Standardization's C kernels (the CPU default for fp32 kernels): values and gradients against the
-definition in float64 for every pair of layouts, the channels_last output the convolutions want, when they
+"""Weight Standardization's C kernels (the CPU default for fp32 kernels): values and gradients against torch's
+batch norm in float64 for every pair of layouts, the channels_last output the convolutions want, when they
 apply, and second-order gradients."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bigtransfer.models import fused_ws_cpu
-from bigtransfer.models.fused_ws import differentiable_standardize
-from bigtransfer.models.resnetv2 import WS_EPS, StdConv2d
+from bigtransfer.models.resnetv2 import WS_EPS, StdConv2d, standardize
 
 pytestmark = pytest.mark.skipif(fused_ws_cpu._LIBRARY.get() is None, reason="no working C compiler")
 
@@ -24,7 +23,7 @@ def _batch_norm_form(w: torch.Tensor) -> torch.Tensor:
 def _errors(w, g, fn):
     """Largest error of fn's output and weight gradient in fp32, over the largest value, against float64."""
     w64 = w.double().requires_grad_()
-    ref = differentiable_standardize(w64, WS_EPS)
+    ref = standardize(w64)  # float64: torch's batch norm
     ref.backward(g.double())
     leaf = w.clone().requires_grad_()
     out = fn(leaf)
@@ -87,7 +86,7 @@ def test_which_weights_use_it():
     assert kernel.is_contiguous(memory_format=torch.channels_last)
     conv(x).square().sum().backward()
     w64 = conv.weight.detach().double().requires_grad_()
-    loss64 = F.conv2d(x.double(), differentiable_standardize(w64, WS_EPS), padding=1).square().sum()
+    loss64 = F.conv2d(x.double(), standardize(w64), padding=1).square().sum()
     (expected,) = torch.autograd.grad(loss64, w64)
     assert ((conv.weight.grad.double() - expected).norm() / expected.norm()).item() < 1e-6
 

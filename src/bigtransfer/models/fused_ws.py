@@ -39,12 +39,16 @@ def standardize(weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _Standardize.apply(weight, eps, dtype)
 
 
-def differentiable_standardize(weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The same in torch's differentiable ops (for ``create_graph=True``)."""
+def differentiable_backward(weight: torch.Tensor, eps: float, grad: torch.Tensor) -> torch.Tensor:
+    """The weight's gradient through torch's differentiable ops, for ``create_graph=True`` (gradient penalties,
+    double backward): the kernels' backward (here and in `fused_ws_cpu`) is not itself differentiable."""
     dims = tuple(range(1, weight.dim()))
-    mean = weight.mean(dim=dims, keepdim=True)
-    var = weight.var(dim=dims, unbiased=False, keepdim=True)
-    return (weight - mean) * torch.rsqrt(var + eps)
+    with torch.enable_grad():
+        mean = weight.mean(dim=dims, keepdim=True)
+        var = weight.var(dim=dims, unbiased=False, keepdim=True)
+        standardized = ((weight - mean) * torch.rsqrt(var + eps)).to(grad.dtype)
+        (dw,) = torch.autograd.grad(standardized, weight, grad, create_graph=True)
+    return dw
 
 
 def _block(fan_in: int) -> int:
@@ -68,10 +72,7 @@ class _Standardize(torch.autograd.Function):
     def backward(ctx, grad):
         weight, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: second-order gradients through torch's ops
-            with torch.enable_grad():
-                standardized = differentiable_standardize(weight, ctx.eps).to(grad.dtype)
-                (dw,) = torch.autograd.grad(standardized, weight, grad, create_graph=True)
-            return dw, None, None
+            return differentiable_backward(weight, ctx.eps, grad), None, None
         w = _dense(weight)
         grad = grad.contiguous(memory_format=_dense_format(w))
         dw = torch.empty_like(w)

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from .fused_norm import _dense, plain_eager
-from .fused_ws import differentiable_standardize
+from .fused_ws import differentiable_backward
 from .native import NativeLibrary
 
 SOURCE = pathlib.Path(__file__).with_name("fused_ws_cpu.c")
@@ -81,10 +81,7 @@ class _Standardize(torch.autograd.Function):
     def backward(ctx, grad):
         weight, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: second-order gradients through torch's ops
-            with torch.enable_grad():
-                standardized = differentiable_standardize(weight, ctx.eps)
-                (dw,) = torch.autograd.grad(standardized, weight, grad, create_graph=True)
-            return dw, None
+            return differentiable_backward(weight, ctx.eps, grad), None
         w, g = _dense(weight), _dense(grad.float())
         rows, cin, kh, kw = w.shape
         dw = torch.empty_like(w)
