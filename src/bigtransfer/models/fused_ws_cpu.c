@@ -46,65 +46,76 @@ static void transpose(const float *restrict from, float *restrict to, int64_t a,
     for (int64_t i = i0; i < a; i++) to[j * a + i] = from[i * b + j];
 }
 
-/* Runs body(r, scratch) for every row r on `threads` OpenMP threads, with a scratch row of n floats each.
- * Built with -fopenmp, this library runs in torch's own OpenMP pool (see fused_norm_cpu.c). Nonzero if
- * memory ran out. */
-#define FOR_EACH_ROW(rows, n, threads, body)                                 \
-  int failed = 0;                                                            \
-  _Pragma("omp parallel num_threads(threads) reduction(| : failed)") {       \
-    float *scratch = malloc((n) * sizeof(float));                            \
-    failed = scratch == NULL;                                                \
-    _Pragma("omp for schedule(static)") for (int64_t r = 0; r < (rows); r++) \
-      if (scratch != NULL) body;                                             \
-    free(scratch);                                                           \
-  }                                                                          \
-  return failed;
+typedef struct {
+  const float *w, *g;
+  float *out; /* the forward's standardised kernel (channels_last), the backward's weight gradient (w's layout) */
+  double *mean, *rstd;
+  int64_t cin, k;
+  int w_channels_last, g_channels_last;
+  double eps;
+} Args;
 
 /* One row: statistics from w's layout, the output channels_last (through scratch where w is not). */
-static void forward_row(const float *restrict p, float *restrict q, double *mean, double *rstd, int64_t cin,
-                        int64_t k, int w_channels_last, double eps, float *restrict scratch) {
-  const int64_t n = cin * k;
+static void forward_row(const Args *a, int64_t r, float *restrict scratch) {
+  const int64_t n = a->cin * a->k;
+  const float *restrict p = a->w + r * n;
+  float *restrict q = a->out + r * n;
   const double m = sum(p, n) / n;
-  const double s = 1.0 / sqrt(centred_dot(p, p, n, m, m) / n + eps);
-  *mean = m;
-  *rstd = s;
+  const double s = 1.0 / sqrt(centred_dot(p, p, n, m, m) / n + a->eps);
+  a->mean[r] = m;
+  a->rstd[r] = s;
   const float mf = (float)m, sf = (float)s;
-  const int direct = w_channels_last || k == 1;
+  const int direct = a->w_channels_last || a->k == 1;
   float *restrict out = direct ? q : scratch;
   for (int64_t j = 0; j < n; j++) out[j] = (p[j] - mf) * sf;
-  if (!direct) transpose(scratch, q, cin, k);
-}
-
-int bit_standardize_forward(const float *w, float *y, double *mean, double *rstd, int64_t rows, int64_t cin,
-                            int64_t k, int w_channels_last, double eps, int threads) {
-  const int64_t n = cin * k;
-  FOR_EACH_ROW(rows, n, threads,
-               forward_row(w + r * n, y + r * n, mean + r, rstd + r, cin, k, w_channels_last, eps, scratch))
+  if (!direct) transpose(scratch, q, a->cin, a->k);
 }
 
 /* With what = (w - mean) * rstd and g the gradient of the standardised row:
  * dw = rstd * (g - mean(g) - what * mean(g * what)), in w's layout; g in the other goes through scratch. */
-static void backward_row(const float *restrict p, const float *restrict d, float *restrict q, double m, double s,
-                         int64_t cin, int64_t k, int w_channels_last, int g_channels_last, float *restrict scratch) {
-  const int64_t n = cin * k;
-  if (w_channels_last != g_channels_last && k > 1) {
-    if (g_channels_last)
-      transpose(d, scratch, k, cin);
+static void backward_row(const Args *a, int64_t r, float *restrict scratch) {
+  const int64_t n = a->cin * a->k;
+  const float *restrict p = a->w + r * n, *restrict d = a->g + r * n;
+  float *restrict q = a->out + r * n;
+  if (a->w_channels_last != a->g_channels_last && a->k > 1) {
+    if (a->g_channels_last)
+      transpose(d, scratch, a->k, a->cin);
     else
-      transpose(d, scratch, cin, k);
+      transpose(d, scratch, a->cin, a->k);
     d = scratch;
   }
+  const double m = a->mean[r], s = a->rstd[r];
   const double sum_g = sum(d, n), sum_gw = centred_dot(p, d, n, m, 0.0);
   /* dw = s * g - s * mean(g) - (w - m) * s^2 * mean(g * (w - m)) */
-  const float a = (float)s, b = (float)(s * sum_g / n), c = (float)(s * s * s * sum_gw / n), mf = (float)m;
-  for (int64_t j = 0; j < n; j++) q[j] = a * d[j] - b - c * (p[j] - mf);
+  const float b = (float)(s * sum_g / n), c = (float)(s * s * s * sum_gw / n), sf = (float)s, mf = (float)m;
+  for (int64_t j = 0; j < n; j++) q[j] = sf * d[j] - b - c * (p[j] - mf);
+}
+
+/* Runs task(args, r, scratch) for every row r on `threads` OpenMP threads, each with a scratch row. Built with
+ * -fopenmp, this library runs in torch's own OpenMP pool (see fused_norm_cpu.c). Nonzero if memory ran out. */
+static int run(const Args *args, int64_t rows, void (*task)(const Args *, int64_t, float *), int threads) {
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    float *scratch = malloc(args->cin * args->k * sizeof(float));
+    failed = scratch == NULL;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+      if (scratch != NULL) task(args, r, scratch);
+    free(scratch);
+  }
+  return failed;
+}
+
+int bit_standardize_forward(const float *w, float *y, double *mean, double *rstd, int64_t rows, int64_t cin,
+                            int64_t k, int w_channels_last, double eps, int threads) {
+  const Args args = {w, NULL, y, mean, rstd, cin, k, w_channels_last, 1, eps};
+  return run(&args, rows, forward_row, threads);
 }
 
 int bit_standardize_backward(const float *w, const float *g, float *dw, const double *mean, const double *rstd,
                              int64_t rows, int64_t cin, int64_t k, int w_channels_last, int g_channels_last,
                              int threads) {
-  const int64_t n = cin * k;
-  FOR_EACH_ROW(rows, n, threads,
-               backward_row(w + r * n, g + r * n, dw + r * n, mean[r], rstd[r], cin, k, w_channels_last,
-                            g_channels_last, scratch))
+  const Args args = {w, g, dw, (double *)mean, (double *)rstd, cin, k, w_channels_last, g_channels_last, 0.0};
+  return run(&args, rows, backward_row, threads);
 }

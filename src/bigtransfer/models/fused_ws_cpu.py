@@ -6,8 +6,8 @@ that layout in the forward and again in the backward, and its gradient, which th
 copied back: four transposing copies per 3x3 kernel per training step. Here a thread standardises one output
 channel's row while it sits in cache and writes it channels_last; the backward reads the gradient in whatever
 layout it comes and writes the weight's. The parameters keep torch's layout. Sums in double. Measured (R50x1,
-128 px, batch 16, 2 cores, benchmarks/RESULTS.md): the op over its 53 kernels 24 against 44 ms per step, one copy
-per 3x3 kernel left (torch's, inside oneDNN's backward), the training step 1.027x. Same conditions as
+128 px, batch 16, 2 cores, benchmarks/RESULTS.md): the op over its 53 kernels 27 against 47 ms per step, one copy
+per 3x3 kernel left (torch's, inside oneDNN's backward), the training step 1.032x. Same conditions as
 `fused_norm_cpu` (plain eager mode); a backward with ``create_graph=True`` runs through torch's differentiable
 ops instead. ``BIGTRANSFER_FUSED_WS=0`` turns it off, as it does the CUDA kernels of `fused_ws`.
 """
