@@ -26,18 +26,12 @@ from torch.profiler import ProfilerActivity, profile
 
 import bigtransfer as bt  # also the allocator setting a user of ours gets
 from bigtransfer.models import fused_ws_cpu
-from bigtransfer.models.resnetv2 import WS_EPS, StdConv2d
-
-
-def batch_norm_form(weight: torch.Tensor) -> torch.Tensor:
-    flat = weight.reshape(1, weight.shape[0], -1)
-    return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=WS_EPS).reshape_as(weight)
-
+from bigtransfer.models.resnetv2 import WS_EPS, StdConv2d, batch_norm_standardize
 
 PROFILED_STEPS = 5
 FORMS = {
     "C kernels": lambda w: fused_ws_cpu.standardize(w, WS_EPS),
-    "batch norm + copy": lambda w: batch_norm_form(w).contiguous(memory_format=torch.channels_last),
+    "batch norm + copy": lambda w: batch_norm_standardize(w).contiguous(memory_format=torch.channels_last),
 }
 
 
@@ -67,7 +61,7 @@ def accuracy() -> None:
     w = torch.randn(512, 512, 3, 3) * 0.02 + 0.001
     g = torch.randn(512, 512, 3, 3).contiguous(memory_format=torch.channels_last)
     w64 = w.double().requires_grad_()
-    reference = batch_norm_form(w64)
+    reference = batch_norm_standardize(w64)
     reference.backward(g.double())
     for name, form in FORMS.items():
         leaf = w.clone().requires_grad_()

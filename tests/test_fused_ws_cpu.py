@@ -9,15 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from bigtransfer.models import fused_ws_cpu
-from bigtransfer.models.resnetv2 import WS_EPS, StdConv2d, standardize
+from bigtransfer.models.resnetv2 import WS_EPS, StdConv2d, batch_norm_standardize, standardize
 
 pytestmark = pytest.mark.skipif(fused_ws_cpu._LIBRARY.get() is None, reason="no working C compiler")
-
-
-def _batch_norm_form(w: torch.Tensor) -> torch.Tensor:
-    """What the model ran before these kernels (and still runs where they do not apply)."""
-    return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0,
-                        eps=WS_EPS).reshape_as(w)
 
 
 def _errors(w, g, fn):
@@ -52,7 +46,7 @@ def test_matches_float64(shape, weight_layout, grad_layout):
         g = g.contiguous(memory_format=torch.channels_last)
 
     out, grad, ours = _errors(w, g, lambda t: fused_ws_cpu.standardize(t, WS_EPS))
-    _, _, torchs = _errors(w, g, _batch_norm_form)
+    _, _, torchs = _errors(w, g, batch_norm_standardize)
     assert out.is_contiguous(memory_format=torch.channels_last)  # what oneDNN convolves NHWC activations with
     assert grad.shape == w.shape
     assert ours[0] < 2e-7 and ours[1] < 2e-7, (ours, torchs)

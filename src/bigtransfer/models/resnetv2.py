@@ -51,16 +51,22 @@ def group_norm_groups(channels: int, groups: int = GN_GROUPS) -> int:
 def standardize(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
     """Weight Standardization: per output channel, zero mean and unit (biased) variance over (in, kh, kw).
 
-    Computed as a batch norm over a (1, out, in*kh*kw) view: exactly the same arithmetic as mean/var,
-    but one fused kernel forward and one backward instead of five elementwise passes over the weights.
     On CUDA (training and inference), `fused_ws` does it in Triton kernels that also emit autocast's dtype
     (no cast after); for fp32 on CPUs, `fused_ws_cpu` in C kernels that write the channels_last kernel the
-    convolution wants (no transposing copy after, none of the gradient before).
+    convolution wants (no transposing copy after, none of the gradient before); elsewhere
+    `batch_norm_standardize`.
     """
     if fused_ws.usable(weight):
         return fused_ws.standardize(weight, eps)
     if fused_ws_cpu.usable(weight):
         return fused_ws_cpu.standardize(weight, eps)
+    return batch_norm_standardize(weight, eps)
+
+
+def batch_norm_standardize(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
+    """`standardize` in torch's ops, as a batch norm over a (1, out, in*kh*kw) view: exactly the same arithmetic
+    as mean/var, but one fused kernel forward and one backward instead of five elementwise passes over the
+    weights. What compiling, tracing and exporting see, and the form the fused kernels are measured against."""
     flat = weight.reshape(1, weight.shape[0], -1)
     return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=eps).reshape_as(weight)
 
