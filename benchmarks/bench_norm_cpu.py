@@ -5,6 +5,11 @@ repeats in one process, medians.
 
     python benchmarks/bench_norm_cpu.py                 # batch 16, 224 px shapes (inference)
     python benchmarks/bench_norm_cpu.py --res 128       # the training shapes
+    python benchmarks/bench_norm_cpu.py --stores-ab     # the forward's non-temporal stores against plain ones
+
+`--stores-ab` builds the C file a second time with -DBIT_PLAIN_STORES and times the two builds' forward per layer
+shape, then runs one R50x1 taking turns with them in one process, inference at 224 px, then training steps at
+128 px, and prints the median of per-round ratios (a 2% change is within one round's noise on a 2-core VM).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import bigtransfer  # noqa: F401  (the allocator setting a user of ours gets)
+import bigtransfer as bt  # also the allocator setting a user of ours gets
 from bigtransfer.models import fused_norm_cpu
+from bigtransfer.models.native import NativeLibrary
 
 # (channels, stride of the map relative to the input): every distinct norm input of R50x1
 SHAPES = [(64, 4), (256, 4), (128, 4), (128, 8), (512, 8), (256, 8), (256, 16), (1024, 16), (512, 16),
@@ -63,16 +69,88 @@ def measure(batch: int, channels: int, size: int, repeats: int) -> dict[str, flo
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def stores_ab(batch: int, repeats: int, model_repeats: int) -> None:
+    builds = {"streamed": fused_norm_cpu._LIBRARY,
+              "plain": NativeLibrary(fused_norm_cpu.SOURCE, fused_norm_cpu._declare, "GroupNorm, plain stores",
+                                     extra_flags=("-DBIT_PLAIN_STORES",))}
+    if builds["plain"].get() is None:
+        raise SystemExit("the plain-store build failed (see the warning above)")
+    print(f"forward per layer shape, batch {batch}, 224 px, ms, medians of {repeats}:")
+    sums = dict.fromkeys(builds, 0.0)
+    for channels, stride in SHAPES:
+        size = 224 // stride
+        x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(channels), torch.randn(channels)
+        times: dict[str, list[float]] = {name: [] for name in builds}
+        for round_ in range(repeats + 1):  # one round warms up
+            for name in (builds if round_ % 2 else reversed(builds)):
+                fused_norm_cpu._LIBRARY = builds[name]
+                start = time.perf_counter()
+                with torch.no_grad():
+                    fused(x, w, b)
+                times[name].append((time.perf_counter() - start) * 1e3)
+        ms = {name: statistics.median(t[1:]) for name, t in times.items()}
+        sums = {name: sums[name] + ms[name] for name in builds}
+        print(f"  {channels:5} {size:>3}x{size:<3} streamed {ms['streamed']:6.2f}  plain {ms['plain']:6.2f}  "
+              f"{ms['plain'] / ms['streamed']:5.2f}x")
+    print(f"  {'sum':13} streamed {sums['streamed']:6.2f}  plain {sums['plain']:6.2f}  "
+          f"{sums['plain'] / sums['streamed']:5.2f}x")
+    model = bt.create_model("BiT-M-R50x1", num_classes=1000, zero_head=False)
+    images = {224: torch.randn(batch, 3, 224, 224), 128: torch.randn(batch, 3, 128, 128)}
+    labels = torch.randint(0, 1000, (batch,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def infer() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(images[224])
+
+    def train() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images[128]), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    model.eval()
+    outputs = {}
+    for name, build in builds.items():
+        fused_norm_cpu._LIBRARY = build
+        outputs[name] = infer()
+    print(f"R50x1, batch {batch}: logits of the two builds equal: {torch.equal(*outputs.values())}")
+    for what, mode, fn in (("inference, 224 px", False, infer), ("training step, 128 px", True, train)):
+        model.train(mode)
+        times = {name: [] for name in builds}
+        for round_ in range(model_repeats + 2):  # two rounds warm up
+            for name in (builds if round_ % 2 else reversed(builds)):  # and take turns going first
+                fused_norm_cpu._LIBRARY = builds[name]
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        ratios = [p / s for p, s in zip(times["plain"][2:], times["streamed"][2:], strict=True)]
+        quartiles = statistics.quantiles(ratios, n=4)
+        streamed, plain = (statistics.median(times[n][2:]) * 1e3 for n in ("streamed", "plain"))
+        print(f"  {what:22} streamed {streamed:6.1f} ms, plain {plain:6.1f} ms: speed-up "
+              f"{statistics.median(ratios):.3f}x (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
+              f"{model_repeats} rounds)")
+    fused_norm_cpu._LIBRARY = builds["streamed"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--stores-ab", action="store_true", help="the model A/B of the forward's stores (see above)")
+    p.add_argument("--ab-repeats", type=int, default=61)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if fused_norm_cpu.library() is None:
         raise SystemExit("the fused kernels are unavailable here (see the warning above)")
+    if args.stores_ab:
+        print(f"torch {torch.__version__}, {args.threads} threads")
+        stores_ab(args.batch, args.repeats, args.ab_repeats)
+        return
     print(f"batch {args.batch}, {args.res} px, {args.threads} threads, channels_last fp32; ms, medians of "
           f"{args.repeats}")
     print(f"{'C':>5} {'HxW':>7} {'MB':>6} {'add':>6} {'add2':>6} | {'torch fwd':>9} {'fused fwd':>9} {'speed-up':>8} | "

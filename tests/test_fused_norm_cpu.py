@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bigtransfer.models import fused_norm_cpu
+from bigtransfer.models.native import NativeLibrary
 from bigtransfer.models.resnetv2 import GroupNormAct
 
 pytestmark = pytest.mark.skipif(fused_norm_cpu.library() is None, reason="no working C compiler")
@@ -230,3 +231,28 @@ def test_double_backward_goes_through_torchs_ops(monkeypatch):
 
     for ours, reference in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("shape", "groups"), [((3, 64, 5, 7), 32), ((2, 24, 3, 5), 8), ((2, 6, 4, 1), 3)])
+def test_streamed_stores_write_the_same_bits_as_plain_ones(monkeypatch, shape, groups):
+    """Where the compiler targets AVX-512, the forward writes its output with non-temporal vector stores (rows of
+    16 channels or more that start on a cache line; the others, and the rest of a row, element by element). A
+    build with -DBIT_PLAIN_STORES writes every element by the plain loop: outputs, statistics and a NaN's group
+    must come out the same, bit for bit, and so the backward too."""
+    plain = NativeLibrary(fused_norm_cpu.SOURCE, fused_norm_cpu._declare, "GroupNorm, plain stores",
+                          extra_flags=("-DBIT_PLAIN_STORES",))
+    assert plain.get() is not None
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    x[1, 2, 1, 0] = float("nan")
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    dy = torch.randn_like(x)
+    results = []
+    for build in (fused_norm_cpu._LIBRARY, plain):
+        monkeypatch.setattr(fused_norm_cpu, "_LIBRARY", build)
+        leaf, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fused_norm_cpu.group_norm_relu(leaf, groups, wl, bl, 1e-5)
+        results.append([y, *torch.autograd.grad(y, (leaf, wl, bl), dy)])
+    assert results[0][0].isnan().any() and not results[0][0].isnan().all()
+    for streamed, plain_result in zip(*results, strict=True):
+        assert torch.equal(streamed.nan_to_num(), plain_result.nan_to_num())
+        assert torch.equal(streamed.isnan(), plain_result.isnan())

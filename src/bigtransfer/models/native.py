@@ -32,8 +32,11 @@ _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])  # the 
 class NativeLibrary:
     """One C source, compiled and loaded once per process; `declare` sets its functions' argument types."""
 
-    def __init__(self, source: pathlib.Path, declare: Callable[[ctypes.CDLL], None], what: str) -> None:
-        self.source, self.declare, self.what = source, declare, what
+    def __init__(self, source: pathlib.Path, declare: Callable[[ctypes.CDLL], None], what: str,
+                 extra_flags: tuple[str, ...] = ()) -> None:
+        """`extra_flags` (``-D`` macros, say) go to the compiler after the usual ones: benchmarks build a
+        kernel's variants so."""
+        self.source, self.declare, self.what, self.extra_flags = source, declare, what, extra_flags
         self._lock = threading.Lock()
         self._library: ctypes.CDLL | None = None
         self.failed = False
@@ -59,7 +62,7 @@ class NativeLibrary:
         command = shlex.split(compiler)
         source = self.source.read_bytes()
         builds = [(flags, cache_dir() / "kernels" / f"{self.source.stem}-{_key(source, flags)}.so")
-                  for flags in _FLAG_SETS]
+                  for flags in (base + list(self.extra_flags) for base in _FLAG_SETS)]
         for _, target in builds:
             if target.exists():  # any compiler's build will do
                 return target
