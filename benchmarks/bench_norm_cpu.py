@@ -7,9 +7,10 @@ repeats in one process, medians.
     python benchmarks/bench_norm_cpu.py --res 128       # the training shapes
     python benchmarks/bench_norm_cpu.py --stores-ab     # the forward's non-temporal stores against plain ones
 
-`--stores-ab` builds the C file a second time with -DBIT_PLAIN_STORES and times the two builds' forward per layer
-shape, then runs one R50x1 taking turns with them in one process, inference at 224 px, then training steps at
-128 px, and prints the median of per-round ratios (a 2% change is within one round's noise on a 2-core VM).
+`--stores-ab` builds the C file twice more, with -DSTREAM_MIN_BYTES=4194304 (non-temporal stores only for outputs
+of 4 MB or more) and with -DBIT_PLAIN_STORES (none), times the three builds' forward per layer shape, then runs
+one R50x1 taking turns with them in one process, inference at 224 px, then training steps at 128 px, and prints
+the median of per-round ratios against the plain build (a 2% change is within one round's noise on a 2-core VM).
 """
 
 from __future__ import annotations
@@ -69,32 +70,46 @@ def measure(batch: int, channels: int, size: int, repeats: int) -> dict[str, flo
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _build(flag: str) -> NativeLibrary:
+    build = NativeLibrary(fused_norm_cpu.SOURCE, fused_norm_cpu._declare, f"GroupNorm built with {flag}",
+                          extra_flags=(flag,))
+    if build.get() is None:
+        raise SystemExit(f"the build with {flag} failed (see the warning above)")
+    return build
+
+
+def _take_turns(builds: dict[str, NativeLibrary], fn, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of `fn` with each build, taking turns (the order reversed every other round), warm-up dropped."""
+    times: dict[str, list[float]] = {name: [] for name in builds}
+    for round_ in range(rounds + warmup):
+        for name in (list(builds) if round_ % 2 else list(reversed(builds))):
+            fused_norm_cpu._LIBRARY = builds[name]
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: t[warmup:] for name, t in times.items()}
+
+
 def stores_ab(batch: int, repeats: int, model_repeats: int) -> None:
-    builds = {"streamed": fused_norm_cpu._LIBRARY,
-              "plain": NativeLibrary(fused_norm_cpu.SOURCE, fused_norm_cpu._declare, "GroupNorm, plain stores",
-                                     extra_flags=("-DBIT_PLAIN_STORES",))}
-    if builds["plain"].get() is None:
-        raise SystemExit("the plain-store build failed (see the warning above)")
-    print(f"forward per layer shape, batch {batch}, 224 px, ms, medians of {repeats}:")
+    builds = {"default": fused_norm_cpu._LIBRARY, "from 4 MB": _build(f"-DSTREAM_MIN_BYTES={4 << 20}"),
+              "plain": _build("-DBIT_PLAIN_STORES")}
+    variants = [name for name in builds if name != "plain"]
+    print(f"forward per layer shape, batch {batch}, 224 px, ms, medians of {repeats} "
+          f"(default: streamed; from 4 MB: streamed from 4 MB; plain: no streaming):")
     sums = dict.fromkeys(builds, 0.0)
     for channels, stride in SHAPES:
         size = 224 // stride
         x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
         w, b = torch.randn(channels), torch.randn(channels)
-        times: dict[str, list[float]] = {name: [] for name in builds}
-        for round_ in range(repeats + 1):  # one round warms up
-            for name in (builds if round_ % 2 else reversed(builds)):
-                fused_norm_cpu._LIBRARY = builds[name]
-                start = time.perf_counter()
-                with torch.no_grad():
-                    fused(x, w, b)
-                times[name].append((time.perf_counter() - start) * 1e3)
-        ms = {name: statistics.median(t[1:]) for name, t in times.items()}
+        with torch.no_grad():
+            times = _take_turns(builds, lambda x=x, w=w, b=b: fused(x, w, b), repeats, warmup=1)
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         sums = {name: sums[name] + ms[name] for name in builds}
-        print(f"  {channels:5} {size:>3}x{size:<3} streamed {ms['streamed']:6.2f}  plain {ms['plain']:6.2f}  "
-              f"{ms['plain'] / ms['streamed']:5.2f}x")
-    print(f"  {'sum':13} streamed {sums['streamed']:6.2f}  plain {sums['plain']:6.2f}  "
-          f"{sums['plain'] / sums['streamed']:5.2f}x")
+        print(f"  {channels:5} {size:>3}x{size:<3} {x.numel() * 4 / 2**20:5.1f} MB  "
+              + "  ".join(f"{name} {ms[name]:6.2f}" for name in builds)
+              + "  " + "  ".join(f"{ms['plain'] / ms[name]:5.2f}x" for name in variants))
+    print(f"  {'sum':22} " + "  ".join(f"{name} {sums[name]:6.2f}" for name in builds)
+          + "  " + "  ".join(f"{sums['plain'] / sums[name]:5.2f}x" for name in variants))
     model = bt.create_model("BiT-M-R50x1", num_classes=1000, zero_head=False)
     images = {224: torch.randn(batch, 3, 224, 224), 128: torch.randn(batch, 3, 128, 128)}
     labels = torch.randint(0, 1000, (batch,))
@@ -112,27 +127,22 @@ def stores_ab(batch: int, repeats: int, model_repeats: int) -> None:
         return loss.detach()
 
     model.eval()
-    outputs = {}
-    for name, build in builds.items():
+    outputs = []
+    for build in builds.values():
         fused_norm_cpu._LIBRARY = build
-        outputs[name] = infer()
-    print(f"R50x1, batch {batch}: logits of the two builds equal: {torch.equal(*outputs.values())}")
+        outputs.append(infer())
+    print(f"R50x1, batch {batch}: logits of the three builds equal: "
+          f"{all(torch.equal(outputs[0], other) for other in outputs[1:])}")
     for what, mode, fn in (("inference, 224 px", False, infer), ("training step, 128 px", True, train)):
         model.train(mode)
-        times = {name: [] for name in builds}
-        for round_ in range(model_repeats + 2):  # two rounds warm up
-            for name in (builds if round_ % 2 else reversed(builds)):  # and take turns going first
-                fused_norm_cpu._LIBRARY = builds[name]
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        ratios = [p / s for p, s in zip(times["plain"][2:], times["streamed"][2:], strict=True)]
-        quartiles = statistics.quantiles(ratios, n=4)
-        streamed, plain = (statistics.median(times[n][2:]) * 1e3 for n in ("streamed", "plain"))
-        print(f"  {what:22} streamed {streamed:6.1f} ms, plain {plain:6.1f} ms: speed-up "
-              f"{statistics.median(ratios):.3f}x (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
-              f"{model_repeats} rounds)")
-    fused_norm_cpu._LIBRARY = builds["streamed"]
+        times = _take_turns(builds, fn, model_repeats, warmup=2)
+        line = "  ".join(f"{name} {statistics.median(t) * 1e3:6.1f}" for name, t in times.items())
+        print(f"  {what:22} ms: {line}; speed-up against plain, median of per-round ratios ({model_repeats} rounds):")
+        for name in variants:
+            ratios = [p / s for p, s in zip(times["plain"], times[name], strict=True)]
+            quartiles = statistics.quantiles(ratios, n=4)
+            print(f"    {name:9} {statistics.median(ratios):.3f}x (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
+    fused_norm_cpu._LIBRARY = builds["default"]
 
 
 def main() -> None:

@@ -233,12 +233,16 @@ def test_double_backward_goes_through_torchs_ops(monkeypatch):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("shape", "groups"), [((3, 64, 5, 7), 32), ((2, 24, 3, 5), 8), ((2, 6, 4, 1), 3)])
+@pytest.mark.parametrize(("shape", "groups"), [
+    ((2, 64, 9, 7), 32),
+    ((2, 24, 10, 15), 8),  # rows of 96 bytes: every other row starts off a cache line, 8 channels left
+    ((2, 6, 4, 1), 3),  # rows shorter than a vector
+])
 def test_streamed_stores_write_the_same_bits_as_plain_ones(monkeypatch, shape, groups):
-    """Where the compiler targets AVX-512, the forward writes its output with non-temporal vector stores (rows of
-    16 channels or more that start on a cache line; the others, and the rest of a row, element by element). A
-    build with -DBIT_PLAIN_STORES writes every element by the plain loop: outputs, statistics and a NaN's group
-    must come out the same, bit for bit, and so the backward too."""
+    """Where the compiler targets AVX-512, the forward writes its output with non-temporal vector stores (16
+    channels at a time, in rows that start on a cache line; the rest element by element). A build with
+    -DBIT_PLAIN_STORES writes every element by the plain loop: outputs, statistics and a NaN's group must come out
+    the same, bit for bit, and so the backward too."""
     plain = NativeLibrary(fused_norm_cpu.SOURCE, fused_norm_cpu._declare, "GroupNorm, plain stores",
                           extra_flags=("-DBIT_PLAIN_STORES",))
     assert plain.get() is not None

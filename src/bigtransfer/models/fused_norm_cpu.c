@@ -4,10 +4,10 @@
  * cache. Whole rows of C channels are read (tiling channels measured slower: strided reads defeat the
  * prefetchers). Sums run in float over blocks of rows, then in double; they are shifted by the sample's first
  * pixel, so a large mean does not cancel the variance away. The forward's output goes to memory with
- * non-temporal stores where AVX-512 is there: by the time the next op reads it, the rest of the batch has passed
- * through the cache, and plain stores first read every line they overwrite. Measured on an AMD EPYC (Zen 4) by
- * benchmarks/bench_norm_cpu.py --stores-ab, which builds this file with -DBIT_PLAIN_STORES for the other side:
- * the forward 1.14-1.17x over R50x1's shapes, R50x1 inference 1.012-1.035x, a training step 1.000-1.013x. */
+ * non-temporal stores where AVX-512 is there: by the time the next op reads it, the rest of the batch has mostly
+ * passed through the cache, and plain stores first read every line they overwrite. Measured on an AMD EPYC (Zen 4)
+ * by benchmarks/bench_norm_cpu.py --stores-ab, which builds this file again with -DSTREAM_MIN_BYTES=4194304
+ * (streaming only outputs of 4 MB or more) and with -DBIT_PLAIN_STORES to compare: see benchmarks/RESULTS.md. */
 #if defined(__AVX512F__) && !defined(BIT_PLAIN_STORES)
 #define STREAM_STORES
 #include <immintrin.h>
@@ -17,6 +17,9 @@
 #include <stdlib.h>
 
 #define ROW_BLOCK 64
+#ifndef STREAM_MIN_BYTES /* outputs smaller than this are written plainly: 0, all streamed (see the A/B) */
+#define STREAM_MIN_BYTES 0
+#endif
 
 typedef struct {
   const float *x, *y, *dy, *gamma, *beta;
@@ -82,12 +85,15 @@ static void forward_sample(const Args *a, int64_t n, void *scratch) {
       shift_out[c] = (float)(a->beta[c] - mean * a->gamma[c] * rstd);
     }
   }
+#ifdef STREAM_STORES
+  const int stream = a->n * HW * C * (int64_t)sizeof(float) >= STREAM_MIN_BYTES;
+#endif
   for (int64_t r = 0; r < HW; r++) {
     const float *restrict p = x + r * C;
     float *restrict q = out + r * C;
     int64_t c = 0;
 #ifdef STREAM_STORES
-    if (((uintptr_t)q & 63) == 0)
+    if (stream && ((uintptr_t)q & 63) == 0)
       for (; c + 16 <= C; c += 16) {
         const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(p + c), _mm512_loadu_ps(scale + c),
                                          _mm512_loadu_ps(shift_out + c));
@@ -100,7 +106,7 @@ static void forward_sample(const Args *a, int64_t n, void *scratch) {
     }
   }
 #ifdef STREAM_STORES
-  _mm_sfence(); /* this thread's streamed lines are in memory before the op returns */
+  if (stream) _mm_sfence(); /* this thread's streamed lines are in memory before the op returns */
 #endif
 }
 
