@@ -20,6 +20,10 @@ from bigtransfer.models.resnetv2 import GroupNormAct
 
 pytestmark = pytest.mark.skipif(fused_norm_cpu.library() is None, reason="no working C compiler")
 
+# built on first use, once per process (not once per parametrised case)
+_PLAIN_STORES = NativeLibrary(fused_norm_cpu.SOURCE, fused_norm_cpu._declare, "GroupNorm, plain stores",
+                              extra_flags=("-DBIT_PLAIN_STORES",))
+
 
 def _relative_errors(x64, groups, mean_shift=0.0, seed=0):
     """Relative L2 errors of (output, d input, d weight, d bias) in fp32, fused and torch's, against torch in
@@ -243,8 +247,7 @@ def test_streamed_stores_write_the_same_bits_as_plain_ones(monkeypatch, shape, g
     channels at a time, in rows that start on a cache line; the rest element by element). A build with
     -DBIT_PLAIN_STORES writes every element by the plain loop: outputs, statistics and a NaN's group must come out
     the same, bit for bit, and so the backward too."""
-    plain = NativeLibrary(fused_norm_cpu.SOURCE, fused_norm_cpu._declare, "GroupNorm, plain stores",
-                          extra_flags=("-DBIT_PLAIN_STORES",))
+    plain = _PLAIN_STORES
     assert plain.get() is not None
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     x[1, 2, 1, 0] = float("nan")
