@@ -1,12 +1,14 @@
 """Peak memory of one training step, ours vs timm, each in a fresh process (CPU: peak RSS; CUDA: peak
-allocated). Same model, batch, resolution and threads.
+allocated). Same model, batch, resolution and threads. `ours-recompute` is ours with the CPU norms' outputs
+recomputed in the backward instead of kept (`BIGTRANSFER_RECOMPUTE_NORM=1`).
 
-    python benchmarks/bench_memory.py [--device cuda] [--batch 16] [--res 128]
+    python benchmarks/bench_memory.py [--device cuda] [--batch 16] [--res 128] [--impls ours ours-recompute timm]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import resource, sys, torch, torch.nn.functional as F
 sys.path.insert(0, {src!r})
 torch.set_num_threads(2)
 impl, device, batch, res = {impl!r}, torch.device({device!r}), {batch}, {res}
-if impl == "ours":
+if impl.startswith("ours"):
     import bigtransfer as bt
     model = bt.create_model("BiT-M-R50x1", num_classes=1000)
 else:
@@ -42,17 +44,19 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--res", type=int, default=128)
+    p.add_argument("--impls", nargs="+", default=["ours", "timm"], choices=("ours", "ours-recompute", "timm"))
     args = p.parse_args()
     src = str(Path(__file__).resolve().parents[1] / "src")
     peak = {}
-    for impl in ("ours", "timm"):
+    for impl in dict.fromkeys([*args.impls, "timm"]):  # timm last, the reference
         code = CHILD.format(src=src, impl=impl, device=args.device, batch=args.batch, res=args.res)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        env = {**os.environ, "BIGTRANSFER_RECOMPUTE_NORM": "1" if impl == "ours-recompute" else "0"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         peak[impl] = float(out.stdout.strip().splitlines()[-1])
     what = "peak allocated" if args.device == "cuda" else "peak RSS"
     print(f"R50x1 training step, batch {args.batch}, {args.res} px, {args.device}: {what} (MiB)")
     for impl, mib in peak.items():
-        print(f"  {impl:5} {mib:8.0f}  ({mib / peak['timm']:.2f}x timm)")
+        print(f"  {impl:14} {mib:8.0f}  ({mib / peak['timm']:.2f}x timm)")
 
 
 if __name__ == "__main__":

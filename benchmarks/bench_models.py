@@ -12,7 +12,8 @@ how much of the difference is the allocator and how much the model code. `ours-u
 the fused GroupNorm+ReLU kernels (`BIGTRANSFER_FUSED_NORM=0`: Triton on CUDA, C on CPUs), `ours-direct`
 ours without Winograd's 3x3 convolutions in CPU inference (`BIGTRANSFER_WINOGRAD=0`), `ours-bn-ws` ours with
 Weight Standardization as torch's batch norm instead of its kernels (`BIGTRANSFER_FUSED_WS=0`: Triton on
-CUDA, C on CPUs).
+CUDA, C on CPUs), `ours-recompute` ours with the CPU norms' outputs recomputed in the backward instead of kept
+(`BIGTRANSFER_RECOMPUTE_NORM=1`).
 Prints img/s, the ratio to timm (the median of per-round ratios, each against timm's time in the same
 round, with their quartiles: robust to the drift of a noisy machine), achieved GFLOP/s (FLOPs counted by
 torch.utils.flop_counter), the fraction of this machine's measured matrix-multiply rate (the ceiling), and
@@ -176,6 +177,7 @@ def start_worker(ctx, impl: str, *args) -> tuple:
     os.environ["BIGTRANSFER_FUSED_NORM"] = "0" if impl == "ours-unfused" else "1"
     os.environ["BIGTRANSFER_WINOGRAD"] = "0" if impl == "ours-direct" else "1"
     os.environ["BIGTRANSFER_FUSED_WS"] = "0" if impl == "ours-bn-ws" else "1"
+    os.environ["BIGTRANSFER_RECOMPUTE_NORM"] = "1" if impl == "ours-recompute" else "0"
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=worker, args=(child, impl, *args), daemon=True)
     proc.start()
@@ -199,7 +201,8 @@ def main() -> None:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN times its algorithms for every implementation (as `bit finetune`, timm train.py)")
     p.add_argument("--impls", nargs="+", default=["ours", "timm", "timm+heap", "hf"],
-                   choices=("ours", "ours-unfused", "ours-direct", "ours-bn-ws", "timm", "timm+heap", "hf"))
+                   choices=("ours", "ours-unfused", "ours-direct", "ours-bn-ws", "ours-recompute", "timm", "timm+heap",
+                            "hf"))
     args = p.parse_args()
     if args.repeats < 2:
         p.error("--repeats must be at least 2: the ratios are quartiles of per-round ratios")
@@ -210,7 +213,7 @@ def main() -> None:
     print(f"device {device} ({where}), "
           f"torch {torch.__version__}, precision {args.precision}, batch {args.batch}; "
           f"matrix-multiply ceiling {ceiling / 1e9:.0f} GFLOP/s")
-    print(f"{'model':8} {'mode':6} {'res':>4} {'impl':12} {'img/s':>9} {'vs timm':>8} {'quartiles':>11} {'GFLOP/s':>9} "
+    print(f"{'model':8} {'mode':6} {'res':>4} {'impl':14} {'img/s':>9} {'vs timm':>8} {'quartiles':>11} {'GFLOP/s':>9} "
           f"{'of ceiling':>10} {'peak MiB':>9}", flush=True)
     ctx = mp.get_context("spawn")
     for name in args.models:
@@ -237,7 +240,7 @@ def main() -> None:
                     quartiles = statistics.quantiles([t / o for t, o in zip(times["timm"], times[i], strict=True)],
                                                      n=4, method="inclusive")
                     ratio, spread = f"{quartiles[1]:7.2f}x", f"{quartiles[0]:.2f}-{quartiles[2]:.2f}"
-                print(f"{name:8} {mode:6} {res:4} {i:12} {speed[i]:9.1f} {ratio} {spread:>11} "
+                print(f"{name:8} {mode:6} {res:4} {i:14} {speed[i]:9.1f} {ratio} {spread:>11} "
                       f"{rate / 1e9:9.1f} {rate / ceiling:9.0%} {peak:9.0f}", flush=True)
 
 

@@ -3,11 +3,14 @@
  * One task per sample: its statistics, then its output, so that the second read of the sample comes from
  * cache. Whole rows of C channels are read (tiling channels measured slower: strided reads defeat the
  * prefetchers). Sums run in float over blocks of rows, then in double; they are shifted by the sample's first
- * pixel, so a large mean does not cancel the variance away. The forward's output goes to memory with
- * non-temporal stores where AVX-512 is there: by the time the next op reads it, the rest of the batch has mostly
- * passed through the cache, and plain stores first read every line they overwrite. Measured on an AMD EPYC (Zen 4)
- * by benchmarks/bench_norm_cpu.py --stores-ab, which builds this file again with -DSTREAM_MIN_BYTES=4194304
- * (streaming only outputs of 4 MB or more) and with -DBIT_PLAIN_STORES to compare: see benchmarks/RESULTS.md. */
+ * pixel, so a large mean does not cancel the variance away. The forward leaves each sample's per-channel scale and
+ * shift: the backward takes the ReLU's mask from them and x (no output read), and bit_group_norm_relu_apply writes
+ * the output again, the same bits, for convolutions that recompute it rather than keep it. The forward's output
+ * goes to memory with non-temporal stores where AVX-512 is there: by the time the next op reads it, the rest of the
+ * batch has mostly passed through the cache, and plain stores first read every line they overwrite. Measured on
+ * an AMD EPYC (Zen 4) by benchmarks/bench_norm_cpu.py --stores-ab, which builds this file again with
+ * -DSTREAM_MIN_BYTES=4194304 (streaming only outputs of 4 MB or more) and with -DBIT_PLAIN_STORES to compare: see
+ * benchmarks/RESULTS.md. */
 #if defined(__AVX512F__) && !defined(BIT_PLAIN_STORES)
 #define STREAM_STORES
 #include <immintrin.h>
@@ -17,21 +20,29 @@
 #include <stdlib.h>
 
 #define ROW_BLOCK 64
+#ifdef __FMA__ /* the pre-activation x * scale + shift, rounded once as the AVX-512 path rounds it: the forward's
+                  output, its recomputation and the backward's ReLU mask must agree to the bit */
+#define AFFINE(x, s, t) fmaf(x, s, t)
+#else
+#define AFFINE(x, s, t) ((x) * (s) + (t))
+#endif
 #ifndef STREAM_MIN_BYTES /* outputs smaller than this are written plainly: 0, all streamed (see the A/B) */
 #define STREAM_MIN_BYTES 0
 #endif
 
 typedef struct {
-  const float *x, *y, *dy, *gamma, *beta;
-  float *out, *mean, *rstd, *dgamma, *dbeta;
+  const float *x, *dy, *gamma, *beta;
+  float *out, *mean, *rstd, *scale, *shift, *dgamma, *dbeta; /* scale, shift: per sample and channel */
   int64_t n, c, hw, groups;
   double eps;
 } Args;
 
 /* Per channel of sample x (hw rows of c floats): sums of (x - shift) and of w * (x - shift), where
- * w = (x - shift) for the forward and w = dy where y > 0 (the gradient through the ReLU) for the backward. */
-static void channel_sums(const Args *a, const float *restrict x, const float *restrict y, const float *restrict dy,
-                         double *restrict sum, double *restrict sum_w, float *restrict block, float *restrict block_w) {
+ * w = (x - shift) for the forward and w = dy where y > 0 (the gradient through the ReLU) for the backward, y > 0
+ * being AFFINE(x, scale, shift) > 0: the backward needs neither y nor a copy of it. */
+static void channel_sums(const Args *a, const float *restrict x, const float *restrict scale,
+                         const float *restrict affine_shift, const float *restrict dy, double *restrict sum,
+                         double *restrict sum_w, float *restrict block, float *restrict block_w) {
   const int64_t C = a->c, HW = a->hw;
   const float *restrict shift = x;
   for (int64_t c = 0; c < C; c++) sum[c] = sum_w[c] = 0.0;
@@ -47,9 +58,9 @@ static void channel_sums(const Args *a, const float *restrict x, const float *re
           block_w[c] += d * d;
         }
       } else {
-        const float *restrict q = y + r * C, *restrict g = dy + r * C;
+        const float *restrict g = dy + r * C;
         for (int64_t c = 0; c < C; c++) {
-          const float gm = q[c] > 0.f ? g[c] : 0.f;
+          const float gm = AFFINE(p[c], scale[c], affine_shift[c]) > 0.f ? g[c] : 0.f;
           block[c] += gm;
           block_w[c] += gm * (p[c] - shift[c]);
         }
@@ -62,13 +73,44 @@ static void channel_sums(const Args *a, const float *restrict x, const float *re
   }
 }
 
+/* relu(AFFINE(x, scale, shift)) for sample n's rows, into a->out: the forward's output, and the same bits again
+ * when a convolution's backward recomputes it (bit_group_norm_relu_apply) instead of keeping it. */
+static void apply_sample(const Args *a, int64_t n, void *scratch) {
+  (void)scratch;
+  const int64_t C = a->c, HW = a->hw;
+  const float *restrict x = a->x + n * HW * C, *restrict scale = a->scale + n * C, *restrict shift = a->shift + n * C;
+  float *restrict out = a->out + n * HW * C;
+#ifdef STREAM_STORES
+  const int stream = a->n * HW * C * (int64_t)sizeof(float) >= STREAM_MIN_BYTES;
+#endif
+  for (int64_t r = 0; r < HW; r++) {
+    const float *restrict p = x + r * C;
+    float *restrict q = out + r * C;
+    int64_t c = 0;
+#ifdef STREAM_STORES
+    if (stream && ((uintptr_t)q & 63) == 0)
+      for (; c + 16 <= C; c += 16) {
+        const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(p + c), _mm512_loadu_ps(scale + c),
+                                         _mm512_loadu_ps(shift + c));
+        _mm512_stream_ps(q + c, _mm512_max_ps(_mm512_setzero_ps(), v)); /* a NaN v: max returns it */
+      }
+#endif
+    for (; c < C; c++) {
+      const float v = AFFINE(p[c], scale[c], shift[c]);
+      q[c] = v < 0.f ? 0.f : v; /* a NaN stays NaN, as torch's ReLU keeps it: a diverged run must show */
+    }
+  }
+#ifdef STREAM_STORES
+  if (stream) _mm_sfence(); /* this thread's streamed lines are in memory before the op returns */
+#endif
+}
+
 static void forward_sample(const Args *a, int64_t n, void *scratch) {
   const int64_t C = a->c, HW = a->hw, G = a->groups, cg = C / G;
   const float *restrict x = a->x + n * HW * C;
-  float *restrict out = a->out + n * HW * C;
   double *sum = scratch, *sum_sq = sum + C;
-  float *restrict scale = (float *)(sum_sq + C), *restrict shift_out = scale + C;
-  channel_sums(a, x, NULL, NULL, sum, sum_sq, scale, shift_out);
+  float *restrict scale = a->scale + n * C, *restrict shift = a->shift + n * C;
+  channel_sums(a, x, NULL, NULL, NULL, sum, sum_sq, (float *)(sum_sq + C), (float *)(sum_sq + C) + C);
   for (int64_t g = 0; g < G; g++) {
     double mean = 0.0, m2 = 0.0;
     for (int64_t c = g * cg; c < (g + 1) * cg; c++) mean += x[c] + sum[c] / HW;
@@ -82,45 +124,24 @@ static void forward_sample(const Args *a, int64_t n, void *scratch) {
     a->rstd[n * G + g] = (float)rstd;
     for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
       scale[c] = (float)(a->gamma[c] * rstd);
-      shift_out[c] = (float)(a->beta[c] - mean * a->gamma[c] * rstd);
+      shift[c] = (float)(a->beta[c] - mean * a->gamma[c] * rstd);
     }
   }
-#ifdef STREAM_STORES
-  const int stream = a->n * HW * C * (int64_t)sizeof(float) >= STREAM_MIN_BYTES;
-#endif
-  for (int64_t r = 0; r < HW; r++) {
-    const float *restrict p = x + r * C;
-    float *restrict q = out + r * C;
-    int64_t c = 0;
-#ifdef STREAM_STORES
-    if (stream && ((uintptr_t)q & 63) == 0)
-      for (; c + 16 <= C; c += 16) {
-        const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(p + c), _mm512_loadu_ps(scale + c),
-                                         _mm512_loadu_ps(shift_out + c));
-        _mm512_stream_ps(q + c, _mm512_max_ps(_mm512_setzero_ps(), v)); /* a NaN v: max returns it */
-      }
-#endif
-    for (; c < C; c++) {
-      const float v = p[c] * scale[c] + shift_out[c];
-      q[c] = v < 0.f ? 0.f : v; /* a NaN stays NaN, as torch's ReLU keeps it: a diverged run must show */
-    }
-  }
-#ifdef STREAM_STORES
-  if (stream) _mm_sfence(); /* this thread's streamed lines are in memory before the op returns */
-#endif
+  apply_sample(a, n, scratch);
 }
 
 /* With xhat = (x - mean) * rstd and g = dy * relu'(y) * gamma:
  * dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) = A_c * dy * relu'(y) + B_g * x + C_g per channel c of
- * group g; this sample's shares of d gamma (sums of dy * relu' * xhat) and d beta (sums of dy * relu') go to
- * row n of dgamma / dbeta. */
+ * group g, relu'(y) being AFFINE(x, scale, shift) > 0; this sample's shares of d gamma (sums of dy * relu' * xhat)
+ * and d beta (sums of dy * relu') go to row n of dgamma / dbeta. */
 static void backward_sample(const Args *a, int64_t n, void *scratch) {
   const int64_t C = a->c, HW = a->hw, G = a->groups, cg = C / G;
-  const float *restrict x = a->x + n * HW * C, *restrict y = a->y + n * HW * C, *restrict dy = a->dy + n * HW * C;
+  const float *restrict x = a->x + n * HW * C, *restrict dy = a->dy + n * HW * C;
+  const float *restrict scale = a->scale + n * C, *restrict shift = a->shift + n * C;
   float *restrict dx = a->out + n * HW * C;
   double *sum_dy = scratch, *sum_dy_x = sum_dy + C;
   float *restrict coef_dy = (float *)(sum_dy_x + C), *restrict coef_x = coef_dy + C, *restrict coef = coef_x + C;
-  channel_sums(a, x, y, dy, sum_dy, sum_dy_x, coef_dy, coef_x);
+  channel_sums(a, x, scale, shift, dy, sum_dy, sum_dy_x, coef_dy, coef_x);
   for (int64_t g = 0; g < G; g++) {
     const double mean = a->mean[n * G + g], rstd = a->rstd[n * G + g];
     double mean_g = 0.0, mean_g_xhat = 0.0;
@@ -140,9 +161,10 @@ static void backward_sample(const Args *a, int64_t n, void *scratch) {
     }
   }
   for (int64_t r = 0; r < HW; r++) {
-    const float *restrict p = x + r * C, *restrict q = y + r * C, *restrict g = dy + r * C;
+    const float *restrict p = x + r * C, *restrict g = dy + r * C;
     float *restrict o = dx + r * C;
-    for (int64_t c = 0; c < C; c++) o[c] = coef_dy[c] * (q[c] > 0.f ? g[c] : 0.f) + coef_x[c] * p[c] + coef[c];
+    for (int64_t c = 0; c < C; c++)
+      o[c] = coef_dy[c] * (AFFINE(p[c], scale[c], shift[c]) > 0.f ? g[c] : 0.f) + coef_x[c] * p[c] + coef[c];
   }
 }
 
@@ -164,16 +186,25 @@ static int run(const Args *args, void (*task)(const Args *, int64_t, void *), in
   return failed;
 }
 
+/* Writes out, mean and rstd (per sample and group), scale and shift (per sample and channel: what the backward
+ * and bit_group_norm_relu_apply take). */
 int bit_group_norm_relu_forward(const float *x, const float *gamma, const float *beta, float *out, float *mean,
-                                float *rstd, int64_t n, int64_t c, int64_t hw, int64_t groups, double eps,
-                                int threads) {
-  const Args args = {x, NULL, NULL, gamma, beta, out, mean, rstd, NULL, NULL, n, c, hw, groups, eps};
+                                float *rstd, float *scale, float *shift, int64_t n, int64_t c, int64_t hw,
+                                int64_t groups, double eps, int threads) {
+  const Args args = {x, NULL, gamma, beta, out, mean, rstd, scale, shift, NULL, NULL, n, c, hw, groups, eps};
   return run(&args, forward_sample, threads);
 }
 
-int bit_group_norm_relu_backward(const float *x, const float *y, const float *dy, const float *gamma,
-                                 const float *mean, const float *rstd, float *dx, float *dgamma, float *dbeta,
-                                 int64_t n, int64_t c, int64_t hw, int64_t groups, int threads) {
-  const Args args = {x, y, dy, gamma, NULL, dx, (float *)mean, (float *)rstd, dgamma, dbeta, n, c, hw, groups, 0.0};
+int bit_group_norm_relu_apply(const float *x, const float *scale, const float *shift, float *out, int64_t n,
+                              int64_t c, int64_t hw, int threads) {
+  const Args args = {x, NULL, NULL, NULL, out, NULL, NULL, (float *)scale, (float *)shift, NULL, NULL, n, c, hw, 1, 0.0};
+  return run(&args, apply_sample, threads);
+}
+
+int bit_group_norm_relu_backward(const float *x, const float *dy, const float *gamma, const float *mean,
+                                 const float *rstd, const float *scale, const float *shift, float *dx, float *dgamma,
+                                 float *dbeta, int64_t n, int64_t c, int64_t hw, int64_t groups, int threads) {
+  const Args args = {x, dy, gamma, NULL, dx, (float *)mean, (float *)rstd, (float *)scale, (float *)shift, dgamma,
+                     dbeta, n, c, hw, groups, 0.0};
   return run(&args, backward_sample, threads);
 }

@@ -192,6 +192,8 @@ class StdConv2d(nn.Conv2d):
             # instead of with zeros (measured: NaN, or values as large as the true gradient's).
             centre = weight.shape[-1] // 2
             out = F.conv2d(x, weight[..., centre:centre + 1], None, self.stride, (self.padding[0], 0))
+        elif (norm := fused_norm_cpu.norm_output(x)) is not None:
+            out = fused_norm_cpu.conv2d_of_norm_output(x, weight, self.stride, self.padding, norm)
         else:
             out = F.conv2d(x, weight, None, self.stride, self.padding)
         return out if residual is None else out.add_(residual)  # in place: no backward needs the conv output
