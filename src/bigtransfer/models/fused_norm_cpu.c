@@ -20,8 +20,9 @@
 #include <stdlib.h>
 
 #define ROW_BLOCK 64
-#ifdef __FMA__ /* the pre-activation x * scale + shift, rounded once as the AVX-512 path rounds it: the forward's
-                  output, its recomputation and the backward's ReLU mask must agree to the bit */
+#ifdef __FP_FAST_FMAF /* hardware FMA (x86 with FMA, ARMv8): the pre-activation x * scale + shift rounded once, as
+                         the AVX-512 path rounds it, written out so that no compiler choice of where to contract
+                         can make the forward's output, its recomputation and the backward's ReLU mask differ */
 #define AFFINE(x, s, t) fmaf(x, s, t)
 #else
 #define AFFINE(x, s, t) ((x) * (s) + (t))

@@ -132,7 +132,8 @@ class _ScratchOutputs:
     it, so a few buffers, reused across layers and steps, serve them all. Taken from the heap and given back
     instead, each left a hole that the tensors kept for the backward then split, and the heap grew nearly as
     large as with every output kept (benchmarks/RESULTS.md). A buffer is free once no tensor uses its memory:
-    each tensor on one holds a numpy view of it, which this class watches through a weak reference."""
+    each tensor on one holds a numpy view of it, which this class watches through a weak reference. The buffers stay
+    for the process's life: a few of the largest outputs' size."""
 
     def __init__(self, limit: int = 8) -> None:
         self.limit = limit  # buffers at most; past it (a hook keeping outputs, say) the heap serves
