@@ -62,8 +62,9 @@ def group_norm_relu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: to
     if x.shape[1] % groups or weight.shape != (x.shape[1],) or bias.shape != (x.shape[1],):
         raise ValueError(f"group_norm_relu: {x.shape[1]} channels, {groups} groups, weight {tuple(weight.shape)}, "
                          f"bias {tuple(bias.shape)}: the groups must divide the channels, one weight and bias each")
-    recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-    return _GroupNormReLU.apply(x, weight, bias, groups, eps, RECOMPUTE and recording)
+    recomputable = RECOMPUTE and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                              or bias.requires_grad)  # autograd records it
+    return _GroupNormReLU.apply(x, weight, bias, groups, eps, recomputable)
 
 
 def library() -> ctypes.CDLL | None:
