@@ -198,7 +198,8 @@ int bit_group_norm_relu_forward(const float *x, const float *gamma, const float 
 
 int bit_group_norm_relu_apply(const float *x, const float *scale, const float *shift, float *out, int64_t n,
                               int64_t c, int64_t hw, int threads) {
-  const Args args = {x, NULL, NULL, NULL, out, NULL, NULL, (float *)scale, (float *)shift, NULL, NULL, n, c, hw, 1, 0.0};
+  const Args args = {x, NULL, NULL, NULL, out, NULL, NULL, (float *)scale, (float *)shift, NULL, NULL,
+                     n, c, hw, 1, 0.0};
   return run(&args, apply_sample, threads);
 }
 
